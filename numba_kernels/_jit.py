@@ -1,0 +1,19 @@
+"""One place for the njit / cuda.jit options used by every kernel."""
+import functools
+
+import numba
+
+#: fastmath flags that keep inf/nan semantics (attention masks rely on -inf)
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+
+def njit(fn=None, *, parallel=False, cache=True, fastmath=FASTMATH, inline="never"):
+    """``numba.njit`` with the project's defaults (cached, nogil, inf-safe fastmath)."""
+    if fn is None:
+        return functools.partial(njit, parallel=parallel, cache=cache, fastmath=fastmath, inline=inline)
+    return numba.njit(fn, parallel=parallel, cache=cache, fastmath=set(fastmath), nogil=True, inline=inline)
+
+
+def njit_parallel(fn=None, **kw):
+    """``njit(parallel=True)``: prange loops run on all cores."""
+    return njit(fn, parallel=True, **kw)

@@ -1,0 +1,1 @@
+"""CPU implementations (numba.njit, parallel=True)."""

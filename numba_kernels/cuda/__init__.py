@@ -1,0 +1,1 @@
+"""CUDA implementations (numba.cuda.jit). Imported lazily: only when backend="cuda" runs."""

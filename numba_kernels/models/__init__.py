@@ -1,0 +1,1 @@
+"""Small language models built only from the public ops (not implemented yet)."""
