@@ -61,17 +61,22 @@ def any_on_device(*arrays):
     return any(is_device_array(a) for a in arrays)
 
 
-def to_host(x):
-    """A NumPy view/copy of ``x`` (device arrays are copied to the host; None stays None)."""
-    if x is None or isinstance(x, np.ndarray):
+def to_host(x, dtype=None):
+    """A NumPy view/copy of ``x`` (device arrays are copied to the host; None stays None).
+
+    ``dtype``: the dtype the result must have; raw uint16 bits (how bfloat16 lives on the device)
+    are reinterpreted as bfloat16.
+    """
+    if x is None:
         return x
     if is_device_array(x):
         from numba import cuda
 
-        if not cuda.is_cuda_array(x):  # pragma: no cover
-            raise TypeError("object exposes __cuda_array_interface__ but numba cannot read it")
-        return cuda.as_cuda_array(x).copy_to_host()
-    return np.asarray(x)
+        x = to_device(x).copy_to_host()
+    x = np.asarray(x)
+    if dtype is not None and x.dtype != dtype and x.dtype == np.uint16 and np.dtype(dtype).itemsize == 2:
+        x = x.view(dtype)
+    return x
 
 
 def to_device(x, stream=0):
@@ -80,10 +85,8 @@ def to_device(x, stream=0):
         return None
     from numba import cuda
 
-    if cuda.is_cuda_ndarray(x):
-        return x
     if is_device_array(x):
-        return cuda.as_cuda_array(x)
+        return x if type(x).__name__.endswith("DeviceNDArray") else cuda.as_cuda_array(x)
     return cuda.to_device(np.ascontiguousarray(x), stream=stream)
 
 

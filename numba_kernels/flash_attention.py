@@ -130,10 +130,12 @@ def _run_cpu(q, k, v, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, sl
     return np.ascontiguousarray(np.transpose(out, (1, 0, 2)), dtype=dt), lse
 
 
-def _finish(out, lse, on_device, return_lse, drawn_seed):
+def _finish(out, lse, dt, on_device, return_lse, drawn_seed):
     """Results where the inputs lived (device in -> device out), plus the drawn seed if any."""
-    move = dsp.to_device if on_device else dsp.to_host
-    out, lse = move(out), move(lse)
+    if on_device:
+        out, lse = dsp.to_device(out), dsp.to_device(lse)
+    else:
+        out, lse = dsp.to_host(out, dt), dsp.to_host(lse)
     res = (out, lse) if return_lse else (out,)
     if drawn_seed is not None:
         res = res + (drawn_seed,)
@@ -205,8 +207,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
     qp, kp, vp = (x.reshape((B * x.shape[1],) + tuple(x.shape[2:])) for x in (q, k, v))
     out, lse = _run(qp, kp, vp, cu_q, cu_k, Sq, dt, be, scale, left, right, softcap, dropout_p, slopes, seed,
                     batched_sq=Sq)
-    return _finish(out.reshape((B, Sq, H, D)), lse.reshape((B, H, Sq)), dsp.any_on_device(q, k, v), return_lse,
-                   drawn)
+    return _finish(out.reshape((B, Sq, H, D)), lse.reshape((B, H, Sq)), dt, dsp.any_on_device(q, k, v),
+                   return_lse, drawn)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -252,4 +254,4 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     be = dsp.resolve_backend(backend, q, k, v)
     out, lse = _run(q, k, v, cu_q, cu_k, int(lens_q.max(initial=0)), dt, be, scale, left, right, softcap,
                     dropout_p, slopes, seed)
-    return _finish(out, lse.reshape((H, Tq)), dsp.any_on_device(q, k, v), return_lse, drawn)
+    return _finish(out, lse.reshape((H, Tq)), dt, dsp.any_on_device(q, k, v), return_lse, drawn)

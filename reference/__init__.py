@@ -2,6 +2,6 @@
 
 Slow and obvious on purpose; the fast paths never import it.
 """
-from numba_kernels.reference.flash_attention import flash_attention_ref, flash_attention_varlen_ref
+from .flash_attention import flash_attention_ref, flash_attention_varlen_ref
 
 __all__ = ["flash_attention_ref", "flash_attention_varlen_ref"]

@@ -1,4 +1,4 @@
-"""Small njit math helpers shared by CPU kernels (vectorizable exp2, bit casts)."""
+"""Small njit math helpers shared by CPU kernels (vectorizable exp2 and max, bit casts)."""
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -18,6 +18,26 @@ def _i32_as_f32(typingctx, x):
         return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
+
+
+@intrinsic
+def fmax_fast(typingctx, a, b):
+    """max(a, b) as ``llvm.maxnum`` with nnan/nsz flags, for two floats of one type.
+
+    Numba's ``max`` (and ``a if a > b else b``) lowers to compare + select without fast-math
+    flags, which LLVM will not turn into a vector max reduction; this one vectorizes. -inf is
+    handled exactly; NaN inputs give an unspecified one of the two (callers only use it on rows
+    whose NaNs would poison the result anyway).
+    """
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [lty], ir.FunctionType(lty, [lty, lty]))
+        return builder.call(fn, args, fastmath=("nnan", "nsz"))
+
+    return a(a, b), codegen
 
 
 def exp2_fast(x):  # pragma: no cover - replaced by the overload below inside njit code

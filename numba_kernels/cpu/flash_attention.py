@@ -9,11 +9,11 @@ Layout here is head-major and packed: q (H, total_q, D), k/v (Hk, total_k, D) wi
 so batched and varlen calls share one kernel.
 """
 import numpy as np
-from numba import prange
+from numba import parallel_chunksize, prange
 
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
-from numba_kernels.cpu._math import LN2, LOG2E, exp2_fast
+from numba_kernels.cpu._math import LN2, LOG2E, exp2_fast, fmax_fast
 
 BLOCK_Q = 128
 BLOCK_K = 256
@@ -36,24 +36,65 @@ def _key_range(i0, i1, Sq, Sk, left, right):
 
 # indices into the ``consts`` array: scalars carried in the compute dtype so that no float32
 # loop is promoted to float64 by a Python float constant
-C_SCALE_LOG2, C_CAP, C_CAP_IN, C_LOG2E, C_INV_KEEP, C_NEG_INF, C_ZERO = range(7)
+C_SCALE_LOG2, C_CAP, C_CAP_IN, C_LOG2E, C_INV_KEEP, C_NEG_INF, C_ZERO, C_ONE = range(8)
 
 
 def make_consts(dtype, scale, softcap, dropout_p):
     cap_in = scale / softcap if softcap > 0 else 0.0
-    return np.array([scale * LOG2E, softcap, cap_in, LOG2E, 1.0 / (1.0 - dropout_p), -np.inf, 0.0],
+    return np.array([scale * LOG2E, softcap, cap_in, LOG2E, 1.0 / (1.0 - dropout_p), -np.inf, 0.0, 1.0],
                     dtype=dtype)
 
 
-@njit_parallel
+@njit(inline="always")
+def _row_max(row, c0, c1, init):
+    """max(init, row[c0:c1]) as one vectorized reduction."""
+    mx = init
+    for c in range(c0, c1):
+        mx = fmax_fast(mx, row[c])
+    return mx
+
+
+@njit(inline="always")
+def _row_exp2(row, c0, c1, sc, m, zero):
+    """row[c] = 2 ** (row[c] * sc - m) on [c0, c1), returning the sum (one fused pass)."""
+    ssum = zero
+    for c in range(c0, c1):
+        p = exp2_fast(row[c] * sc - m)
+        row[c] = p
+        ssum += p
+    return ssum
+
+
+@njit(inline="always")
+def _row_fill(row, c0, c1, x):
+    for c in range(c0, c1):
+        row[c] = x
+
+
 def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
                   dropout_p, seed, thresh, block_k):
+    """FlashAttention forward into ``out`` and ``lse``; see :func:`_flash_fwd` for the arguments.
+
+    Tasks differ in cost (causal, windows, varlen), so they are handed out to the threads one at
+    a time, heaviest first (prange's default is one equal contiguous share per thread).
+    """
+    with parallel_chunksize(1):
+        _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
+                   dropout_p, seed, thresh, block_k)
+
+
+@njit_parallel
+def _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
+               dropout_p, seed, thresh, block_k):
     """q (H, Tq, D), k/v (Hk, Tk, D) contiguous; out (H, Tq, D); lse flat float32, row i of sequence b
     and head h at ``cu_q[b] * lse_a + h * lse_c + i``.
 
     blk_seq/blk_row (nblk,) list the query blocks (sequence, first row); consts from make_consts;
     slopes (B, H) in the compute dtype, or shape (0, 0) for no ALiBi; seed and thresh uint64 (dropout);
     left/right the window (-1 unbounded, causal already folded into right = 0).
+
+    Per key block: S = Q K^T (BLAS), then per row one max pass and one fused exp2 + sum pass
+    (the softmax scale rides in the exp2's FMA), then acc = alpha * acc + P V in one pass.
     """
     H, _, D = q.shape
     Hk = k.shape[0]
@@ -61,6 +102,10 @@ def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c,
     nblk = blk_seq.shape[0]
     has_alibi = slopes.shape[0] > 0
     softcap = consts[C_CAP]
+    zero = consts[C_ZERO]
+    one = consts[C_ONE]
+    # logits already in log2 units after the softcap / ALiBi pass; else the scale goes into exp2
+    sc = one if (softcap > 0 or has_alibi) else consts[C_SCALE_LOG2]
     for t in prange(nblk * H):
         blk = t // H
         h = t - blk * H
@@ -76,15 +121,17 @@ def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c,
         acc = np.zeros((m, D), dtype=q.dtype)
         tmp = np.empty((m, D), dtype=q.dtype)
         sbuf = np.empty(m * block_k, dtype=q.dtype)
-        fbuf = np.empty(1, dtype=q.dtype)  # int -> compute-dtype conversions
         mrow = np.full(m, consts[C_NEG_INF])
         lrow = np.zeros(m, dtype=q.dtype)
+        alpha = np.empty(m, dtype=q.dtype)
         lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
         lo = (lo // block_k) * block_k
         off = Sk - Sq
-        slope = consts[C_ZERO]
+        slope = zero
+        cidx = np.empty(0, dtype=q.dtype)
         if has_alibi:
             slope = slopes[b, h] * consts[C_LOG2E]
+            cidx = np.arange(block_k).astype(q.dtype)  # column offsets in the compute dtype
         for j0 in range(lo, hi, block_k):
             n = min(block_k, hi - j0)
             kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
@@ -102,61 +149,51 @@ def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c,
                     c1 = max(0, min(n, i + off + right + 1 - j0))
                 row = s[r]
                 if c1 <= c0:  # the whole row is masked in this block: it adds nothing
-                    for c in range(n):
-                        row[c] = consts[C_ZERO]
+                    _row_fill(row, 0, n, zero)
+                    alpha[r] = one
                     continue
                 if softcap > 0:
                     for c in range(c0, c1):
                         row[c] = softcap * np.tanh(row[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
-                else:
+                elif has_alibi:
                     for c in range(c0, c1):
                         row[c] = row[c] * consts[C_SCALE_LOG2]
                 if has_alibi:
-                    fbuf[0] = i + off - j0  # distance to column c is |fbuf[0] - c|
-                    base = fbuf[0]
+                    base = cidx[0] + (i + off - j0)  # distance to column c is |base - c|
                     for c in range(c0, c1):
-                        fbuf[0] = c
-                        row[c] -= slope * abs(base - fbuf[0])
-                mx = consts[C_NEG_INF]
-                for c in range(c0, c1):
-                    mx = max(mx, row[c])
-                m_new = max(mrow[r], mx)
-                alpha = exp2_fast(mrow[r] - m_new)
-                ssum = consts[C_ZERO]
-                for c in range(c0, c1):
-                    p = exp2_fast(row[c] - m_new)
-                    row[c] = p
-                    ssum += p
-                for c in range(c0):
-                    row[c] = consts[C_ZERO]
-                for c in range(c1, n):
-                    row[c] = consts[C_ZERO]
-                lrow[r] = lrow[r] * alpha + ssum
+                        row[c] -= slope * abs(base - cidx[c])
+                m_old = mrow[r]
+                m_new = _row_max(row, c0, c1, consts[C_NEG_INF]) * sc
+                m_new = fmax_fast(m_old, m_new)
+                alpha[r] = exp2_fast(m_old - m_new)
+                lrow[r] = lrow[r] * alpha[r] + _row_exp2(row, c0, c1, sc, m_new, zero)
                 mrow[r] = m_new
+                _row_fill(row, 0, c0, zero)
+                _row_fill(row, c1, n, zero)
                 if dropout_p > 0:
                     rk = row_key(seed, b, h, i)
                     for c in range(c0, c1):
                         if col_hash(rk, j0 + c) >= thresh:
                             row[c] *= consts[C_INV_KEEP]
                         else:
-                            row[c] = consts[C_ZERO]
-                a = acc[r]
-                for d in range(D):
-                    a[d] *= alpha
+                            row[c] = zero
             np.dot(s, vt, tmp)
-            acc += tmp
+            for r in range(m):
+                a = alpha[r]
+                for d in range(D):
+                    acc[r, d] = acc[r, d] * a + tmp[r, d]
         lse0 = qs * lse_a + h * lse_c + i0
         for r in range(m):
             lr = lrow[r]
             if lr > 0:
-                inv = 1.0 / lr
+                inv = one / lr
                 lse[lse0 + r] = (mrow[r] + np.log2(lr)) * LN2
                 for d in range(D):
                     out[h, qs + i0 + r, d] = acc[r, d] * inv
             else:
                 lse[lse0 + r] = -np.inf
                 for d in range(D):
-                    out[h, qs + i0 + r, d] = 0.0
+                    out[h, qs + i0 + r, d] = zero
 
 
 def plan_blocks(cu_q, causal_like):

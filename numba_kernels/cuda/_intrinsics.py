@@ -1,0 +1,187 @@
+"""The one module that knows CUDA-specific tricks: inline PTX (mma.sync, cvt, ex2), warp shuffles,
+and the driver call for > 48 KB of dynamic shared memory.
+
+Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) every helper has a pure-Python fallback with the
+same per-lane contract, so the same kernel source is tested in CI:
+  * warp-collective helpers (shuffles, mma) gather the 32 lanes of a warp at a threading.Barrier,
+    compute the warp's result in NumPy and hand each lane its part;
+  * conversions and ex2 use NumPy.
+"""
+import threading
+
+import numpy as np
+from numba import config
+
+SIM = bool(config.ENABLE_CUDASIM)
+FULL_MASK = 0xFFFFFFFF
+
+if not SIM:
+    from llvmlite import ir
+    from numba import cuda, types
+    from numba.cuda.extending import intrinsic
+
+    _f32 = ir.FloatType()
+    _i32 = ir.IntType(32)
+
+    def _asm(builder, ret_type, text, constraints, args):
+        fnty = ir.FunctionType(ret_type, [a.type for a in args])
+        return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=False), args)
+
+    def _make_mma(kind):
+        text = (f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+                "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+
+        @intrinsic
+        def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.float32, 4)(types.uint32, types.uint32, types.uint32, types.uint32,
+                                                   types.uint32, types.uint32,
+                                                   types.float32, types.float32, types.float32, types.float32)
+
+            def codegen(context, builder, signature, args):
+                ret = ir.LiteralStructType([_f32] * 4)
+                res = _asm(builder, ret, text, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", list(args))
+                vals = [builder.extract_value(res, i) for i in range(4)]
+                return context.make_tuple(builder, signature.return_type, vals)
+
+            return sig, codegen
+
+        return mma
+
+    mma_f16 = _make_mma("f16")
+    mma_bf16 = _make_mma("bf16")
+
+    def _make_pack(kind):
+        # cvt.rn.{f16x2,bf16x2}.f32 d, a, b puts a in the upper half and b in the lower half
+        text = f"cvt.rn.{kind}.f32 $0, $2, $1;"
+
+        @intrinsic
+        def pack(typingctx, lo, hi):
+            sig = types.uint32(types.float32, types.float32)
+
+            def codegen(context, builder, signature, args):
+                return _asm(builder, _i32, text, "=r,f,f", list(args))
+
+            return sig, codegen
+
+        return pack
+
+    pack_f16x2 = _make_pack("f16x2")
+    pack_bf16x2 = _make_pack("bf16x2")
+
+    @intrinsic
+    def ex2(typingctx, x):
+        """2**x with the SFU (ex2.approx.ftz.f32): 2 ulp, ex2(-inf) = 0."""
+        sig = types.float32(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return _asm(builder, _f32, "ex2.approx.ftz.f32 $0, $1;", "=f,f", list(args))
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_xor(val, lanemask):
+        return cuda.shfl_xor_sync(FULL_MASK, val, lanemask)
+
+    @cuda.jit(device=True, inline=True)
+    def syncwarp():
+        cuda.syncwarp(FULL_MASK)
+
+else:
+    import ml_dtypes
+
+    _warps = {}
+    _warps_lock = threading.Lock()
+
+    class _Warp:
+        def __init__(self):
+            self.barrier = threading.Barrier(32, timeout=120)
+            self.slots = [None] * 32
+            self.result = None
+
+    def _warp_exchange(value, combine):
+        """Collect one value per lane, let lane 0 run ``combine(list_of_32)`` -> list_of_32, return ours."""
+        tid = threading.current_thread().threadIdx
+        lane, wid = tid.x % 32, (tid.x // 32, tid.y, tid.z)
+        with _warps_lock:
+            w = _warps.setdefault(wid, _Warp())
+        w.slots[lane] = value
+        w.barrier.wait()
+        if lane == 0:
+            w.result = combine(list(w.slots))
+        w.barrier.wait()
+        res = w.result[lane]
+        w.barrier.wait()  # nobody reuses the slots before every lane has read its result
+        return res
+
+    def shfl_xor(val, lanemask):
+        return _warp_exchange(val, lambda vals: [vals[i ^ lanemask] for i in range(32)])
+
+    def syncwarp():
+        _warp_exchange(None, lambda vals: vals)
+
+    def _halves(words, kind):
+        w = np.asarray(words, dtype=np.uint32)
+        lo, hi = (w & 0xFFFF).astype(np.uint16), (w >> 16).astype(np.uint16)
+        if kind == "f16":
+            return lo.view(np.float16).astype(np.float32), hi.view(np.float16).astype(np.float32)
+        return lo.view(ml_dtypes.bfloat16).astype(np.float32), hi.view(ml_dtypes.bfloat16).astype(np.float32)
+
+    def _mma_warp(kind, frags):
+        """frags[lane] = (a0..a3, b0, b1, c0..c3) -> per-lane (d0..d3) of D = A @ B + C (m16n8k16)."""
+        A = np.zeros((16, 16), np.float32)
+        Bm = np.zeros((16, 8), np.float32)
+        C = np.zeros((16, 8), np.float32)
+        for lane, f in enumerate(frags):
+            g, t = lane >> 2, lane & 3
+            a_lo, a_hi = _halves(f[0:4], kind)
+            for r, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                A[row, col], A[row, col + 1] = a_lo[r], a_hi[r]
+            b_lo, b_hi = _halves(f[4:6], kind)
+            for r, krow in enumerate((2 * t, 2 * t + 8)):
+                Bm[krow, g], Bm[krow + 1, g] = b_lo[r], b_hi[r]
+            C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = f[6:10]
+        Dm = (A.astype(np.float64) @ Bm.astype(np.float64) + C).astype(np.float32)
+        out = []
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            out.append((Dm[g, 2 * t], Dm[g, 2 * t + 1], Dm[g + 8, 2 * t], Dm[g + 8, 2 * t + 1]))
+        return out
+
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        return _warp_exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), lambda fr: _mma_warp("f16", fr))
+
+    def mma_bf16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        return _warp_exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), lambda fr: _mma_warp("bf16", fr))
+
+    def _pack(lo, hi, dtype):
+        bits = np.array([lo, hi], dtype=np.float32).astype(dtype).view(np.uint16).astype(np.uint32)
+        return np.uint32(bits[0] | (bits[1] << 16))
+
+    def pack_f16x2(lo, hi):
+        return _pack(lo, hi, np.float16)
+
+    def pack_bf16x2(lo, hi):
+        return _pack(lo, hi, ml_dtypes.bfloat16)
+
+    def ex2(x):
+        return np.float32(np.exp2(np.float32(x)))
+
+
+def set_dynamic_shared(kernel, nbytes):
+    """Allow ``kernel`` (a compiled numba.cuda kernel overload) to use ``nbytes`` of dynamic shared memory."""
+    if SIM or nbytes <= 48 * 1024:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    cufunc = kernel._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
+
+
+def launch(kernel, grid, block, smem, args, stream=0):
+    """Launch ``kernel[grid, block, stream, smem](*args)``, raising the dynamic shared memory limit first
+    when ``smem`` exceeds the default 48 KB."""
+    if not SIM and smem > 48 * 1024:
+        argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+        set_dynamic_shared(kernel.compile(argtypes), smem)
+    kernel[grid, block, stream, smem](*args)
