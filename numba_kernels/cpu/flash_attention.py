@@ -15,8 +15,8 @@ from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LN2, LOG2E, exp2_fast, fmax_fast
 
-BLOCK_Q = 128
-BLOCK_K = 256
+BLOCK_Q = 256
+BLOCK_K = 512
 
 row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
 
@@ -45,30 +45,32 @@ def make_consts(dtype, scale, softcap, dropout_p):
                     dtype=dtype)
 
 
+# The row helpers take slices and loop from 0: with ``range(c0, c1)`` numba's negative-index
+# wraparound makes the address non-affine and LLVM gives up vectorizing.
 @njit(inline="always")
-def _row_max(row, c0, c1, init):
-    """max(init, row[c0:c1]) as one vectorized reduction."""
+def _row_max(x, init):
+    """max(init, max(x)) as one vectorized reduction."""
     mx = init
-    for c in range(c0, c1):
-        mx = fmax_fast(mx, row[c])
+    for c in range(x.shape[0]):
+        mx = fmax_fast(mx, x[c])
     return mx
 
 
 @njit(inline="always")
-def _row_exp2(row, c0, c1, sc, m, zero):
-    """row[c] = 2 ** (row[c] * sc - m) on [c0, c1), returning the sum (one fused pass)."""
+def _row_exp2(x, sc, m, zero):
+    """x = 2 ** (x * sc - m) in place, returning its sum (one fused pass)."""
     ssum = zero
-    for c in range(c0, c1):
-        p = exp2_fast(row[c] * sc - m)
-        row[c] = p
+    for c in range(x.shape[0]):
+        p = exp2_fast(x[c] * sc - m)
+        x[c] = p
         ssum += p
     return ssum
 
 
 @njit(inline="always")
-def _row_fill(row, c0, c1, x):
-    for c in range(c0, c1):
-        row[c] = x
+def _fill(x, val):
+    for c in range(x.shape[0]):
+        x[c] = val
 
 
 def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
@@ -129,6 +131,7 @@ def _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, co
         off = Sk - Sq
         slope = zero
         cidx = np.empty(0, dtype=q.dtype)
+        fbuf = np.empty(1, dtype=q.dtype)
         if has_alibi:
             slope = slopes[b, h] * consts[C_LOG2E]
             cidx = np.arange(block_k).astype(q.dtype)  # column offsets in the compute dtype
@@ -149,34 +152,35 @@ def _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, co
                     c1 = max(0, min(n, i + off + right + 1 - j0))
                 row = s[r]
                 if c1 <= c0:  # the whole row is masked in this block: it adds nothing
-                    _row_fill(row, 0, n, zero)
+                    _fill(row, zero)
                     alpha[r] = one
                     continue
+                x = row[c0:c1]
                 if softcap > 0:
-                    for c in range(c0, c1):
-                        row[c] = softcap * np.tanh(row[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
+                    for c in range(x.shape[0]):
+                        x[c] = softcap * np.tanh(x[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
                 elif has_alibi:
-                    for c in range(c0, c1):
-                        row[c] = row[c] * consts[C_SCALE_LOG2]
+                    for c in range(x.shape[0]):
+                        x[c] = x[c] * consts[C_SCALE_LOG2]
                 if has_alibi:
-                    base = cidx[0] + (i + off - j0)  # distance to column c is |base - c|
-                    for c in range(c0, c1):
-                        row[c] -= slope * abs(base - cidx[c])
+                    fbuf[0] = i + off - j0 - c0  # int -> compute dtype without float64 promotion
+                    base = fbuf[0]  # distance to column c0 + c is |base - c|
+                    for c in range(x.shape[0]):
+                        x[c] -= slope * abs(base - cidx[c])
                 m_old = mrow[r]
-                m_new = _row_max(row, c0, c1, consts[C_NEG_INF]) * sc
-                m_new = fmax_fast(m_old, m_new)
+                m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF]) * sc)
                 alpha[r] = exp2_fast(m_old - m_new)
-                lrow[r] = lrow[r] * alpha[r] + _row_exp2(row, c0, c1, sc, m_new, zero)
+                lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero)
                 mrow[r] = m_new
-                _row_fill(row, 0, c0, zero)
-                _row_fill(row, c1, n, zero)
+                _fill(row[:c0], zero)
+                _fill(row[c1:], zero)
                 if dropout_p > 0:
                     rk = row_key(seed, b, h, i)
-                    for c in range(c0, c1):
-                        if col_hash(rk, j0 + c) >= thresh:
-                            row[c] *= consts[C_INV_KEEP]
+                    for c in range(x.shape[0]):
+                        if col_hash(rk, j0 + c0 + c) >= thresh:
+                            x[c] *= consts[C_INV_KEEP]
                         else:
-                            row[c] = zero
+                            x[c] = zero
             np.dot(s, vt, tmp)
             for r in range(m):
                 a = alpha[r]

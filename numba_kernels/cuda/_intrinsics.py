@@ -78,6 +78,86 @@ if not SIM:
 
         return sig, codegen
 
+    def _data_ptr(context, builder, arrty, arr, idx, idxty):
+        """Pointer to element ``idx`` of a C-contiguous array, with no negative-index wraparound."""
+        ary = context.make_array(arrty)(context, builder, arr)
+        i = context.cast(builder, idx, idxty, types.intp)
+        return builder.gep(ary.data, [i])
+
+    def _shared_addr(builder, ptr):
+        """32-bit shared-window address of a generic pointer into shared memory."""
+        gen = builder.ptrtoint(ptr, ir.IntType(64))
+        sh = _asm(builder, ir.IntType(64), "cvta.to.shared.u64 $0, $1;", "=l,l", [gen])
+        return builder.trunc(sh, _i32)
+
+    @intrinsic
+    def ld(typingctx, arr, idx):
+        """arr[idx] for a C-contiguous array and a non-negative idx: no wraparound code."""
+        sig = arr.dtype(arr, idx)
+
+        def codegen(context, builder, signature, args):
+            return builder.load(_data_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1]))
+
+        return sig, codegen
+
+    def _make_ldmatrix(trans):
+        text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "") +
+                ".shared.b16 {$0,$1,$2,$3}, [$4];")
+
+        @intrinsic
+        def ldsm(typingctx, arr, idx):
+            sig = types.UniTuple(types.uint32, 4)(arr, idx)
+
+            def codegen(context, builder, signature, args):
+                ptr = _data_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+                addr = _shared_addr(builder, ptr)
+                ret = ir.LiteralStructType([_i32] * 4)
+                res = _asm(builder, ret, text, "=r,=r,=r,=r,r", [addr])
+                vals = [builder.extract_value(res, i) for i in range(4)]
+                return context.make_tuple(builder, signature.return_type, vals)
+
+            return sig, codegen
+
+        return ldsm
+
+    ldsm_x4 = _make_ldmatrix(False)
+    ldsm_x4_t = _make_ldmatrix(True)
+
+    @intrinsic
+    def cp_async16(typingctx, dst, dst_idx, src, src_idx, nbytes):
+        """Copy 16 bytes src[src_idx:] -> shared dst[dst_idx:] asynchronously; bytes past ``nbytes`` (0 or 16)
+        are zero-filled and not read."""
+        sig = types.void(dst, dst_idx, src, src_idx, nbytes)
+
+        def codegen(context, builder, signature, args):
+            dptr = _data_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+            sptr = _data_ptr(context, builder, signature.args[2], args[2], args[3], signature.args[3])
+            n = context.cast(builder, args[4], signature.args[4], types.int32)
+            fnty = ir.FunctionType(ir.VoidType(), [_i32, ir.IntType(64), _i32])
+            asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r", side_effect=True)
+            builder.call(asm, [_shared_addr(builder, dptr), builder.ptrtoint(sptr, ir.IntType(64)), n])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    def _make_void_asm(text):
+        @intrinsic
+        def fn(typingctx):
+            sig = types.void()
+
+            def codegen(context, builder, signature, args):
+                fnty = ir.FunctionType(ir.VoidType(), [])
+                builder.call(ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return fn
+
+    cp_async_commit = _make_void_asm("cp.async.commit_group;")
+    cp_async_wait0 = _make_void_asm("cp.async.wait_group 0;")
+    cp_async_wait1 = _make_void_asm("cp.async.wait_group 1;")
+
     @cuda.jit(device=True, inline=True)
     def shfl_xor(val, lanemask):
         return cuda.shfl_xor_sync(FULL_MASK, val, lanemask)
@@ -118,6 +198,45 @@ else:
 
     def syncwarp():
         _warp_exchange(None, lambda vals: vals)
+
+    def ld(arr, idx):
+        return arr[idx]
+
+    def _ldsm_warp(trans, reqs):
+        """reqs[lane] = (arr, idx): lane 8m+r gives the start (in uint32 words) of row r of matrix m."""
+        out = [[0, 0, 0, 0] for _ in range(32)]
+        for m in range(4):
+            rows = [[int(reqs[8 * m + r][0][reqs[8 * m + r][1] + w]) for w in range(4)] for r in range(8)]
+            half = [[(rows[r][c // 2] >> (16 * (c % 2))) & 0xFFFF for c in range(8)] for r in range(8)]
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                if trans:
+                    out[lane][m] = np.uint32(half[2 * t][g] | (half[2 * t + 1][g] << 16))
+                else:
+                    out[lane][m] = np.uint32(rows[g][t])
+        return [tuple(o) for o in out]
+
+    def ldsm_x4(arr, idx):
+        return _warp_exchange((arr, idx), lambda reqs: _ldsm_warp(False, reqs))
+
+    def ldsm_x4_t(arr, idx):
+        return _warp_exchange((arr, idx), lambda reqs: _ldsm_warp(True, reqs))
+
+    def cp_async16(dst, dst_idx, src, src_idx, nbytes):
+        for w in range(4):
+            val = 0
+            if nbytes:
+                val = src[np.unravel_index(src_idx + w, src.shape)]
+            dst[dst_idx + w] = val
+
+    def cp_async_commit():
+        pass
+
+    def cp_async_wait0():
+        pass
+
+    def cp_async_wait1():
+        pass
 
     def _halves(words, kind):
         w = np.asarray(words, dtype=np.uint32)

@@ -56,20 +56,39 @@ def _visible(row, col, Sk, off, left, right):
 
 
 @functools.lru_cache(maxsize=None)
-def _make_tc(NW, BC, DP, bf16):
-    """Tensor-core kernel: NW warps x 16 rows, BC keys per tile, head dim padded to DP (multiple of 16)."""
+def _make_tc(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """Tensor-core kernel: NW warps x 16 rows, BC keys per tile, head dim padded to DP (multiple of 16).
+
+    Data path (FlashAttention-2): Q, K, V tiles are copied global -> shared with 16-byte cp.async
+    (zero-filled out of range), K/V double-buffered so the next tile loads while this one computes;
+    fragments come from shared memory by ldmatrix (ldmatrix.trans for V, stored row-major).
+    Shared rows are padded by 16 bytes so the 8 rows of an ldmatrix phase hit distinct banks.
+    """
     BR = 16 * NW
-    DW = DP // 2                # words per padded row
-    QSTR = DW + 4               # row strides in words; +4 spreads a quad's rows over all 32 banks
-    KSTR = DW + 4
-    VSTR = BC // 2 + 4
+    STR = DP // 2 + 4                    # shared row stride in uint32 words (Q, K and V rows)
     NT_S, KS_D, KS_P, NT_O = BC // 8, DP // 16, BC // 16, DP // 8
-    O_LEN, S_LEN = NT_O * 4, NT_S * 4  # accumulator registers per thread (constants for local.array)
+    O_LEN, S_LEN = NT_O * 4, NT_S * 4    # accumulator registers per thread (constants for local.array)
     NTH = 32 * NW
-    Q_OFF, K_OFF, V_OFF = 0, BR * QSTR, BR * QSTR + BC * KSTR
-    SMEM = 4 * (V_OFF + DP * VSTR)
+    CH = DP // 8                         # 16-byte chunks per padded row
+    Q_OFF = 0
+    KV_OFF = BR * STR                    # stage s: K at KV_OFF + s * 2 * TILE, V right after it
+    TILE = BC * STR
+    SMEM = 4 * (KV_OFF + 4 * TILE)
     mma = intr.mma_bf16 if bf16 else intr.mma_f16
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    ld, ldsm, ldsm_t, cp16 = intr.ld, intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
+
+    @_dev
+    def load_rows(smem, dst0, src, row0, nrows, nrows_valid, head, tid):
+        """cp.async an nrows x DP tile of src[row0 + r, head, :] into smem rows at dst0, zero-filled."""
+        W = src.shape[2]
+        HS = src.shape[1]
+        for c in range(tid, nrows * CH, NTH):
+            r = c // CH
+            ch = c - r * CH
+            ok = r < nrows_valid and ch * 4 < W
+            src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
+            cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
 
     def kernel(q, k, v, o, lse, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, left, right,
                lse_a, lse_c, seed, thresh, inv_keep):
@@ -88,23 +107,22 @@ def _make_tc(NW, BC, DP, bf16):
         if qb < 0:
             return
         i0 = qb * BR
-        H = q.shape[1]
-        hk = h // (H // k.shape[1])
+        hk = h // (q.shape[1] // k.shape[1])
         DW0 = q.shape[2]
         off = Sk - Sq
         smem = cuda.shared.array(0, uint32)
-        Qs = smem[Q_OFF:K_OFF]
-        Ks = smem[K_OFF:V_OFF]
-        Vt = smem[V_OFF:]
-        for idx in range(tid, BR * DW, NTH):
-            r = idx // DW
-            w = idx - r * DW
-            val = uint32(0)
-            if i0 + r < Sq and w < DW0:
-                val = q[qs + i0 + r, h, w]
-            Qs[r * QSTR + w] = val
         lo, hi = _key_range(i0, i0 + BR, Sq, Sk, left, right)
         lo = (lo // BC) * BC
+        load_rows(smem, Q_OFF, q, qs + i0, BR, Sq - i0, h, tid)
+        if lo < hi:
+            load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
+            load_rows(smem, KV_OFF + TILE, v, ks + lo, BC, Sk - lo, hk, tid)
+        intr.cp_async_commit()
+        # per-lane ldmatrix row starts (words): matrix m = lane // 8 supplies row lane % 8
+        mrow = lane & 7
+        q_lane = Q_OFF + (warp * 16 + mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+        k_lane = (mrow + 8 * (lane >> 4)) * STR + 4 * ((lane >> 3) & 1)
+        v_lane = TILE + (mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
         ra = i0 + warp * 16 + g  # this thread's two rows (local to the sequence)
         rb = ra + 8
         m_a = F32_NEG_INF
@@ -112,53 +130,44 @@ def _make_tc(NW, BC, DP, bf16):
         l_a = F32_ZERO
         l_b = F32_ZERO
         slope = F32_ZERO
-        if slopes.shape[0] > 0:
+        if HAS_ALIBI:
             slope = slopes[b, h] * F32_LOG2E
         rk_a = row_key(seed, b, h, ra)
         rk_b = row_key(seed, b, h, rb)
         oacc = cuda.local.array(O_LEN, float32)
-        for x in range(NT_O * 4):
+        for x in range(O_LEN):
             oacc[x] = F32_ZERO
         sacc = cuda.local.array(S_LEN, float32)
+        stage = 0
         for j0 in range(lo, hi, BC):
-            cuda.syncthreads()
-            for idx in range(tid, BC * DW, NTH):
-                r = idx // DW
-                w = idx - r * DW
-                val = uint32(0)
-                if j0 + r < Sk and w < DW0:
-                    val = k[ks + j0 + r, hk, w]
-                Ks[r * KSTR + w] = val
-            for idx in range(tid, (BC // 2) * DW, NTH):
-                mm = idx // DW
-                w = idx - mm * DW
-                va = uint32(0)
-                vb = uint32(0)
-                if w < DW0:
-                    if j0 + 2 * mm < Sk:
-                        va = v[ks + j0 + 2 * mm, hk, w]
-                    if j0 + 2 * mm + 1 < Sk:
-                        vb = v[ks + j0 + 2 * mm + 1, hk, w]
-                Vt[(2 * w) * VSTR + mm] = (va & 0xFFFF) | (vb << 16)
-                Vt[(2 * w + 1) * VSTR + mm] = (va >> 16) | (vb & 0xFFFF0000)
+            kv0 = KV_OFF + stage * 2 * TILE
+            if j0 + BC < hi:  # prefetch the next K/V tile into the other stage
+                nxt = KV_OFF + (1 - stage) * 2 * TILE
+                load_rows(smem, nxt, k, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
+                load_rows(smem, nxt + TILE, v, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
             cuda.syncthreads()
             # ---- S = Q K^T (16 x BC per warp)
-            for x in range(NT_S * 4):
+            for x in range(S_LEN):
                 sacc[x] = F32_ZERO
             for kk in range(KS_D):
-                qa = (warp * 16 + g) * QSTR + kk * 8 + t
-                a0 = Qs[qa]
-                a1 = Qs[qa + 8 * QSTR]
-                a2 = Qs[qa + 4]
-                a3 = Qs[qa + 8 * QSTR + 4]
-                for nt in range(NT_S):
-                    kb = (nt * 8 + g) * KSTR + kk * 8 + t
-                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, Ks[kb], Ks[kb + 4],
-                                         sacc[nt * 4], sacc[nt * 4 + 1], sacc[nt * 4 + 2], sacc[nt * 4 + 3])
-                    sacc[nt * 4] = d0
-                    sacc[nt * 4 + 1] = d1
-                    sacc[nt * 4 + 2] = d2
-                    sacc[nt * 4 + 3] = d3
+                a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
+                for np2 in range(NT_S // 2):
+                    b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
+                    x = np2 * 8
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, sacc[x], sacc[x + 1], sacc[x + 2], sacc[x + 3])
+                    sacc[x] = d0
+                    sacc[x + 1] = d1
+                    sacc[x + 2] = d2
+                    sacc[x + 3] = d3
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b2, b3, sacc[x + 4], sacc[x + 5], sacc[x + 6], sacc[x + 7])
+                    sacc[x + 4] = d0
+                    sacc[x + 5] = d1
+                    sacc[x + 6] = d2
+                    sacc[x + 7] = d3
             # ---- logits in log2 units, masks
             need_mask = j0 + BC > Sk
             if left >= 0:
@@ -167,18 +176,19 @@ def _make_tc(NW, BC, DP, bf16):
                 need_mask = need_mask or j0 + BC - 1 > i0 + off + right
             mx_a = F32_NEG_INF
             mx_b = F32_NEG_INF
-            for x in range(NT_S * 4):
+            for x in range(S_LEN):
                 s = sacc[x]
-                if softcap > 0:
+                if HAS_CAP:
                     s = softcap * math.tanh(s * cap_in) * F32_LOG2E
                 else:
                     s = s * scale_log2
                 col = j0 + (x >> 2) * 8 + 2 * t + (x & 1)
                 row = ra if (x & 2) == 0 else rb
-                if slopes.shape[0] > 0:
+                if HAS_ALIBI:
                     s -= slope * float32(abs(row + off - col))
-                if need_mask and not _visible(row, col, Sk, off, left, right):
-                    s = F32_NEG_INF
+                if need_mask:
+                    if not _visible(row, col, Sk, off, left, right):
+                        s = F32_NEG_INF
                 sacc[x] = s
                 if (x & 2) == 0:
                     mx_a = max(mx_a, s)
@@ -198,14 +208,14 @@ def _make_tc(NW, BC, DP, bf16):
             m_b = mn_b
             sum_a = F32_ZERO
             sum_b = F32_ZERO
-            for x in range(NT_S * 4):
+            for x in range(S_LEN):
                 if (x & 2) == 0:
                     p = ex2(sacc[x] - mu_a)
                     sum_a += p
                 else:
                     p = ex2(sacc[x] - mu_b)
                     sum_b += p
-                if inv_keep > 0:  # dropout: P is dropped after the row sum, as in the math
+                if HAS_DROP:  # dropout: P is dropped after the row sum, as in the math
                     col = j0 + (x >> 2) * 8 + 2 * t + (x & 1)
                     rk = rk_a if (x & 2) == 0 else rk_b
                     p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
@@ -217,21 +227,29 @@ def _make_tc(NW, BC, DP, bf16):
                 oacc[nt * 4 + 1] *= alpha_a
                 oacc[nt * 4 + 2] *= alpha_b
                 oacc[nt * 4 + 3] *= alpha_b
-            # ---- O += P V, P straight from the S accumulators
+            # ---- O += P V, P straight from the S accumulators, V fragments by ldmatrix.trans
             for kk in range(KS_P):
                 s0 = 8 * kk
                 a0 = pack(sacc[s0], sacc[s0 + 1])
                 a1 = pack(sacc[s0 + 2], sacc[s0 + 3])
                 a2 = pack(sacc[s0 + 4], sacc[s0 + 5])
                 a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
-                for nt in range(NT_O):
-                    vb = (nt * 8 + g) * VSTR + kk * 8 + t
-                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, Vt[vb], Vt[vb + 4],
-                                         oacc[nt * 4], oacc[nt * 4 + 1], oacc[nt * 4 + 2], oacc[nt * 4 + 3])
-                    oacc[nt * 4] = d0
-                    oacc[nt * 4 + 1] = d1
-                    oacc[nt * 4 + 2] = d2
-                    oacc[nt * 4 + 3] = d3
+                for np2 in range(NT_O // 2):
+                    b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + kk * 16 * STR + np2 * 8)
+                    x = np2 * 8
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, oacc[x], oacc[x + 1], oacc[x + 2], oacc[x + 3])
+                    oacc[x] = d0
+                    oacc[x + 1] = d1
+                    oacc[x + 2] = d2
+                    oacc[x + 3] = d3
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b2, b3, oacc[x + 4], oacc[x + 5], oacc[x + 6], oacc[x + 7])
+                    oacc[x + 4] = d0
+                    oacc[x + 5] = d1
+                    oacc[x + 6] = d2
+                    oacc[x + 7] = d3
+            stage = 1 - stage
+            cuda.syncthreads()  # every warp is done with this stage before it is refilled
+        intr.cp_async_wait0()
         l_a += shfl_xor(l_a, 1)
         l_a += shfl_xor(l_a, 2)
         l_b += shfl_xor(l_b, 1)
@@ -396,14 +414,23 @@ def _jit_kernel(fn):
 
 # ---- tile choices ---------------------------------------------------------------------------------
 #: tensor-core tiles for real GPUs and for the simulator (tiny, so CI can afford them)
-TC_TILES = {"gpu": (4, 64), "sim": (1, 16)}
+TC_TILES = {"gpu": (8, 64), "sim": (1, 16)}
+#: per head dim, measured on the H200 (benchmarks/results): 4 warps x 128 keys wins at D <= 64
+TC_TILES_SMALL_D = (4, 128)
 SIMT_TILES = {"gpu": (4, 4), "sim": (1, 2)}
 
 
 def tc_config(D):
     nw, bc = TC_TILES["sim" if intr.SIM else "gpu"]
+    if not intr.SIM and D <= 64:
+        nw, bc = TC_TILES_SMALL_D
     DP = max(16, -(-D // 16) * 16)
     return nw, bc, DP
+
+
+def _pad_multiple(D):
+    """Head dims the tensor-core kernel takes as they are: rows of whole 16-byte chunks."""
+    return -(-D // 8) * 8
 
 
 def simt_config(D):
@@ -423,15 +450,17 @@ def _cached(x):
 
 
 def _as_words(x, D):
-    """Device uint32 view (T, H, ceil(D/2)) of a float16/bfloat16 (T, H, D) host or device array."""
+    """Device uint32 view (T, H, Dp/2) of a float16/bfloat16 (T, H, D) host or device array, the head dim
+    zero-padded to Dp = a multiple of 8 (whole 16-byte chunks) when it is not one already."""
+    pad = _pad_multiple(D) - D
     if dsp.is_device_array(x):
         x = dsp.to_device(x)
-        if D % 2:
-            x = dsp.to_device(np.pad(x.copy_to_host().view(np.uint16), ((0, 0), (0, 0), (0, 1))))
+        if pad:
+            x = cuda.to_device(np.pad(x.copy_to_host().view(np.uint16), ((0, 0), (0, 0), (0, pad))))
         return x.view(np.uint16).view(np.uint32)
     h = np.ascontiguousarray(x).view(np.uint16)
-    if D % 2:
-        h = np.pad(h, ((0, 0), (0, 0), (0, 1)))
+    if pad:
+        h = np.pad(h, ((0, 0), (0, 0), (0, pad)))
     return cuda.to_device(np.ascontiguousarray(h).view(np.uint32))
 
 
@@ -451,7 +480,7 @@ def flash_fwd_cuda_words(qw, kw, vw, cu_q, cu_k, max_sq, bf16, scale, left, righ
     D = 2 * W if D is None else D
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
     nw, bc, DP = tc_config(D)
-    kern, BR, NTH, SMEM = _make_tc(nw, bc, DP, bool(bf16))
+    kern, BR, NTH, SMEM = _make_tc(nw, bc, DP, bool(bf16), softcap > 0, slopes is not None, dropout_p > 0)
     out = cuda.device_array((Tq, H, W), dtype=np.uint32) if out is None else out
     lse = cuda.device_array(H * Tq, dtype=np.float32) if lse is None else lse
     sl = np.zeros((0, 0), np.float32) if slopes is None else np.asarray(slopes, np.float32)
@@ -473,7 +502,7 @@ def flash_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, dt, scale, left, right, softcap,
                                        dt == dsp.bfloat16, scale, left, right, softcap, dropout_p, slopes, seed,
                                        lse_a, lse_c, D)
         out = ow.view(np.uint16)
-        if D % 2:
+        if out.shape[2] != D:
             out = cuda.to_device(np.ascontiguousarray(out.copy_to_host()[..., :D]))
         return _words_to_dtype(out, dt), lse
     ft = np.float64 if dt == np.float64 else np.float32
@@ -512,9 +541,10 @@ def ptx_signatures(head_dims=(64, 128, 256)):
     out = []
     for D in head_dims:
         nw, bc, DP = tc_config(D)
-        for bf16 in (False, True):
-            kern = _make_tc(nw, bc, DP, bf16)[0]
-            out.append((f"tc_{'bf16' if bf16 else 'f16'}_D{D}", kern.py_func, sig(types.uint32, types.float32)))
+        for bf16, flags in ((False, (False, False, False)), (True, (False, False, False)), (True, (True, True, True))):
+            kern = _make_tc(nw, bc, DP, bf16, *flags)[0]
+            name = f"tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi_drop' if flags[0] else ''}_D{D}"
+            out.append((name, kern.py_func, sig(types.uint32, types.float32)))
         nw, rw, dd = simt_config(D)
         for f64 in (False, True):
             ft = types.float64 if f64 else types.float32
