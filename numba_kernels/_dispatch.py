@@ -21,8 +21,11 @@ class BackendUnavailableError(RuntimeError):
 
 
 def is_device_array(x):
-    """True for numba device arrays and any object exposing ``__cuda_array_interface__``."""
-    return x is not None and hasattr(x, "__cuda_array_interface__")
+    """True for numba device arrays (the simulator's too) and any object exposing
+    ``__cuda_array_interface__`` (cupy, torch, ...)."""
+    if x is None or isinstance(x, np.ndarray):
+        return False
+    return hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"
 
 
 def cuda_available():
@@ -86,7 +89,7 @@ def to_device(x, stream=0):
     from numba import cuda
 
     if is_device_array(x):
-        return x if type(x).__name__.endswith("DeviceNDArray") else cuda.as_cuda_array(x)
+        return x if type(x).__name__ in ("DeviceNDArray", "FakeCUDAArray") else cuda.as_cuda_array(x)
     return cuda.to_device(np.ascontiguousarray(x), stream=stream)
 
 

@@ -55,11 +55,12 @@ def _check_qkv(q, k, v, ndim):
     for name, x in (("k", k), ("v", v)):
         if dsp.check_float(name, x, ndim) != dt:
             raise TypeError(f"{name} must have the same dtype as q ({dt}), got {dsp.array_dtype(x)}")
-    if k.shape != v.shape:
-        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
-    H, D = q.shape[-2], q.shape[-1]
-    Hk = k.shape[-2]
-    if k.shape[-1] != D:
+    qshape, kshape = tuple(q.shape), tuple(k.shape)
+    if kshape != tuple(v.shape):
+        raise ValueError(f"v must have the same shape as k {kshape}, got {tuple(v.shape)}")
+    H, D = qshape[-2], qshape[-1]
+    Hk = kshape[-2]
+    if kshape[-1] != D:
         raise ValueError(f"k must have head dim {D} like q, got shape {tuple(k.shape)}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got q shape {tuple(q.shape)}")

@@ -1,7 +1,8 @@
-"""Small njit math helpers shared by CPU kernels (vectorizable exp2 and max, bit casts)."""
+"""Small njit helpers shared by CPU kernels (vectorizable exp2 and max, bit casts, an atomic)."""
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from numba_kernels._jit import njit
@@ -38,6 +39,27 @@ def fmax_fast(typingctx, a, b):
         return builder.call(fn, args, fastmath=("nnan", "nsz"))
 
     return a(a, b), codegen
+
+
+@intrinsic
+def atomic_fetch_add(typingctx, arr, i, val):
+    """``old = arr[i]; arr[i] += val; return old`` as one atomic step, for a 1-D int64 array.
+
+    Lets the threads of a prange loop share a work counter (dynamic scheduling: numba's omp
+    layer splits prange statically, whatever ``parallel_chunksize`` says).
+    """
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [idx])
+        inc = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, inc, "monotonic")
+
+    return types.int64(arr, i, val), codegen
 
 
 def exp2_fast(x):  # pragma: no cover - replaced by the overload below inside njit code

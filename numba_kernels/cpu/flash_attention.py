@@ -9,11 +9,11 @@ Layout here is head-major and packed: q (H, total_q, D), k/v (Hk, total_k, D) wi
 so batched and varlen calls share one kernel.
 """
 import numpy as np
-from numba import parallel_chunksize, prange
+from numba import prange
 
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
-from numba_kernels.cpu._math import LN2, LOG2E, exp2_fast, fmax_fast
+from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fmax_fast
 
 BLOCK_Q = 256
 BLOCK_K = 512
@@ -73,21 +73,110 @@ def _fill(x, val):
         x[c] = val
 
 
-def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
+@njit
+def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, consts, left, right, slopes,
                   dropout_p, seed, thresh, block_k):
-    """FlashAttention forward into ``out`` and ``lse``; see :func:`_flash_fwd` for the arguments.
+    """One task: query rows [i0, i0 + BLOCK_Q) of head h (k/v head hk) of sequence b.
 
-    Tasks differ in cost (causal, windows, varlen), so they are handed out to the threads one at
-    a time, heaviest first (prange's default is one equal contiguous share per thread).
+    Per key block: S = Q K^T (BLAS), then per row one max pass and one fused exp2 + sum pass
+    (the softmax scale rides in the exp2's FMA), then acc = alpha * acc + P V (BLAS + one pass).
     """
-    with parallel_chunksize(1):
-        _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
-                   dropout_p, seed, thresh, block_k)
+    D = q.shape[2]
+    has_alibi = slopes.shape[0] > 0
+    softcap = consts[C_CAP]
+    zero = consts[C_ZERO]
+    one = consts[C_ONE]
+    # logits are already in log2 units after a softcap / ALiBi pass; else the scale goes into exp2
+    sc = one if (softcap > 0 or has_alibi) else consts[C_SCALE_LOG2]
+    qs = cu_q[b]
+    ks = cu_k[b]
+    Sq = cu_q[b + 1] - qs
+    Sk = cu_k[b + 1] - ks
+    m = min(BLOCK_Q, Sq - i0)
+    qt = q[h, qs + i0: qs + i0 + m]  # (m, D)
+    acc = np.zeros((m, D), dtype=q.dtype)
+    tmp = np.empty((m, D), dtype=q.dtype)
+    sbuf = np.empty(m * block_k, dtype=q.dtype)
+    mrow = np.full(m, consts[C_NEG_INF])
+    lrow = np.zeros(m, dtype=q.dtype)
+    alpha = np.empty(m, dtype=q.dtype)
+    fbuf = np.empty(1, dtype=q.dtype)  # int -> compute-dtype conversions
+    lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
+    lo = (lo // block_k) * block_k
+    off = Sk - Sq
+    slope = zero
+    cidx = np.empty(0, dtype=q.dtype)
+    if has_alibi:
+        slope = slopes[b, h] * consts[C_LOG2E]
+        cidx = np.arange(block_k).astype(q.dtype)  # column offsets in the compute dtype
+    for j0 in range(lo, hi, block_k):
+        n = min(block_k, hi - j0)
+        kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
+        vt = v[hk, ks + j0: ks + j0 + n]
+        s = sbuf[: m * n].reshape((m, n))
+        np.dot(qt, kt.T, s)  # (m, n) raw scores q . k
+        for r in range(m):
+            i = i0 + r
+            # visible columns of this row inside the block: [c0, c1)
+            c0 = 0
+            c1 = n
+            if left >= 0:
+                c0 = min(n, max(0, i + off - left - j0))
+            if right >= 0:
+                c1 = max(0, min(n, i + off + right + 1 - j0))
+            row = s[r]
+            if c1 <= c0:  # the whole row is masked in this block: it adds nothing
+                _fill(row, zero)
+                alpha[r] = one
+                continue
+            x = row[c0:c1]
+            if softcap > 0:
+                for c in range(x.shape[0]):
+                    x[c] = softcap * np.tanh(x[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
+            elif has_alibi:
+                for c in range(x.shape[0]):
+                    x[c] = x[c] * consts[C_SCALE_LOG2]
+            if has_alibi:
+                fbuf[0] = i + off - j0 - c0
+                base = fbuf[0]  # distance to column c0 + c is |base - c|
+                for c in range(x.shape[0]):
+                    x[c] -= slope * abs(base - cidx[c])
+            m_old = mrow[r]
+            m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF]) * sc)
+            alpha[r] = exp2_fast(m_old - m_new)
+            lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero)
+            mrow[r] = m_new
+            _fill(row[:c0], zero)
+            _fill(row[c1:], zero)
+            if dropout_p > 0:
+                rk = row_key(seed, b, h, i)
+                for c in range(x.shape[0]):
+                    if col_hash(rk, j0 + c0 + c) >= thresh:
+                        x[c] *= consts[C_INV_KEEP]
+                    else:
+                        x[c] = zero
+        np.dot(s, vt, tmp)
+        for r in range(m):
+            a = alpha[r]
+            for d in range(D):
+                acc[r, d] = acc[r, d] * a + tmp[r, d]
+    lse0 = qs * lse_a + h * lse_c + i0
+    for r in range(m):
+        lr = lrow[r]
+        o = out[h, qs + i0 + r]
+        if lr > 0:
+            inv = one / lr
+            lse[lse0 + r] = (mrow[r] + np.log2(lr)) * LN2
+            for d in range(D):
+                o[d] = acc[r, d] * inv
+        else:
+            lse[lse0 + r] = -np.inf
+            _fill(o, zero)
 
 
 @njit_parallel
-def _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
-               dropout_p, seed, thresh, block_k):
+def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
+                  dropout_p, seed, thresh, block_k):
     """q (H, Tq, D), k/v (Hk, Tk, D) contiguous; out (H, Tq, D); lse flat float32, row i of sequence b
     and head h at ``cu_q[b] * lse_a + h * lse_c + i``.
 
@@ -95,109 +184,22 @@ def _flash_fwd(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, co
     slopes (B, H) in the compute dtype, or shape (0, 0) for no ALiBi; seed and thresh uint64 (dropout);
     left/right the window (-1 unbounded, causal already folded into right = 0).
 
-    Per key block: S = Q K^T (BLAS), then per row one max pass and one fused exp2 + sum pass
-    (the softmax scale rides in the exp2's FMA), then acc = alpha * acc + P V in one pass.
+    Tasks (query block, head) differ in cost (causal, windows, varlen) and numba splits a prange
+    statically, so the threads pull tasks from a shared atomic counter instead, in the order of
+    blk_seq/blk_row (heaviest first): the first prange iteration of each thread drains the queue.
     """
-    H, _, D = q.shape
-    Hk = k.shape[0]
-    group = H // Hk
-    nblk = blk_seq.shape[0]
-    has_alibi = slopes.shape[0] > 0
-    softcap = consts[C_CAP]
-    zero = consts[C_ZERO]
-    one = consts[C_ONE]
-    # logits already in log2 units after the softcap / ALiBi pass; else the scale goes into exp2
-    sc = one if (softcap > 0 or has_alibi) else consts[C_SCALE_LOG2]
-    for t in prange(nblk * H):
-        blk = t // H
-        h = t - blk * H
-        hk = h // group
-        b = blk_seq[blk]
-        i0 = blk_row[blk]
-        qs = cu_q[b]
-        ks = cu_k[b]
-        Sq = cu_q[b + 1] - qs
-        Sk = cu_k[b + 1] - ks
-        m = min(BLOCK_Q, Sq - i0)
-        qt = q[h, qs + i0: qs + i0 + m]  # (m, D)
-        acc = np.zeros((m, D), dtype=q.dtype)
-        tmp = np.empty((m, D), dtype=q.dtype)
-        sbuf = np.empty(m * block_k, dtype=q.dtype)
-        mrow = np.full(m, consts[C_NEG_INF])
-        lrow = np.zeros(m, dtype=q.dtype)
-        alpha = np.empty(m, dtype=q.dtype)
-        lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
-        lo = (lo // block_k) * block_k
-        off = Sk - Sq
-        slope = zero
-        cidx = np.empty(0, dtype=q.dtype)
-        fbuf = np.empty(1, dtype=q.dtype)
-        if has_alibi:
-            slope = slopes[b, h] * consts[C_LOG2E]
-            cidx = np.arange(block_k).astype(q.dtype)  # column offsets in the compute dtype
-        for j0 in range(lo, hi, block_k):
-            n = min(block_k, hi - j0)
-            kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
-            vt = v[hk, ks + j0: ks + j0 + n]
-            s = sbuf[: m * n].reshape((m, n))
-            np.dot(qt, kt.T, s)  # (m, n) raw scores q . k
-            for r in range(m):
-                i = i0 + r
-                # visible columns of this row inside the block: [c0, c1)
-                c0 = 0
-                c1 = n
-                if left >= 0:
-                    c0 = min(n, max(0, i + off - left - j0))
-                if right >= 0:
-                    c1 = max(0, min(n, i + off + right + 1 - j0))
-                row = s[r]
-                if c1 <= c0:  # the whole row is masked in this block: it adds nothing
-                    _fill(row, zero)
-                    alpha[r] = one
-                    continue
-                x = row[c0:c1]
-                if softcap > 0:
-                    for c in range(x.shape[0]):
-                        x[c] = softcap * np.tanh(x[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
-                elif has_alibi:
-                    for c in range(x.shape[0]):
-                        x[c] = x[c] * consts[C_SCALE_LOG2]
-                if has_alibi:
-                    fbuf[0] = i + off - j0 - c0  # int -> compute dtype without float64 promotion
-                    base = fbuf[0]  # distance to column c0 + c is |base - c|
-                    for c in range(x.shape[0]):
-                        x[c] -= slope * abs(base - cidx[c])
-                m_old = mrow[r]
-                m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF]) * sc)
-                alpha[r] = exp2_fast(m_old - m_new)
-                lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero)
-                mrow[r] = m_new
-                _fill(row[:c0], zero)
-                _fill(row[c1:], zero)
-                if dropout_p > 0:
-                    rk = row_key(seed, b, h, i)
-                    for c in range(x.shape[0]):
-                        if col_hash(rk, j0 + c0 + c) >= thresh:
-                            x[c] *= consts[C_INV_KEEP]
-                        else:
-                            x[c] = zero
-            np.dot(s, vt, tmp)
-            for r in range(m):
-                a = alpha[r]
-                for d in range(D):
-                    acc[r, d] = acc[r, d] * a + tmp[r, d]
-        lse0 = qs * lse_a + h * lse_c + i0
-        for r in range(m):
-            lr = lrow[r]
-            if lr > 0:
-                inv = one / lr
-                lse[lse0 + r] = (mrow[r] + np.log2(lr)) * LN2
-                for d in range(D):
-                    out[h, qs + i0 + r, d] = acc[r, d] * inv
-            else:
-                lse[lse0 + r] = -np.inf
-                for d in range(D):
-                    out[h, qs + i0 + r, d] = zero
+    H = q.shape[0]
+    group = H // k.shape[0]
+    ntask = blk_seq.shape[0] * H
+    counter = np.zeros(1, dtype=np.int64)
+    for _ in prange(ntask):
+        t = atomic_fetch_add(counter, 0, 1)
+        while t < ntask:
+            blk = t // H
+            h = t - blk * H
+            _attend_block(q, k, v, cu_q, cu_k, blk_seq[blk], h, h // group, blk_row[blk], out, lse, lse_a, lse_c,
+                          consts, left, right, slopes, dropout_p, seed, thresh, block_k)
+            t = atomic_fetch_add(counter, 0, 1)
 
 
 def plan_blocks(cu_q, causal_like):
