@@ -22,14 +22,7 @@ def _i32_as_f32(typingctx, x):
 
 
 @intrinsic
-def fmax_fast(typingctx, a, b):
-    """max(a, b) as ``llvm.maxnum`` with nnan/nsz flags, for two floats of one type.
-
-    Numba's ``max`` (and ``a if a > b else b``) lowers to compare + select without fast-math
-    flags, which LLVM will not turn into a vector max reduction; this one vectorizes. -inf is
-    handled exactly; NaN inputs give an unspecified one of the two (callers only use it on rows
-    whose NaNs would poison the result anyway).
-    """
+def _maxnum(typingctx, a, b):
     if not (isinstance(a, types.Float) and a == b):
         return None
 
@@ -41,13 +34,26 @@ def fmax_fast(typingctx, a, b):
     return a(a, b), codegen
 
 
-@intrinsic
-def atomic_fetch_add(typingctx, arr, i, val):
-    """``old = arr[i]; arr[i] += val; return old`` as one atomic step, for a 1-D int64 array.
+def fmax_fast(a, b):  # pragma: no cover - replaced by the overload below inside njit code
+    return max(a, b)
 
-    Lets the threads of a prange loop share a work counter (dynamic scheduling: numba's omp
-    layer splits prange statically, whatever ``parallel_chunksize`` says).
+
+@overload(fmax_fast, inline="always")
+def _fmax_fast_ol(a, b):
+    """max(a, b) for two floats of one type, as ``llvm.maxnum`` with nnan/nsz flags.
+
+    Numba's ``max`` (and ``a if a > b else b``) lowers to compare + select without fast-math
+    flags, which LLVM will not turn into a vector max reduction; this one vectorizes. -inf is
+    exact; a NaN input gives either operand (callers only use it where a NaN poisons the
+    result anyway).
     """
+    if isinstance(a, types.Float) and a == b:
+        return lambda a, b: _maxnum(a, b)
+    return None
+
+
+@intrinsic
+def _atomic_add(typingctx, arr, i, val):
     if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
         return None
 
@@ -60,6 +66,24 @@ def atomic_fetch_add(typingctx, arr, i, val):
         return builder.atomic_rmw("add", ptr, inc, "monotonic")
 
     return types.int64(arr, i, val), codegen
+
+
+def atomic_fetch_add(arr, i, val):  # pragma: no cover - replaced by the overload below inside njit code
+    old = arr[i]
+    arr[i] += val
+    return old
+
+
+@overload(atomic_fetch_add, inline="always")
+def _atomic_fetch_add_ol(arr, i, val):
+    """``old = arr[i]; arr[i] += val; return old`` as one atomic step (1-D int64 array).
+
+    Lets the threads of a prange loop share a work counter (dynamic scheduling: numba's omp
+    layer splits a prange statically, whatever ``parallel_chunksize`` says).
+    """
+    if isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1:
+        return lambda arr, i, val: _atomic_add(arr, i, val)
+    return None
 
 
 def exp2_fast(x):  # pragma: no cover - replaced by the overload below inside njit code

@@ -3,7 +3,10 @@
 Each task owns one block of BQ query rows of one head of one sequence and walks the visible key
 blocks with an online softmax (running max m, running sum l, rescaled accumulator), so memory is
 O(BQ * (BK + D)) per task and the S x S matrix never exists. The two tile products go to BLAS
-(np.dot on contiguous tiles); everything in between is a vectorizable loop in log2 units.
+(np.dot on contiguous tiles, single-threaded: see ``_blas``); everything in between is two
+vectorized passes per row in log2 units (max; exp2 + sum), which costs ~15% on top of the BLAS time.
+Large tiles matter: D = 64 is a short inner dimension, and the BLAS rate falls off below ~256 x 512.
+See benchmarks/bench_cpu_tuning_notes.md for what was measured.
 
 Layout here is head-major and packed: q (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens,
 so batched and varlen calls share one kernel.
@@ -17,6 +20,7 @@ from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fma
 
 BLOCK_Q = 256
 BLOCK_K = 512
+ROW_GROUP = 64  # row group of the blocks a mask edge cuts
 
 row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
 
@@ -40,6 +44,7 @@ C_SCALE_LOG2, C_CAP, C_CAP_IN, C_LOG2E, C_INV_KEEP, C_NEG_INF, C_ZERO, C_ONE = r
 
 
 def make_consts(dtype, scale, softcap, dropout_p):
+    """The ``consts`` array of :func:`flash_fwd_cpu`, in the compute dtype (indices ``C_*``)."""
     cap_in = scale / softcap if softcap > 0 else 0.0
     return np.array([scale * LOG2E, softcap, cap_in, LOG2E, 1.0 / (1.0 - dropout_p), -np.inf, 0.0, 1.0],
                     dtype=dtype)
@@ -73,6 +78,65 @@ def _fill(x, val):
         x[c] = val
 
 
+@njit(inline="always")
+def _attend_keys(qt, kt, vt, s, tmp, acc, mrow, lrow, alpha, fbuf, cidx, b, h, i0, j0, off, left, right,
+                 consts, sc, prescale, slope, dropout_p, seed, thresh):
+    """Rows [i0, i0 + m) of one task against keys [j0, j0 + n): online-softmax update of acc, mrow,
+    lrow (all (m, ...) views); s (m, n), tmp (m, D), alpha, fbuf, cidx scratch."""
+    m, n = s.shape
+    D = acc.shape[1]
+    zero = consts[C_ZERO]
+    one = consts[C_ONE]
+    softcap = consts[C_CAP]
+    has_alibi = cidx.shape[0] > 0
+    np.dot(qt, kt.T, s)  # (m, n) raw scores q . k
+    for r in range(m):
+        i = i0 + r
+        # visible columns of this row inside the block: [c0, c1)
+        c0 = 0
+        c1 = n
+        if left >= 0:
+            c0 = min(n, max(0, i + off - left - j0))
+        if right >= 0:
+            c1 = max(0, min(n, i + off + right + 1 - j0))
+        row = s[r]
+        if c1 <= c0:  # the whole row is masked in this block: it adds nothing
+            _fill(row, zero)
+            alpha[r] = one
+            continue
+        x = row[c0:c1]
+        if softcap > 0:
+            for c in range(x.shape[0]):
+                x[c] = softcap * np.tanh(x[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
+        elif prescale:
+            for c in range(x.shape[0]):
+                x[c] = x[c] * consts[C_SCALE_LOG2]
+        if has_alibi:
+            fbuf[0] = i + off - j0 - c0
+            base = fbuf[0]  # distance to column c0 + c is |base - c|
+            for c in range(x.shape[0]):
+                x[c] -= slope * abs(base - cidx[c])
+        m_old = mrow[r]
+        m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF]) * sc)
+        alpha[r] = exp2_fast(m_old - m_new)
+        lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero)
+        mrow[r] = m_new
+        _fill(row[:c0], zero)
+        _fill(row[c1:], zero)
+        if dropout_p > 0:
+            rk = row_key(seed, b, h, i)
+            for c in range(x.shape[0]):
+                if col_hash(rk, j0 + c0 + c) >= thresh:
+                    x[c] *= consts[C_INV_KEEP]
+                else:
+                    x[c] = zero
+    np.dot(s, vt, tmp)
+    for r in range(m):
+        a = alpha[r]
+        for d in range(D):
+            acc[r, d] = acc[r, d] * a + tmp[r, d]
+
+
 @njit
 def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, consts, left, right, slopes,
                   dropout_p, seed, thresh, block_k):
@@ -86,8 +150,10 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
     softcap = consts[C_CAP]
     zero = consts[C_ZERO]
     one = consts[C_ONE]
-    # logits are already in log2 units after a softcap / ALiBi pass; else the scale goes into exp2
-    sc = one if (softcap > 0 or has_alibi) else consts[C_SCALE_LOG2]
+    # the scale rides in the exp2 FMA, and the row max is taken on the raw q.k (valid for a positive
+    # scale); softcap, ALiBi or a negative scale take one extra pass to log2 units first
+    prescale = softcap > 0 or has_alibi or consts[C_SCALE_LOG2] < zero
+    sc = one if prescale else consts[C_SCALE_LOG2]
     qs = cu_q[b]
     ks = cu_k[b]
     Sq = cu_q[b + 1] - qs
@@ -111,55 +177,22 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
         cidx = np.arange(block_k).astype(q.dtype)  # column offsets in the compute dtype
     for j0 in range(lo, hi, block_k):
         n = min(block_k, hi - j0)
-        kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
-        vt = v[hk, ks + j0: ks + j0 + n]
-        s = sbuf[: m * n].reshape((m, n))
-        np.dot(qt, kt.T, s)  # (m, n) raw scores q . k
-        for r in range(m):
-            i = i0 + r
-            # visible columns of this row inside the block: [c0, c1)
-            c0 = 0
-            c1 = n
-            if left >= 0:
-                c0 = min(n, max(0, i + off - left - j0))
-            if right >= 0:
-                c1 = max(0, min(n, i + off + right + 1 - j0))
-            row = s[r]
-            if c1 <= c0:  # the whole row is masked in this block: it adds nothing
-                _fill(row, zero)
-                alpha[r] = one
+        # rows whose visible keys do not cover the whole block (the diagonal of a causal mask, the
+        # edges of a window) go in groups of ROW_GROUP with narrower key ranges: less masked work
+        step = m
+        if (right >= 0 and i0 + off + right + 1 < j0 + n) or (left >= 0 and i0 + m - 1 + off - left > j0):
+            step = ROW_GROUP
+        for r0 in range(0, m, step):
+            mg = min(step, m - r0)
+            ga, gb = _key_range(i0 + r0, i0 + r0 + mg, Sq, Sk, left, right)
+            jb = max(ga, j0)  # this group's key columns: [jb, jb + nb)
+            nb = min(gb, j0 + n) - jb
+            if nb <= 0:  # every row of the group is masked in this block: acc, m, l stay as they are
                 continue
-            x = row[c0:c1]
-            if softcap > 0:
-                for c in range(x.shape[0]):
-                    x[c] = softcap * np.tanh(x[c] * consts[C_CAP_IN]) * consts[C_LOG2E]
-            elif has_alibi:
-                for c in range(x.shape[0]):
-                    x[c] = x[c] * consts[C_SCALE_LOG2]
-            if has_alibi:
-                fbuf[0] = i + off - j0 - c0
-                base = fbuf[0]  # distance to column c0 + c is |base - c|
-                for c in range(x.shape[0]):
-                    x[c] -= slope * abs(base - cidx[c])
-            m_old = mrow[r]
-            m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF]) * sc)
-            alpha[r] = exp2_fast(m_old - m_new)
-            lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero)
-            mrow[r] = m_new
-            _fill(row[:c0], zero)
-            _fill(row[c1:], zero)
-            if dropout_p > 0:
-                rk = row_key(seed, b, h, i)
-                for c in range(x.shape[0]):
-                    if col_hash(rk, j0 + c0 + c) >= thresh:
-                        x[c] *= consts[C_INV_KEEP]
-                    else:
-                        x[c] = zero
-        np.dot(s, vt, tmp)
-        for r in range(m):
-            a = alpha[r]
-            for d in range(D):
-                acc[r, d] = acc[r, d] * a + tmp[r, d]
+            _attend_keys(qt[r0: r0 + mg], k[hk, ks + jb: ks + jb + nb], v[hk, ks + jb: ks + jb + nb],
+                         sbuf[: mg * nb].reshape((mg, nb)), tmp[:mg], acc[r0: r0 + mg], mrow[r0: r0 + mg],
+                         lrow[r0: r0 + mg], alpha, fbuf, cidx, b, h, i0 + r0, jb, off, left, right, consts,
+                         sc, prescale, slope, dropout_p, seed, thresh)
     lse0 = qs * lse_a + h * lse_c + i0
     for r in range(m):
         lr = lrow[r]

@@ -84,11 +84,17 @@ if not SIM:
         i = context.cast(builder, idx, idxty, types.intp)
         return builder.gep(ary.data, [i])
 
-    def _shared_addr(builder, ptr):
-        """32-bit shared-window address of a generic pointer into shared memory."""
-        gen = builder.ptrtoint(ptr, ir.IntType(64))
-        sh = _asm(builder, ir.IntType(64), "cvta.to.shared.u64 $0, $1;", "=l,l", [gen])
-        return builder.trunc(sh, _i32)
+    def _shared_addr(context, builder, arrty, arr, idx, idxty):
+        """32-bit shared-window address of element ``idx`` of a shared array: one cvta of the array's base
+        (identical in every call, so the compiler computes it once) plus 32-bit offset arithmetic."""
+        ary = context.make_array(arrty)(context, builder, arr)
+        gen = builder.ptrtoint(ary.data, ir.IntType(64))
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        cvta = ir.InlineAsm(fnty, "cvta.to.shared.u64 $0, $1;", "=l,l", side_effect=False)
+        base = builder.trunc(builder.call(cvta, [gen], attrs=("readnone", "nounwind")), _i32)
+        i = builder.trunc(context.cast(builder, idx, idxty, types.int64), _i32)
+        itemsize = context.get_abi_sizeof(context.get_data_type(arrty.dtype))
+        return builder.add(base, builder.mul(i, ir.Constant(_i32, itemsize)))
 
     @intrinsic
     def ld(typingctx, arr, idx):
@@ -109,8 +115,7 @@ if not SIM:
             sig = types.UniTuple(types.uint32, 4)(arr, idx)
 
             def codegen(context, builder, signature, args):
-                ptr = _data_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-                addr = _shared_addr(builder, ptr)
+                addr = _shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
                 ret = ir.LiteralStructType([_i32] * 4)
                 res = _asm(builder, ret, text, "=r,=r,=r,=r,r", [addr])
                 vals = [builder.extract_value(res, i) for i in range(4)]
@@ -130,12 +135,12 @@ if not SIM:
         sig = types.void(dst, dst_idx, src, src_idx, nbytes)
 
         def codegen(context, builder, signature, args):
-            dptr = _data_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+            dst_addr = _shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
             sptr = _data_ptr(context, builder, signature.args[2], args[2], args[3], signature.args[3])
             n = context.cast(builder, args[4], signature.args[4], types.int32)
             fnty = ir.FunctionType(ir.VoidType(), [_i32, ir.IntType(64), _i32])
             asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r", side_effect=True)
-            builder.call(asm, [_shared_addr(builder, dptr), builder.ptrtoint(sptr, ir.IntType(64)), n])
+            builder.call(asm, [dst_addr, builder.ptrtoint(sptr, ir.IntType(64)), n])
             return context.get_dummy_value()
 
         return sig, codegen

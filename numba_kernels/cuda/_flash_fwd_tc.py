@@ -1,0 +1,237 @@
+"""FlashAttention-2 forward on tensor cores (float16 / bfloat16 in, fp32 accumulate).
+
+Block = NW warps; warp w owns 16 query rows. Per key tile of BC keys:
+
+  S = Q K^T   mma.sync m16n8k16, A = Q by ldmatrix, B = K by ldmatrix (K rows are B's columns)
+  softmax     online, in log2 units, on the S accumulators in registers (4 lanes share a row)
+  O += P V    A = P packed straight from the S accumulators (their layout is the A layout),
+              B = V by ldmatrix.trans (V stays row-major in shared memory)
+
+Q, K, V tiles travel global -> shared by 16-byte cp.async (zero-filled out of range); K/V are
+double-buffered so the next tile streams in while this one computes. Shared rows are padded by 16 bytes
+so the 8 rows of an ldmatrix phase land on distinct banks. Inputs are uint32 words holding two halves.
+"""
+import functools
+import math
+
+from numba import cuda, float32, uint32
+
+from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, col_hash, dev,
+                                             jit_kernel, key_range, row_key, visible)
+from numba_kernels.cuda._intrinsics import ex2, shfl_xor
+
+
+@functools.lru_cache(maxsize=None)
+def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """Kernel for NW warps x 16 rows, BC keys per tile, head dim padded to DP (a multiple of 16).
+    Returns (kernel, rows per block, threads per block, dynamic shared bytes)."""
+    BR = 16 * NW
+    STR = DP // 2 + 4                    # shared row stride in uint32 words (Q, K and V rows)
+    NT_S, KS_D, KS_P, NT_O = BC // 8, DP // 16, BC // 16, DP // 8
+    O_LEN, S_LEN = NT_O * 4, NT_S * 4    # accumulator registers per thread (constants for local.array)
+    NTH = 32 * NW
+    CH = DP // 8                         # 16-byte chunks per padded row
+    Q_OFF = 0
+    KV_OFF = BR * STR                    # stage s: K at KV_OFF + s * 2 * TILE, V right after it
+    TILE = BC * STR
+    SMEM = 4 * (KV_OFF + 4 * TILE)
+    mma = intr.mma_bf16 if bf16 else intr.mma_f16
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    ld, ldsm, ldsm_t, cp16 = intr.ld, intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
+
+    @dev
+    def load_rows(smem, dst0, src, row0, nrows, nrows_valid, head, tid):
+        """cp.async an nrows x DP tile of src[row0 + r, head, :] into smem rows at dst0, zero-filled."""
+        W = src.shape[2]
+        HS = src.shape[1]
+        for c in range(tid, nrows * CH, NTH):
+            r = c // CH
+            ch = c - r * CH
+            ok = r < nrows_valid and ch * 4 < W
+            src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
+            cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
+
+    def kernel(q, k, v, o, lse, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, left, right,
+               lse_a, lse_c, seed, thresh, inv_keep):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        g = lane >> 2
+        t = lane & 3
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        qs = cu_q[b]
+        Sq = cu_q[b + 1] - qs
+        ks = cu_k[b]
+        Sk = cu_k[b + 1] - ks
+        qb = (Sq + BR - 1) // BR - 1 - cuda.blockIdx.x  # last (heaviest when causal) blocks first
+        if qb < 0:
+            return
+        i0 = qb * BR
+        hk = h // (q.shape[1] // k.shape[1])
+        DW0 = q.shape[2]
+        off = Sk - Sq
+        smem = cuda.shared.array(0, uint32)
+        lo, hi = key_range(i0, i0 + BR, Sq, Sk, left, right)
+        lo = (lo // BC) * BC
+        load_rows(smem, Q_OFF, q, qs + i0, BR, Sq - i0, h, tid)
+        if lo < hi:
+            load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
+            load_rows(smem, KV_OFF + TILE, v, ks + lo, BC, Sk - lo, hk, tid)
+        intr.cp_async_commit()
+        # per-lane ldmatrix row starts (words): matrix m = lane // 8 supplies row lane % 8
+        mrow = lane & 7
+        q_lane = Q_OFF + (warp * 16 + mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+        k_lane = (mrow + 8 * (lane >> 4)) * STR + 4 * ((lane >> 3) & 1)
+        v_lane = TILE + (mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+        ra = i0 + warp * 16 + g  # this thread's two rows (local to the sequence)
+        rb = ra + 8
+        m_a = F32_NEG_INF
+        m_b = F32_NEG_INF
+        l_a = F32_ZERO
+        l_b = F32_ZERO
+        slope = F32_ZERO
+        if HAS_ALIBI:
+            slope = slopes[b, h] * F32_LOG2E
+        rk_a = row_key(seed, b, h, ra)
+        rk_b = row_key(seed, b, h, rb)
+        oacc = cuda.local.array(O_LEN, float32)
+        for x in range(O_LEN):
+            oacc[x] = F32_ZERO
+        sacc = cuda.local.array(S_LEN, float32)
+        stage = 0
+        for j0 in range(lo, hi, BC):
+            kv0 = KV_OFF + stage * 2 * TILE
+            if j0 + BC < hi:  # prefetch the next K/V tile into the other stage
+                nxt = KV_OFF + (1 - stage) * 2 * TILE
+                load_rows(smem, nxt, k, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
+                load_rows(smem, nxt + TILE, v, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+            cuda.syncthreads()
+            # ---- S = Q K^T (16 x BC per warp)
+            for x in range(S_LEN):
+                sacc[x] = F32_ZERO
+            for kk in range(KS_D):
+                a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
+                for np2 in range(NT_S // 2):
+                    b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
+                    x = np2 * 8
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, sacc[x], sacc[x + 1], sacc[x + 2], sacc[x + 3])
+                    sacc[x] = d0
+                    sacc[x + 1] = d1
+                    sacc[x + 2] = d2
+                    sacc[x + 3] = d3
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b2, b3, sacc[x + 4], sacc[x + 5], sacc[x + 6], sacc[x + 7])
+                    sacc[x + 4] = d0
+                    sacc[x + 5] = d1
+                    sacc[x + 6] = d2
+                    sacc[x + 7] = d3
+            # ---- logits in log2 units, masks
+            need_mask = j0 + BC > Sk
+            if left >= 0:
+                need_mask = need_mask or j0 < i0 + BR - 1 + off - left
+            if right >= 0:
+                need_mask = need_mask or j0 + BC - 1 > i0 + off + right
+            mx_a = F32_NEG_INF
+            mx_b = F32_NEG_INF
+            for x in range(S_LEN):
+                s = sacc[x]
+                if HAS_CAP:
+                    s = softcap * math.tanh(s * cap_in) * F32_LOG2E
+                else:
+                    s = s * scale_log2
+                col = j0 + (x >> 2) * 8 + 2 * t + (x & 1)
+                row = ra if (x & 2) == 0 else rb
+                if HAS_ALIBI:
+                    s -= slope * float32(abs(row + off - col))
+                if need_mask:
+                    if not visible(row, col, Sk, off, left, right):
+                        s = F32_NEG_INF
+                sacc[x] = s
+                if (x & 2) == 0:
+                    mx_a = max(mx_a, s)
+                else:
+                    mx_b = max(mx_b, s)
+            mx_a = max(mx_a, shfl_xor(mx_a, 1))
+            mx_a = max(mx_a, shfl_xor(mx_a, 2))
+            mx_b = max(mx_b, shfl_xor(mx_b, 1))
+            mx_b = max(mx_b, shfl_xor(mx_b, 2))
+            mn_a = max(m_a, mx_a)
+            mn_b = max(m_b, mx_b)
+            mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
+            mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
+            alpha_a = ex2(m_a - mu_a)
+            alpha_b = ex2(m_b - mu_b)
+            m_a = mn_a
+            m_b = mn_b
+            sum_a = F32_ZERO
+            sum_b = F32_ZERO
+            for x in range(S_LEN):
+                if (x & 2) == 0:
+                    p = ex2(sacc[x] - mu_a)
+                    sum_a += p
+                else:
+                    p = ex2(sacc[x] - mu_b)
+                    sum_b += p
+                if HAS_DROP:  # dropout: P is dropped after the row sum, as in the math
+                    col = j0 + (x >> 2) * 8 + 2 * t + (x & 1)
+                    rk = rk_a if (x & 2) == 0 else rk_b
+                    p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
+                sacc[x] = p
+            l_a = l_a * alpha_a + sum_a
+            l_b = l_b * alpha_b + sum_b
+            for nt in range(NT_O):
+                oacc[nt * 4] *= alpha_a
+                oacc[nt * 4 + 1] *= alpha_a
+                oacc[nt * 4 + 2] *= alpha_b
+                oacc[nt * 4 + 3] *= alpha_b
+            # ---- O += P V, P straight from the S accumulators, V fragments by ldmatrix.trans
+            for kk in range(KS_P):
+                s0 = 8 * kk
+                a0 = pack(sacc[s0], sacc[s0 + 1])
+                a1 = pack(sacc[s0 + 2], sacc[s0 + 3])
+                a2 = pack(sacc[s0 + 4], sacc[s0 + 5])
+                a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
+                for np2 in range(NT_O // 2):
+                    b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + kk * 16 * STR + np2 * 8)
+                    x = np2 * 8
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, oacc[x], oacc[x + 1], oacc[x + 2], oacc[x + 3])
+                    oacc[x] = d0
+                    oacc[x + 1] = d1
+                    oacc[x + 2] = d2
+                    oacc[x + 3] = d3
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b2, b3, oacc[x + 4], oacc[x + 5], oacc[x + 6], oacc[x + 7])
+                    oacc[x + 4] = d0
+                    oacc[x + 5] = d1
+                    oacc[x + 6] = d2
+                    oacc[x + 7] = d3
+            stage = 1 - stage
+            cuda.syncthreads()  # every warp is done with this stage before it is refilled
+        intr.cp_async_wait0()
+        l_a += shfl_xor(l_a, 1)
+        l_a += shfl_xor(l_a, 2)
+        l_b += shfl_xor(l_b, 1)
+        l_b += shfl_xor(l_b, 2)
+        inv_a = F32_ZERO if l_a == F32_ZERO else float32(1.0) / l_a
+        inv_b = F32_ZERO if l_b == F32_ZERO else float32(1.0) / l_b
+        for nt in range(NT_O):
+            w = nt * 4 + t
+            if w < DW0:
+                if ra < Sq:
+                    o[qs + ra, h, w] = pack(oacc[nt * 4] * inv_a, oacc[nt * 4 + 1] * inv_a)
+                if rb < Sq:
+                    o[qs + rb, h, w] = pack(oacc[nt * 4 + 2] * inv_b, oacc[nt * 4 + 3] * inv_b)
+        if t == 0:
+            base = qs * lse_a + h * lse_c
+            if ra < Sq:
+                mu = F32_ZERO if m_a == F32_NEG_INF else m_a
+                lse[base + ra] = (mu + math.log2(l_a)) * F32_LN2 if l_a > F32_ZERO else F32_NEG_INF
+            if rb < Sq:
+                mu = F32_ZERO if m_b == F32_NEG_INF else m_b
+                lse[base + rb] = (mu + math.log2(l_b)) * F32_LN2 if l_b > F32_ZERO else F32_NEG_INF
+
+    return jit_kernel(kernel), BR, NTH, SMEM
