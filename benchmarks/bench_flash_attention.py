@@ -9,24 +9,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numba_kernels as nk  # noqa: E402
-from numba_kernels._demo import _naive_attention  # noqa: E402
+from numba_kernels._demo import _median_time as median_time, _naive_attention  # noqa: E402
 from numba_kernels.reference import flash_attention_ref  # noqa: E402
-
-
-def median_time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def matmul_rate(n=2048, repeats=5):

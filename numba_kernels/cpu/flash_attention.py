@@ -14,6 +14,7 @@ so batched and varlen calls share one kernel.
 import numpy as np
 from numba import prange
 
+from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fmax_fast
@@ -25,17 +26,7 @@ ROW_GROUP = 64  # row group of the blocks a mask edge cuts
 row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
 
 
-@njit(inline="always")
-def _key_range(i0, i1, Sq, Sk, left, right):
-    """Visible key range [lo, hi) for query rows [i0, i1) of one sequence."""
-    off = Sk - Sq
-    lo = 0
-    hi = Sk
-    if left >= 0:
-        lo = max(0, i0 + off - left)
-    if right >= 0:
-        hi = min(Sk, i1 - 1 + off + right + 1)
-    return lo, hi
+_key_range = njit(_masks.key_range, inline="always")
 
 
 # indices into the ``consts`` array: scalars carried in the compute dtype so that no float32

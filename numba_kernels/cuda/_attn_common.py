@@ -2,6 +2,7 @@
 import numpy as np
 from numba import cuda
 
+from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels.cuda import _intrinsics as intr
 
@@ -22,25 +23,14 @@ def jit_kernel(fn):
     return cuda.jit(fn) if intr.SIM else cuda.jit(fn, fastmath=False, lineinfo=False)
 
 
-@dev
-def key_range(i0, i1, Sq, Sk, left, right):
-    """Visible key range [lo, hi) of query rows [i0, i1) of one sequence (bottom-right aligned window)."""
-    off = Sk - Sq
-    lo = 0
-    hi = Sk
-    if left >= 0:
-        lo = max(0, i0 + off - left)
-    if right >= 0:
-        hi = min(Sk, i1 - 1 + off + right + 1)
-    return lo, hi
+key_range = dev(_masks.key_range)
+visible = dev(_masks.visible)
 
 
 @dev
-def visible(row, col, Sk, off, left, right):
-    """Whether key ``col`` is visible from query ``row`` (both local to the sequence)."""
-    ok = col < Sk
-    if left >= 0:
-        ok = ok and col >= row + off - left
-    if right >= 0:
-        ok = ok and col <= row + off + right
-    return ok
+def seq_bounds(cu_q, cu_k, b):
+    """(first query row, query length, first key row, key length) of sequence b."""
+    qs = cu_q[b]
+    ks = cu_k[b]
+    return qs, cu_q[b + 1] - qs, ks, cu_k[b + 1] - ks
+

@@ -8,7 +8,8 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from numba_kernels.cuda._attn_common import LN2, LOG2E, col_hash, jit_kernel, key_range, row_key, visible
+from numba_kernels.cuda._attn_common import (LN2, LOG2E, col_hash, jit_kernel, key_range, row_key, seq_bounds,
+                                             visible)
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
 
 
@@ -36,10 +37,7 @@ def make_simt_kernel(NW, RW, DD, f64):
         lane = tid % 32
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        qs = cu_q[b]
-        Sq = cu_q[b + 1] - qs
-        ks = cu_k[b]
-        Sk = cu_k[b + 1] - ks
+        qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
         qb = (Sq + BR - 1) // BR - 1 - cuda.blockIdx.x
         if qb < 0:
             return

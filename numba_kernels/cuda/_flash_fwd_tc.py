@@ -18,7 +18,8 @@ from numba import cuda, float32, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, col_hash, dev,
-                                             jit_kernel, key_range, row_key, visible)
+                                             jit_kernel, key_range, row_key, seq_bounds,
+                                             visible)
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor
 
 
@@ -41,6 +42,15 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     ld, ldsm, ldsm_t, cp16 = intr.ld, intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
 
     @dev
+    def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
+        """acc[x:x+4] += A @ B for one m16n8k16 tile (acc stays in registers: x is constant after unrolling)."""
+        d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
+        acc[x] = d0
+        acc[x + 1] = d1
+        acc[x + 2] = d2
+        acc[x + 3] = d3
+
+    @dev
     def load_rows(smem, dst0, src, row0, nrows, nrows_valid, head, tid):
         """cp.async an nrows x DP tile of src[row0 + r, head, :] into smem rows at dst0, zero-filled."""
         W = src.shape[2]
@@ -61,10 +71,7 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         t = lane & 3
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        qs = cu_q[b]
-        Sq = cu_q[b + 1] - qs
-        ks = cu_k[b]
-        Sk = cu_k[b + 1] - ks
+        qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
         qb = (Sq + BR - 1) // BR - 1 - cuda.blockIdx.x  # last (heaviest when causal) blocks first
         if qb < 0:
             return
@@ -119,17 +126,8 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
                 a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
                 for np2 in range(NT_S // 2):
                     b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
-                    x = np2 * 8
-                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, sacc[x], sacc[x + 1], sacc[x + 2], sacc[x + 3])
-                    sacc[x] = d0
-                    sacc[x + 1] = d1
-                    sacc[x + 2] = d2
-                    sacc[x + 3] = d3
-                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b2, b3, sacc[x + 4], sacc[x + 5], sacc[x + 6], sacc[x + 7])
-                    sacc[x + 4] = d0
-                    sacc[x + 5] = d1
-                    sacc[x + 6] = d2
-                    sacc[x + 7] = d3
+                    mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
             # ---- logits in log2 units, masks
             need_mask = j0 + BC > Sk
             if left >= 0:
@@ -198,17 +196,8 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
                 a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
                 for np2 in range(NT_O // 2):
                     b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + kk * 16 * STR + np2 * 8)
-                    x = np2 * 8
-                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, oacc[x], oacc[x + 1], oacc[x + 2], oacc[x + 3])
-                    oacc[x] = d0
-                    oacc[x + 1] = d1
-                    oacc[x + 2] = d2
-                    oacc[x + 3] = d3
-                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b2, b3, oacc[x + 4], oacc[x + 5], oacc[x + 6], oacc[x + 7])
-                    oacc[x + 4] = d0
-                    oacc[x + 5] = d1
-                    oacc[x + 6] = d2
-                    oacc[x + 7] = d3
+                    mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(oacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
             stage = 1 - stage
             cuda.syncthreads()  # every warp is done with this stage before it is refilled
         intr.cp_async_wait0()

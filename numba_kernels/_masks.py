@@ -1,0 +1,28 @@
+"""Attention mask geometry, written once as plain Python and compiled for each target
+(``numba.njit`` on the CPU, ``cuda.jit(device=True)`` on the GPU).
+
+Rows and columns are local to one sequence; ``off = Sk - Sq`` aligns the window bottom-right
+(flash-attn): key j is visible from row i iff ``i + off - left <= j <= i + off + right``, -1 = unbounded.
+"""
+
+
+def key_range(i0, i1, Sq, Sk, left, right):
+    """Visible key range [lo, hi) of query rows [i0, i1)."""
+    off = Sk - Sq
+    lo = 0
+    hi = Sk
+    if left >= 0:
+        lo = max(0, i0 + off - left)
+    if right >= 0:
+        hi = min(Sk, i1 - 1 + off + right + 1)
+    return lo, hi
+
+
+def visible(row, col, Sk, off, left, right):
+    """Whether key ``col`` is visible from query ``row``."""
+    ok = col < Sk
+    if left >= 0:
+        ok = ok and col >= row + off - left
+    if right >= 0:
+        ok = ok and col <= row + off + right
+    return ok
