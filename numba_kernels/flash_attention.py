@@ -184,7 +184,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
     -------
     out : ndarray, shape (B, Sq, H, D)
         In q's dtype; a numba device array when the inputs were device arrays. A fully masked
-        row gives 0 (never NaN).
+        row gives 0 (never NaN). bfloat16 on the GPU: numba device arrays cannot hold bfloat16,
+        so pass bfloat16 as NumPy arrays (results come back as bfloat16 NumPy arrays); a device
+        computation that produces bfloat16 returns the raw bits as a uint16 device array.
     lse : ndarray, shape (B, H, Sq), float32
         Only with ``return_lse=True``.
     seed : int
