@@ -4,13 +4,20 @@ Every op takes NumPy arrays (or CUDA device arrays) and a ``backend`` of "auto",
 "reference"; results come back where the inputs lived.
 """
 from numba_kernels._dispatch import BackendUnavailableError, bfloat16
+from numba_kernels.causal_conv1d import causal_conv1d, causal_conv1d_backward, causal_conv1d_update
 from numba_kernels.flash_attention import flash_attention, flash_attention_varlen
+from numba_kernels.flash_attention_backward import flash_attention_backward, flash_attention_varlen_backward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "bfloat16",
+    "causal_conv1d",
+    "causal_conv1d_backward",
+    "causal_conv1d_update",
     "flash_attention",
+    "flash_attention_backward",
     "flash_attention_varlen",
+    "flash_attention_varlen_backward",
 ]

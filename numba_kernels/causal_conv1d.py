@@ -59,14 +59,19 @@ def _check_x(x):
 def _host_compute(a, cdt, empty_ndim):
     """Host C-contiguous array in the compute dtype, or an empty placeholder for None."""
     if a is None:
-        return np.zeros((0,) * empty_ndim, dtype=cdt if empty_ndim != 2 or cdt != np.int32 else np.int32)
+        return np.zeros((0,) * empty_ndim, dtype=cdt)
     return np.ascontiguousarray(dsp.to_host(a), dtype=cdt)
 
 
 def _cast_back(a, dt, on_device):
+    """A result in dtype ``dt`` where the inputs lived (bfloat16 on the device travels as uint16 bits)."""
     if a is None:
         return None
-    return dsp.to_device(a) if on_device else dsp.to_host(a, dt).astype(dt, copy=False)
+    dev_dt = np.dtype(np.uint16) if dt == dsp.bfloat16 else np.dtype(dt)
+    if on_device and dsp.is_device_array(a) and dsp.array_dtype(a) == dev_dt:
+        return a
+    h = dsp.to_host(a, dt).astype(dt, copy=False)
+    return dsp.to_device(h.view(dev_dt)) if on_device else h
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False,

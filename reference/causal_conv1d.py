@@ -101,7 +101,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
     B, D, Ln = xs.shape
     W = weight.shape[1]
     S = conv_state.shape[2]
-    st = np.asarray(conv_state, np.float64)
+    st = np.array(conv_state, dtype=np.float64)  # a copy: conv_state is written below
     if cache_seqlens is None:
         window = st[:, :, S - (W - 1):]
         new = np.concatenate([st, xs], axis=2)[:, :, -S:] if S > 0 else st
