@@ -1,0 +1,310 @@
+"""FlashAttention-2 backward on the CPU: njit, two deterministic parallel passes, never the S x S matrix.
+
+Both passes recompute P tile by tile from the saved LSE (``P = 2 ** (logit * log2e - lse * log2e)``)
+and use D_i = rowsum(dO * O), computed once up front by the caller.
+
+1. dK / dV: one task per (sequence, key block of BLOCK_KV rows, k/v head). The task walks the query
+   heads of its GQA group and the visible query rows in chunks of BLOCK_Q:
+   S = Q K^T, P, dV += P~^T dO, dP = dO V^T, dS = P~ * dP - P * D_i (P~ = P with dropout applied),
+   dK += dS^T Q. The group sum happens inside the task, so it needs no reduction.
+2. dQ: one task per (sequence, query block of BLOCK_Q rows, query head), walking the visible key
+   blocks: S, P, dP, dS as above, dQ += dS K.
+
+Every output element is written by exactly one task in a fixed order of additions, so the gradients
+are bitwise reproducible whatever the thread count (the price is recomputing S and dP in pass 2:
+7 tile products per tile pair instead of 5). The tile products go to BLAS (np.dot on contiguous
+tiles; keep BLAS single-threaded, see ``_blas``). Tasks are pulled from an atomic counter, heaviest
+first, as in the forward.
+
+Layout: head-major and packed, q/dout (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens.
+"""
+import numpy as np
+from numba import prange
+
+from numba_kernels._dropout import build_hash
+from numba_kernels._jit import njit, njit_parallel
+from numba_kernels.cpu._math import LOG2E, atomic_fetch_add, exp2_fast
+from numba_kernels.cpu.flash_attention import _fill, _key_range
+
+BLOCK_KV = 256  # key rows per dK/dV task
+BLOCK_Q = 256  # query rows per dQ task, and query chunk of a dK/dV task
+
+row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
+
+# indices into ``consts`` (scalars in the compute dtype, so no float32 loop is promoted to float64)
+C_SCALE_LOG2, C_CAP, C_CAP_IN, C_LOG2E, C_INV_KEEP, C_ZERO, C_ONE, C_SCALE = range(8)
+
+
+def make_consts(dtype, scale, softcap, dropout_p):
+    """The ``consts`` array of the kernels, in the compute dtype (indices ``C_*``)."""
+    cap_in = scale / softcap if softcap > 0 else 0.0
+    return np.array([scale * LOG2E, softcap, cap_in, LOG2E, 1.0 / (1.0 - dropout_p), 0.0, 1.0, scale], dtype=dtype)
+
+
+@njit(inline="always")
+def _query_range(j0, j1, Sq, Sk, left, right):
+    """Query rows [lo, hi) that see at least one key of [j0, j1) in one sequence."""
+    off = Sk - Sq
+    lo = 0
+    hi = Sq
+    if right >= 0:
+        lo = max(0, j0 - off - right)
+    if left >= 0:
+        hi = min(Sq, j1 - 1 - off + left + 1)
+    return lo, hi
+
+
+@njit(inline="always")
+def _probs(s, g, lse2, i0, j0, off, left, right, consts, slope, cidx, fbuf):
+    """Raw scores s (m, n) of rows [i0, i0 + m) x keys [j0, j0 + n) -> P in place (0 where masked).
+
+    lse2 (m,): the rows' LSE in log2 units (+inf for a fully masked row); g (m, n): with softcap,
+    receives the softcap derivative 1 - tanh^2 on the visible entries.
+    """
+    m, n = s.shape
+    zero = consts[C_ZERO]
+    one = consts[C_ONE]
+    softcap = consts[C_CAP]
+    has_alibi = cidx.shape[0] > 0
+    prescale = softcap > 0 or has_alibi
+    sc = one if prescale else consts[C_SCALE_LOG2]
+    for r in range(m):
+        i = i0 + r
+        c0 = 0
+        c1 = n
+        if left >= 0:
+            c0 = min(n, max(0, i + off - left - j0))
+        if right >= 0:
+            c1 = max(0, min(n, i + off + right + 1 - j0))
+        row = s[r]
+        if c1 <= c0:
+            _fill(row, zero)
+            continue
+        x = row[c0:c1]
+        if softcap > 0:
+            gr = g[r, c0:c1]
+            for c in range(x.shape[0]):
+                t = np.tanh(x[c] * consts[C_CAP_IN])
+                gr[c] = one - t * t
+                x[c] = softcap * t * consts[C_LOG2E]
+        elif prescale:
+            for c in range(x.shape[0]):
+                x[c] = x[c] * consts[C_SCALE_LOG2]
+        if has_alibi:
+            fbuf[0] = i + off - j0 - c0
+            base = fbuf[0]  # distance to key j0 + c0 + c is |base - c|
+            for c in range(x.shape[0]):
+                x[c] -= slope * abs(base - cidx[c])
+        l2 = lse2[r]
+        for c in range(x.shape[0]):
+            x[c] = exp2_fast(x[c] * sc - l2)
+        _fill(row[:c0], zero)
+        _fill(row[c1:], zero)
+
+
+@njit(inline="always")
+def _dropped(p, pd, b, h, i0, j0, seed, thresh, inv_keep, zero):
+    """pd = P with the forward's dropout applied (kept / (1 - p), dropped 0); same shapes (m, n)."""
+    m, n = p.shape
+    for r in range(m):
+        rk = row_key(seed, b, h, i0 + r)
+        pr = p[r]
+        dr = pd[r]
+        for c in range(n):
+            if col_hash(rk, j0 + c) >= thresh:
+                dr[c] = pr[c] * inv_keep
+            else:
+                dr[c] = zero
+
+
+@njit(inline="always")
+def _dscores(p, dp, pd, g, di, has_drop, has_cap):
+    """dp (m, n) = dO V^T -> dS in place: P~ * dp - P * D_i (P * (dp - D_i) without dropout), times
+    the softcap derivative g when softcap is on. di (m,)."""
+    m = p.shape[0]
+    for r in range(m):
+        d = di[r]
+        pr = p[r]
+        dr = dp[r]
+        if has_drop:
+            pdr = pd[r]
+            for c in range(dr.shape[0]):
+                dr[c] = pdr[c] * dr[c] - pr[c] * d
+        else:
+            for c in range(dr.shape[0]):
+                dr[c] = pr[c] * (dr[c] - d)
+        if has_cap:
+            gr = g[r]
+            for c in range(dr.shape[0]):
+                dr[c] *= gr[c]
+
+
+@njit(inline="always")
+def _add(acc, tmp):
+    for r in range(acc.shape[0]):
+        a = acc[r]
+        t = tmp[r]
+        for d in range(a.shape[0]):
+            a[d] += t[d]
+
+
+@njit
+def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, consts, left, right, slopes,
+               dropout_p, seed, thresh):
+    """dK, dV of keys [j0, j0 + BLOCK_KV) of k/v head hk of sequence b (sum over the group's query heads)."""
+    D = q.shape[2]
+    dt = q.dtype
+    qs = cu_q[b]
+    ks = cu_k[b]
+    Sq = cu_q[b + 1] - qs
+    Sk = cu_k[b + 1] - ks
+    off = Sk - Sq
+    n = min(BLOCK_KV, Sk - j0)
+    has_drop = dropout_p > 0
+    has_cap = consts[C_CAP] > 0
+    has_alibi = slopes.shape[0] > 0
+    kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
+    vt = v[hk, ks + j0: ks + j0 + n]
+    acc_k = np.zeros((n, D), dtype=dt)
+    acc_v = np.zeros((n, D), dtype=dt)
+    tmp = np.empty((n, D), dtype=dt)
+    sbuf = np.empty(BLOCK_Q * n, dtype=dt)
+    dpbuf = np.empty(BLOCK_Q * n, dtype=dt)
+    pdbuf = np.empty(BLOCK_Q * n if has_drop else 0, dtype=dt)
+    gbuf = np.zeros(BLOCK_Q * n if has_cap else 0, dtype=dt)
+    fbuf = np.empty(1, dtype=dt)
+    cidx = np.arange(BLOCK_KV).astype(dt) if has_alibi else np.empty(0, dtype=dt)
+    slope = consts[C_ZERO]
+    ilo, ihi = _query_range(j0, j0 + n, Sq, Sk, left, right)
+    for h in range(hk * group, (hk + 1) * group):
+        if has_alibi:
+            slope = slopes[b, h] * consts[C_LOG2E]
+        for i0 in range(ilo, ihi, BLOCK_Q):
+            m = min(BLOCK_Q, ihi - i0)
+            qt = q[h, qs + i0: qs + i0 + m]  # (m, D)
+            dot = do[h, qs + i0: qs + i0 + m]
+            s = sbuf[: m * n].reshape((m, n))
+            dp = dpbuf[: m * n].reshape((m, n))
+            pd = pdbuf[: m * n].reshape((m, n)) if has_drop else pdbuf.reshape((0, 0))
+            g = gbuf[: m * n].reshape((m, n)) if has_cap else gbuf.reshape((0, 0))
+            np.dot(qt, kt.T, s)
+            _probs(s, g, lse2[h, qs + i0: qs + i0 + m], i0, j0, off, left, right, consts, slope, cidx, fbuf)
+            if has_drop:
+                _dropped(s, pd, b, h, i0, j0, seed, thresh, consts[C_INV_KEEP], consts[C_ZERO])
+                np.dot(pd.T, dot, tmp)
+            else:
+                np.dot(s.T, dot, tmp)
+            _add(acc_v, tmp)
+            np.dot(dot, vt.T, dp)
+            _dscores(s, dp, pd, g, di[h, qs + i0: qs + i0 + m], has_drop, has_cap)
+            np.dot(dp.T, qt, tmp)
+            _add(acc_k, tmp)
+    scale = consts[C_SCALE]
+    for r in range(n):
+        for d in range(D):
+            dk[hk, ks + j0 + r, d] = acc_k[r, d] * scale
+            dv[hk, ks + j0 + r, d] = acc_v[r, d]
+
+
+@njit
+def _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, b, h, hk, i0, dq, consts, left, right, slopes,
+             dropout_p, seed, thresh):
+    """dQ of query rows [i0, i0 + BLOCK_Q) of head h (k/v head hk) of sequence b."""
+    D = q.shape[2]
+    dt = q.dtype
+    qs = cu_q[b]
+    ks = cu_k[b]
+    Sq = cu_q[b + 1] - qs
+    Sk = cu_k[b + 1] - ks
+    off = Sk - Sq
+    m = min(BLOCK_Q, Sq - i0)
+    has_drop = dropout_p > 0
+    has_cap = consts[C_CAP] > 0
+    has_alibi = slopes.shape[0] > 0
+    qt = q[h, qs + i0: qs + i0 + m]  # (m, D)
+    dot = do[h, qs + i0: qs + i0 + m]
+    lr = lse2[h, qs + i0: qs + i0 + m]
+    dr = di[h, qs + i0: qs + i0 + m]
+    acc = np.zeros((m, D), dtype=dt)
+    tmp = np.empty((m, D), dtype=dt)
+    sbuf = np.empty(m * BLOCK_KV, dtype=dt)
+    dpbuf = np.empty(m * BLOCK_KV, dtype=dt)
+    pdbuf = np.empty(m * BLOCK_KV if has_drop else 0, dtype=dt)
+    gbuf = np.zeros(m * BLOCK_KV if has_cap else 0, dtype=dt)
+    fbuf = np.empty(1, dtype=dt)
+    cidx = np.arange(BLOCK_KV).astype(dt) if has_alibi else np.empty(0, dtype=dt)
+    slope = slopes[b, h] * consts[C_LOG2E] if has_alibi else consts[C_ZERO]
+    lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
+    for j0 in range(lo, hi, BLOCK_KV):
+        n = min(BLOCK_KV, hi - j0)
+        kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
+        vt = v[hk, ks + j0: ks + j0 + n]
+        s = sbuf[: m * n].reshape((m, n))
+        dp = dpbuf[: m * n].reshape((m, n))
+        pd = pdbuf[: m * n].reshape((m, n)) if has_drop else pdbuf.reshape((0, 0))
+        g = gbuf[: m * n].reshape((m, n)) if has_cap else gbuf.reshape((0, 0))
+        np.dot(qt, kt.T, s)
+        _probs(s, g, lr, i0, j0, off, left, right, consts, slope, cidx, fbuf)
+        if has_drop:
+            _dropped(s, pd, b, h, i0, j0, seed, thresh, consts[C_INV_KEEP], consts[C_ZERO])
+        np.dot(dot, vt.T, dp)
+        _dscores(s, dp, pd, g, dr, has_drop, has_cap)
+        np.dot(dp, kt, tmp)
+        _add(acc, tmp)
+    scale = consts[C_SCALE]
+    for r in range(m):
+        for d in range(D):
+            dq[h, qs + i0 + r, d] = acc[r, d] * scale
+
+
+@njit_parallel
+def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, consts, left, right,
+                  slopes, dropout_p, seed, thresh):
+    """Both passes. q/do (H, Tq, D), k/v (Hk, Tk, D) contiguous in the compute dtype; lse2 (H, Tq): the
+    LSE times log2(e) (+inf for fully masked rows); di (H, Tq) = rowsum(dO * O); dq (H, Tq, D),
+    dk/dv (Hk, Tk, D) outputs (zero-filled: rows no task visits stay 0).
+
+    kv_seq/kv_row list the key blocks (sequence, first key), q_seq/q_row the query blocks (both from
+    :func:`plan_blocks`, heaviest first); consts from :func:`make_consts`; slopes (B, H) in the compute
+    dtype or (0, 0); seed, thresh uint64 (dropout); left/right the window with causal folded in.
+    """
+    H = q.shape[0]
+    Hk = k.shape[0]
+    group = H // Hk
+    ntask = kv_seq.shape[0] * Hk
+    counter = np.zeros(2, dtype=np.int64)
+    for _ in prange(ntask):
+        t = atomic_fetch_add(counter, 0, 1)
+        while t < ntask:
+            blk = t // Hk
+            hk = t - blk * Hk
+            _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, consts,
+                       left, right, slopes, dropout_p, seed, thresh)
+            t = atomic_fetch_add(counter, 0, 1)
+    ntask = q_seq.shape[0] * H
+    for _ in prange(ntask):
+        t = atomic_fetch_add(counter, 1, 1)
+        while t < ntask:
+            blk = t // H
+            h = t - blk * H
+            _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, q_seq[blk], h, h // group, q_row[blk], dq, consts,
+                     left, right, slopes, dropout_p, seed, thresh)
+            t = atomic_fetch_add(counter, 1, 1)
+
+
+def plan_blocks(cu_q, cu_k, left, right):
+    """(kv_seq, kv_row, q_seq, q_row): the key blocks and query blocks as int64 arrays, each sorted by
+    the number of visible partner rows (heaviest first)."""
+    kv, qb = [], []
+    for b in range(len(cu_q) - 1):
+        Sq, Sk = int(cu_q[b + 1] - cu_q[b]), int(cu_k[b + 1] - cu_k[b])
+        for j0 in range(0, Sk, BLOCK_KV):
+            lo, hi = _query_range(j0, min(Sk, j0 + BLOCK_KV), Sq, Sk, left, right)
+            kv.append((-max(0, hi - lo), b, j0))
+        for i0 in range(0, Sq, BLOCK_Q):
+            lo, hi = _key_range(i0, min(Sq, i0 + BLOCK_Q), Sq, Sk, left, right)
+            qb.append((-max(0, hi - lo), b, i0))
+    kv.sort()
+    qb.sort()
+    arr = [np.asarray([t[i] for t in lst], dtype=np.int64) for lst in (kv, qb) for i in (1, 2)]
+    return tuple(arr)
