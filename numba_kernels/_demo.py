@@ -34,6 +34,14 @@ def _naive_attention(q, k, v, causal):
     return out
 
 
+def _naive_conv(x, w, b):
+    """Causal depthwise conv + SiLU in NumPy: one shifted multiply-add per tap."""
+    W = w.shape[1]
+    xp = np.pad(x, ((0, 0), (0, 0), (W - 1, 0)))
+    y = sum(w[None, :, j, None] * xp[:, :, j: j + x.shape[2]] for j in range(W)) + b[None, :, None]
+    return y / (1 + np.exp(-y))
+
+
 def _cases(backends):
     from numba_kernels import flash_attention, flash_attention_varlen
     from numba_kernels.reference.flash_attention import flash_attention_ref, flash_attention_varlen_ref
@@ -58,14 +66,37 @@ def _cases(backends):
 
                 yield ("flash_attention" + (" causal" if causal else ""), backend, np.dtype(dt).name,
                        f"B{B} S{S} H{H} D{D}", run, check, naive, flops)
+        if backend == "cpu":  # the attention backward has no CUDA kernel yet
+            from numba_kernels import flash_attention_backward
+            from numba_kernels.reference.flash_attention_backward import flash_attention_backward_ref
+
+            q, k, v, do = (rng.standard_normal((1, 1024, 8, 64)).astype(np.float32) for _ in range(4))
+            out, lse = flash_attention(q, k, v, causal=True, return_lse=True, backend="cpu")
+            yield ("flash_attention_backward causal", backend, "float32", "B1 S1024 H8 D64",
+                   lambda a=(do, q, k, v, out, lse): np.concatenate([g.ravel() for g in flash_attention_backward(
+                       *a, causal=True, backend="cpu")]),
+                   lambda res, a=(do, q, k, v, out, lse): np.concatenate([g.ravel() for g in flash_attention_backward_ref(
+                       *a, causal=True)]), None, 2.5 * 4 * 8 * 1024 * 1024 * 64 / 2)
+        from numba_kernels import causal_conv1d
+        from numba_kernels.reference.causal_conv1d import causal_conv1d_ref
+
+        for dt in [np.float32] + ([dsp.bfloat16] if backend == "cuda" else []):
+            x = rng.standard_normal((4, 1024, 2048)).astype(dt)
+            w = rng.standard_normal((1024, 4)).astype(np.float32)
+            bias = rng.standard_normal(1024).astype(np.float32)
+            yield ("causal_conv1d silu", backend, np.dtype(dt).name, "B4 D1024 L2048 W4",
+                   lambda x=x, w=w, bias=bias, backend=backend: causal_conv1d(x, w, bias, activation="silu",
+                                                                              backend=backend),
+                   lambda res, x=x, w=w, bias=bias: causal_conv1d_ref(x, w, bias, activation="silu"),
+                   lambda x=x, w=w, bias=bias: _naive_conv(x.astype(np.float32), w, bias), 2.0 * x.size * 4)
         lens = np.array([300, 17, 700, 1])
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         q, k, v = (rng.standard_normal((cu[-1], 8, 64)).astype(np.float32) for _ in range(3))
         flops = float(4 * 8 * 64 * (lens ** 2).sum() / 2)
         yield ("flash_attention_varlen causal", backend, "float32", f"4 seqs, {cu[-1]} tokens, H8 D64",
-               lambda q=q, k=k, v=v, backend=backend: flash_attention_varlen(q, k, v, cu, cu, causal=True,
-                                                                             backend=backend),
-               lambda out, q=q, k=k, v=v: flash_attention_varlen_ref(q, k, v, cu, cu, causal=True), None, flops)
+               lambda q=q, k=k, v=v, cu=cu, backend=backend: flash_attention_varlen(q, k, v, cu, cu, causal=True,
+                                                                                    backend=backend),
+               lambda out, q=q, k=k, v=v, cu=cu: flash_attention_varlen_ref(q, k, v, cu, cu, causal=True), None, flops)
 
 
 def main(argv=None):
@@ -78,11 +109,11 @@ def main(argv=None):
         t = _median_time(run)
         out = dsp.to_host(run(), np.dtype(dt) if dt != "bfloat16" else dsp.bfloat16)
         ref = check(out)
-        err = float(np.max(np.abs(np.asarray(out, dtype=np.float64) - ref)))
+        err = float(np.max(np.abs(np.asarray(out, dtype=np.float64) - ref)) / max(1.0, np.max(np.abs(ref))))
         t_naive = _median_time(naive, repeats=1) if naive is not None else None
         rows.append((name, backend, dt, shape, err, t, flops / t / 1e9,
                      f"{t_naive / t:.1f}x" if t_naive else "-"))
-    head = ("op", "backend", "dtype", "shape", "max abs err", "time", "GFLOP/s", "vs naive NumPy")
+    head = ("op", "backend", "dtype", "shape", "max rel err", "time", "GFLOP/s", "vs naive NumPy")
     table = [head] + [(r[0], r[1], r[2], r[3], f"{r[4]:.1e}", f"{r[5] * 1e3:.2f} ms", f"{r[6]:.1f}", r[7])
                       for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
