@@ -10,28 +10,14 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numba_kernels as nk  # noqa: E402
+from bench_flash_attention import matmul_rate, median_time  # noqa: E402
 from numba_kernels.reference import flash_attention_backward_ref  # noqa: E402
-
-
-def median_time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def matmul_rate(n=2048, repeats=5):
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    return 2 * n ** 3 / median_time(lambda: a @ a, repeats) / 1e9
 
 
 def validate(rng, H, D):
