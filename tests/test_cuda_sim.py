@@ -75,3 +75,13 @@ def test_sim_device_arrays_stay_on_device(rng):
     out = nk.flash_attention(cuda.to_device(q), cuda.to_device(k), cuda.to_device(v))
     assert hasattr(out, "copy_to_host")
     assert max_err(out.copy_to_host(), flash_attention_ref(q, k, v)) < 2e-5
+
+
+def test_sim_one_m_tile_per_warp(rng, monkeypatch):
+    """The default simulator tiles give each warp 2 m-tiles; check the 1-m-tile variant too."""
+    from numba_kernels.cuda import flash_attention as cfa
+
+    monkeypatch.setattr(cfa, "TC_TILES_SIM", (1, 1, 16))
+    q, k, v = _qkv(rng, np.float16, 1, 19, 37, 2, 1, 20)
+    out = nk.flash_attention(q, k, v, causal=True, backend="cuda")
+    assert max_err(out, flash_attention_ref(q, k, v, causal=True)) < TOL[np.dtype(np.float16)]

@@ -125,6 +125,32 @@ def bench():
     print(rows[0], flush=True)
     from numba_kernels.cuda import flash_attention as cfa
 
+    def time_tiles(D, S, causal):
+        H, B = 2048 // D, 16384 // S
+        qt, kt, vt = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qw, kw, vw = (cuda.as_cuda_array(t.view(torch.int32).view(B * S, H, D // 2)).view(np.uint32)
+                      for t in (qt, kt, vt))
+        cu = np.arange(B + 1, dtype=np.int32) * S
+        ow = cuda.device_array(qw.shape, dtype=np.uint32)
+        lw = cuda.device_array(H * B * S, dtype=np.float32)
+        t = tbench(lambda: cfa.flash_fwd_cuda_words(qw, kw, vw, cu, cu, S, True, D ** -0.5, -1, 0 if causal else -1,
+                                                    out=ow, lse=lw))
+        return 4 * B * H * S * S * D / (2 if causal else 1) / t / 1e12
+
+    variants = {64: [(4, 1, 128), (4, 2, 64), (8, 2, 64), (4, 2, 128)],
+                128: [(8, 1, 64), (4, 2, 64), (4, 2, 32), (8, 2, 32)]}
+    for D, cands in variants.items():
+        score = {}
+        for tiles in cands:
+            cfa.TC_TILES[D] = tiles
+            try:
+                score[tiles] = time_tiles(D, 4096, False) + time_tiles(D, 4096, True)
+                r = f"tile sweep D{D} (warps, m-tiles, keys)={tiles}: non-causal+causal S4096 sum {score[tiles]:.1f} TFLOP/s"
+            except Exception as ex:  # noqa: BLE001
+                r = f"tile sweep D{D} {tiles}: failed {type(ex).__name__}: {str(ex)[:200]}"
+            print(r, flush=True)
+            rows.append(r)
+        cfa.TC_TILES[D] = max(score, key=score.get)
     for D in (64, 128):
         tiles = cfa.tc_config(D)
         H = 2048 // D
@@ -181,6 +207,14 @@ def bench():
 
 if __name__ == "__main__":
     which = sys.argv[1:] or ["check", "bench"]
+    if "check-mt2" in which:  # the same checks with two m-tiles per warp wherever the head dim allows
+        from numba_kernels.cuda import flash_attention as cfa
+
+        saved = dict(cfa.TC_TILES)
+        cfa.TC_TILES.update({64: (4, 2, 64), 128: (4, 2, 32)})
+        correctness()
+        print("FAILURES (2 m-tiles):", fails if fails else "none", flush=True)
+        cfa.TC_TILES.update(saved)
     if "check" in which:
         correctness()
         print("FAILURES:", fails if fails else "none", flush=True)

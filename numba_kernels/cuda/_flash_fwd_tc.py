@@ -1,6 +1,10 @@
 """FlashAttention-2 forward on tensor cores (float16 / bfloat16 in, fp32 accumulate).
 
-Block = NW warps; warp w owns 16 query rows. Per key tile of BC keys:
+Block = NW warps; warp w owns MT m-tiles of 16 query rows (MT = 1 or 2). With MT = 2 every K / V
+fragment read from shared memory feeds twice the mma (shared-memory bandwidth limits MT = 1). The
+per-m-tile stages are inline device functions called once per m-tile (not a loop), so that all
+fragment indices are compile-time constants and the accumulators stay in registers.
+Per key tile of BC keys:
 
   S = Q K^T   mma.sync m16n8k16, A = Q by ldmatrix, B = K by ldmatrix (K rows are B's columns)
   softmax     online, in log2 units, on the S accumulators in registers (4 lanes share a row)
@@ -24,22 +28,23 @@ from numba_kernels.cuda._intrinsics import ex2, shfl_xor
 
 
 @functools.lru_cache(maxsize=None)
-def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
-    """Kernel for NW warps x 16 rows, BC keys per tile, head dim padded to DP (a multiple of 16).
+def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """Kernel for NW warps x MT x 16 rows, BC keys per tile, head dim padded to DP (a multiple of 16).
     Returns (kernel, rows per block, threads per block, dynamic shared bytes)."""
-    BR = 16 * NW
+    assert MT in (1, 2)
+    BR = 16 * MT * NW
     STR = DP // 2 + 4                    # shared row stride in uint32 words (Q, K and V rows)
     NT_S, KS_D, KS_P, NT_O = BC // 8, DP // 16, BC // 16, DP // 8
-    O_LEN, S_LEN = NT_O * 4, NT_S * 4    # accumulator registers per thread (constants for local.array)
+    O_LEN, S_LEN = NT_O * 4, NT_S * 4    # accumulators per m-tile per thread
+    OA, SA = MT * O_LEN, MT * S_LEN      # local.array sizes (compile-time constants)
     NTH = 32 * NW
     CH = DP // 8                         # 16-byte chunks per padded row
-    Q_OFF = 0
-    KV_OFF = BR * STR                    # stage s: K at KV_OFF + s * 2 * TILE, V right after it
+    KV_OFF = BR * STR                    # Q at 0; stage s: K at KV_OFF + 2 s TILE, V right after it
     TILE = BC * STR
     SMEM = 4 * (KV_OFF + 4 * TILE)
     mma = intr.mma_bf16 if bf16 else intr.mma_f16
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ld, ldsm, ldsm_t, cp16 = intr.ld, intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
+    ldsm, ldsm_t, cp16 = intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
 
     @dev
     def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
@@ -62,6 +67,87 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
             src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
             cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
 
+    @dev
+    def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
+                     left, right, slope, scale_log2, softcap, cap_in, thresh, inv_keep):
+        """Online softmax of one m-tile's S accumulators sacc[sb:sb+S_LEN] (rows ra, rb) in log2 units:
+        mask, running max / sum update, P written back in place, O accumulators oacc[ob:ob+O_LEN] rescaled."""
+        mx_a = F32_NEG_INF
+        mx_b = F32_NEG_INF
+        for y in range(S_LEN):
+            s = sacc[sb + y]
+            if HAS_CAP:
+                s = softcap * math.tanh(s * cap_in) * F32_LOG2E
+            else:
+                s = s * scale_log2
+            col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
+            row = ra if (y & 2) == 0 else rb
+            if HAS_ALIBI:
+                s -= slope * float32(abs(row + off - col))
+            if need_mask:
+                if not visible(row, col, Sk, off, left, right):
+                    s = F32_NEG_INF
+            sacc[sb + y] = s
+            if (y & 2) == 0:
+                mx_a = max(mx_a, s)
+            else:
+                mx_b = max(mx_b, s)
+        mx_a = max(mx_a, shfl_xor(mx_a, 1))
+        mx_a = max(mx_a, shfl_xor(mx_a, 2))
+        mx_b = max(mx_b, shfl_xor(mx_b, 1))
+        mx_b = max(mx_b, shfl_xor(mx_b, 2))
+        mn_a = max(m_a, mx_a)
+        mn_b = max(m_b, mx_b)
+        mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
+        mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
+        alpha_a = ex2(m_a - mu_a)
+        alpha_b = ex2(m_b - mu_b)
+        sum_a = F32_ZERO
+        sum_b = F32_ZERO
+        for y in range(S_LEN):
+            if (y & 2) == 0:
+                p = ex2(sacc[sb + y] - mu_a)
+                sum_a += p
+            else:
+                p = ex2(sacc[sb + y] - mu_b)
+                sum_b += p
+            if HAS_DROP:  # dropout acts on P after the row sum, as in the math
+                col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
+                rk = rk_a if (y & 2) == 0 else rk_b
+                p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
+            sacc[sb + y] = p
+        for nt in range(NT_O):
+            oacc[ob + nt * 4] *= alpha_a
+            oacc[ob + nt * 4 + 1] *= alpha_a
+            oacc[ob + nt * 4 + 2] *= alpha_b
+            oacc[ob + nt * 4 + 3] *= alpha_b
+        return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
+
+    @dev
+    def write_rows(o, lse, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, qs, Sq, h, t, DW0, lse_a, lse_c):
+        """Normalize one m-tile's O accumulators and store O (packed halves) and the LSE of rows ra, rb."""
+        l_a += shfl_xor(l_a, 1)
+        l_a += shfl_xor(l_a, 2)
+        l_b += shfl_xor(l_b, 1)
+        l_b += shfl_xor(l_b, 2)
+        inv_a = F32_ZERO if l_a == F32_ZERO else float32(1.0) / l_a
+        inv_b = F32_ZERO if l_b == F32_ZERO else float32(1.0) / l_b
+        for nt in range(NT_O):
+            w = nt * 4 + t
+            if w < DW0:
+                if ra < Sq:
+                    o[qs + ra, h, w] = pack(oacc[ob + nt * 4] * inv_a, oacc[ob + nt * 4 + 1] * inv_a)
+                if rb < Sq:
+                    o[qs + rb, h, w] = pack(oacc[ob + nt * 4 + 2] * inv_b, oacc[ob + nt * 4 + 3] * inv_b)
+        if t == 0:
+            base = qs * lse_a + h * lse_c
+            if ra < Sq:
+                mu = F32_ZERO if m_a == F32_NEG_INF else m_a
+                lse[base + ra] = (mu + math.log2(l_a)) * F32_LN2 if l_a > F32_ZERO else F32_NEG_INF
+            if rb < Sq:
+                mu = F32_ZERO if m_b == F32_NEG_INF else m_b
+                lse[base + rb] = (mu + math.log2(l_b)) * F32_LN2 if l_b > F32_ZERO else F32_NEG_INF
+
     def kernel(q, k, v, o, lse, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, left, right,
                lse_a, lse_c, seed, thresh, inv_keep):
         tid = cuda.threadIdx.x
@@ -82,31 +168,40 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         smem = cuda.shared.array(0, uint32)
         lo, hi = key_range(i0, i0 + BR, Sq, Sk, left, right)
         lo = (lo // BC) * BC
-        load_rows(smem, Q_OFF, q, qs + i0, BR, Sq - i0, h, tid)
+        load_rows(smem, 0, q, qs + i0, BR, Sq - i0, h, tid)
         if lo < hi:
             load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
             load_rows(smem, KV_OFF + TILE, v, ks + lo, BC, Sk - lo, hk, tid)
         intr.cp_async_commit()
         # per-lane ldmatrix row starts (words): matrix m = lane // 8 supplies row lane % 8
         mrow = lane & 7
-        q_lane = Q_OFF + (warp * 16 + mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+        q_lane = (warp * 16 * MT + mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
         k_lane = (mrow + 8 * (lane >> 4)) * STR + 4 * ((lane >> 3) & 1)
         v_lane = TILE + (mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
-        ra = i0 + warp * 16 + g  # this thread's two rows (local to the sequence)
-        rb = ra + 8
-        m_a = F32_NEG_INF
-        m_b = F32_NEG_INF
-        l_a = F32_ZERO
-        l_b = F32_ZERO
+        # rows of this thread (local to the sequence): m-tile 0 -> ra0, rb0; m-tile 1 -> ra1, rb1
+        ra0 = i0 + warp * 16 * MT + g
+        rb0 = ra0 + 8
+        ra1 = ra0 + 16
+        rb1 = ra0 + 24
+        m_a0 = F32_NEG_INF
+        m_b0 = F32_NEG_INF
+        l_a0 = F32_ZERO
+        l_b0 = F32_ZERO
+        m_a1 = F32_NEG_INF
+        m_b1 = F32_NEG_INF
+        l_a1 = F32_ZERO
+        l_b1 = F32_ZERO
         slope = F32_ZERO
         if HAS_ALIBI:
             slope = slopes[b, h] * F32_LOG2E
-        rk_a = row_key(seed, b, h, ra)
-        rk_b = row_key(seed, b, h, rb)
-        oacc = cuda.local.array(O_LEN, float32)
-        for x in range(O_LEN):
+        rk_a0 = row_key(seed, b, h, ra0)
+        rk_b0 = row_key(seed, b, h, rb0)
+        rk_a1 = row_key(seed, b, h, ra1)
+        rk_b1 = row_key(seed, b, h, rb1)
+        oacc = cuda.local.array(OA, float32)
+        for x in range(OA):
             oacc[x] = F32_ZERO
-        sacc = cuda.local.array(S_LEN, float32)
+        sacc = cuda.local.array(SA, float32)
         stage = 0
         for j0 in range(lo, hi, BC):
             kv0 = KV_OFF + stage * 2 * TILE
@@ -119,108 +214,57 @@ def make_tc_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
             else:
                 intr.cp_async_wait0()
             cuda.syncthreads()
-            # ---- S = Q K^T (16 x BC per warp)
-            for x in range(S_LEN):
+            # ---- S = Q K^T: each K fragment feeds both m-tiles
+            for x in range(SA):
                 sacc[x] = F32_ZERO
             for kk in range(KS_D):
                 a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
+                if MT == 2:
+                    c0, c1, c2, c3 = ldsm(smem, q_lane + 16 * STR + kk * 8)
                 for np2 in range(NT_S // 2):
                     b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
                     mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                     mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
-            # ---- logits in log2 units, masks
+                    if MT == 2:
+                        mma_acc(sacc, S_LEN + np2 * 8, c0, c1, c2, c3, b0, b1)
+                        mma_acc(sacc, S_LEN + np2 * 8 + 4, c0, c1, c2, c3, b2, b3)
+            # ---- online softmax per m-tile
             need_mask = j0 + BC > Sk
             if left >= 0:
                 need_mask = need_mask or j0 < i0 + BR - 1 + off - left
             if right >= 0:
                 need_mask = need_mask or j0 + BC - 1 > i0 + off + right
-            mx_a = F32_NEG_INF
-            mx_b = F32_NEG_INF
-            for x in range(S_LEN):
-                s = sacc[x]
-                if HAS_CAP:
-                    s = softcap * math.tanh(s * cap_in) * F32_LOG2E
-                else:
-                    s = s * scale_log2
-                col = j0 + (x >> 2) * 8 + 2 * t + (x & 1)
-                row = ra if (x & 2) == 0 else rb
-                if HAS_ALIBI:
-                    s -= slope * float32(abs(row + off - col))
-                if need_mask:
-                    if not visible(row, col, Sk, off, left, right):
-                        s = F32_NEG_INF
-                sacc[x] = s
-                if (x & 2) == 0:
-                    mx_a = max(mx_a, s)
-                else:
-                    mx_b = max(mx_b, s)
-            mx_a = max(mx_a, shfl_xor(mx_a, 1))
-            mx_a = max(mx_a, shfl_xor(mx_a, 2))
-            mx_b = max(mx_b, shfl_xor(mx_b, 1))
-            mx_b = max(mx_b, shfl_xor(mx_b, 2))
-            mn_a = max(m_a, mx_a)
-            mn_b = max(m_b, mx_b)
-            mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
-            mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
-            alpha_a = ex2(m_a - mu_a)
-            alpha_b = ex2(m_b - mu_b)
-            m_a = mn_a
-            m_b = mn_b
-            sum_a = F32_ZERO
-            sum_b = F32_ZERO
-            for x in range(S_LEN):
-                if (x & 2) == 0:
-                    p = ex2(sacc[x] - mu_a)
-                    sum_a += p
-                else:
-                    p = ex2(sacc[x] - mu_b)
-                    sum_b += p
-                if HAS_DROP:  # dropout: P is dropped after the row sum, as in the math
-                    col = j0 + (x >> 2) * 8 + 2 * t + (x & 1)
-                    rk = rk_a if (x & 2) == 0 else rk_b
-                    p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
-                sacc[x] = p
-            l_a = l_a * alpha_a + sum_a
-            l_b = l_b * alpha_b + sum_b
-            for nt in range(NT_O):
-                oacc[nt * 4] *= alpha_a
-                oacc[nt * 4 + 1] *= alpha_a
-                oacc[nt * 4 + 2] *= alpha_b
-                oacc[nt * 4 + 3] *= alpha_b
-            # ---- O += P V, P straight from the S accumulators, V fragments by ldmatrix.trans
+            m_a0, m_b0, l_a0, l_b0 = softmax_tile(sacc, 0, oacc, 0, m_a0, m_b0, l_a0, l_b0, ra0, rb0, rk_a0, rk_b0,
+                                                  j0, t, need_mask, Sk, off, left, right, slope, scale_log2,
+                                                  softcap, cap_in, thresh, inv_keep)
+            if MT == 2:
+                m_a1, m_b1, l_a1, l_b1 = softmax_tile(sacc, S_LEN, oacc, O_LEN, m_a1, m_b1, l_a1, l_b1, ra1, rb1,
+                                                      rk_a1, rk_b1, j0, t, need_mask, Sk, off, left, right, slope,
+                                                      scale_log2, softcap, cap_in, thresh, inv_keep)
+            # ---- O += P V: P straight from the S accumulators, each V fragment feeds both m-tiles
             for kk in range(KS_P):
                 s0 = 8 * kk
                 a0 = pack(sacc[s0], sacc[s0 + 1])
                 a1 = pack(sacc[s0 + 2], sacc[s0 + 3])
                 a2 = pack(sacc[s0 + 4], sacc[s0 + 5])
                 a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
+                if MT == 2:
+                    c0 = pack(sacc[S_LEN + s0], sacc[S_LEN + s0 + 1])
+                    c1 = pack(sacc[S_LEN + s0 + 2], sacc[S_LEN + s0 + 3])
+                    c2 = pack(sacc[S_LEN + s0 + 4], sacc[S_LEN + s0 + 5])
+                    c3 = pack(sacc[S_LEN + s0 + 6], sacc[S_LEN + s0 + 7])
                 for np2 in range(NT_O // 2):
                     b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + kk * 16 * STR + np2 * 8)
                     mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                     mma_acc(oacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                    if MT == 2:
+                        mma_acc(oacc, O_LEN + np2 * 8, c0, c1, c2, c3, b0, b1)
+                        mma_acc(oacc, O_LEN + np2 * 8 + 4, c0, c1, c2, c3, b2, b3)
             stage = 1 - stage
             cuda.syncthreads()  # every warp is done with this stage before it is refilled
         intr.cp_async_wait0()
-        l_a += shfl_xor(l_a, 1)
-        l_a += shfl_xor(l_a, 2)
-        l_b += shfl_xor(l_b, 1)
-        l_b += shfl_xor(l_b, 2)
-        inv_a = F32_ZERO if l_a == F32_ZERO else float32(1.0) / l_a
-        inv_b = F32_ZERO if l_b == F32_ZERO else float32(1.0) / l_b
-        for nt in range(NT_O):
-            w = nt * 4 + t
-            if w < DW0:
-                if ra < Sq:
-                    o[qs + ra, h, w] = pack(oacc[nt * 4] * inv_a, oacc[nt * 4 + 1] * inv_a)
-                if rb < Sq:
-                    o[qs + rb, h, w] = pack(oacc[nt * 4 + 2] * inv_b, oacc[nt * 4 + 3] * inv_b)
-        if t == 0:
-            base = qs * lse_a + h * lse_c
-            if ra < Sq:
-                mu = F32_ZERO if m_a == F32_NEG_INF else m_a
-                lse[base + ra] = (mu + math.log2(l_a)) * F32_LN2 if l_a > F32_ZERO else F32_NEG_INF
-            if rb < Sq:
-                mu = F32_ZERO if m_b == F32_NEG_INF else m_b
-                lse[base + rb] = (mu + math.log2(l_b)) * F32_LN2 if l_b > F32_ZERO else F32_NEG_INF
+        write_rows(o, lse, oacc, 0, m_a0, m_b0, l_a0, l_b0, ra0, rb0, qs, Sq, h, t, DW0, lse_a, lse_c)
+        if MT == 2:
+            write_rows(o, lse, oacc, O_LEN, m_a1, m_b1, l_a1, l_b1, ra1, rb1, qs, Sq, h, t, DW0, lse_a, lse_c)
 
     return jit_kernel(kernel), BR, NTH, SMEM

@@ -18,15 +18,15 @@ from numba_kernels.cuda._flash_fwd_simt import make_simt_kernel
 from numba_kernels.cuda._flash_fwd_tc import make_tc_kernel
 
 # ---- tile choices ---------------------------------------------------------------------------------
-#: (warps of 16 query rows, keys per tile) by padded head dim, the best measured on the H200
-#: (benchmarks/results/gpu_h200_2026-11-22_run2.txt); tiny tiles for the simulator
-TC_TILES = {64: (4, 128), 128: (8, 64), 256: (4, 64)}
-TC_TILES_SIM = (1, 16)
+#: (warps, m-tiles of 16 query rows per warp, keys per tile) by padded head dim, the best measured on
+#: the H200 (benchmarks/results/); tiny tiles for the simulator
+TC_TILES = {64: (4, 2, 64), 128: (4, 2, 64), 256: (4, 1, 64)}
+TC_TILES_SIM = (1, 2, 16)
 SIMT_TILES = {"gpu": (4, 4), "sim": (1, 2)}
 
 
 def tc_config(D):
-    """(warps, keys per tile, padded head dim) for head dim D."""
+    """(warps, m-tiles per warp, keys per tile, padded head dim) for head dim D."""
     DP = max(16, -(-D // 16) * 16)
     if intr.SIM:
         return TC_TILES_SIM + (DP,)
@@ -85,8 +85,8 @@ def flash_fwd_cuda_words(qw, kw, vw, cu_q, cu_k, max_sq, bf16, scale, left, righ
     Tq, H, W = qw.shape
     D = 2 * W if D is None else D
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
-    nw, bc, DP = tc_config(D)
-    kern, BR, NTH, SMEM = make_tc_kernel(nw, bc, DP, bool(bf16), softcap > 0, slopes is not None, dropout_p > 0)
+    nw, mt, bc, DP = tc_config(D)
+    kern, BR, NTH, SMEM = make_tc_kernel(nw, mt, bc, DP, bool(bf16), softcap > 0, slopes is not None, dropout_p > 0)
     out = cuda.device_array((Tq, H, W), dtype=np.uint32) if out is None else out
     lse = cuda.device_array(H * Tq, dtype=np.float32) if lse is None else lse
     sl = np.zeros((0, 0), np.float32) if slopes is None else np.asarray(slopes, np.float32)
@@ -146,9 +146,9 @@ def ptx_signatures(head_dims=(64, 128, 256)):
 
     out = []
     for D in head_dims:
-        nw, bc, DP = tc_config(D)
+        nw, mt, bc, DP = tc_config(D)
         for bf16, flags in ((False, (False, False, False)), (True, (False, False, False)), (True, (True, True, True))):
-            kern = make_tc_kernel(nw, bc, DP, bf16, *flags)[0]
+            kern = make_tc_kernel(nw, mt, bc, DP, bf16, *flags)[0]
             name = f"tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi_drop' if flags[0] else ''}_D{D}"
             out.append((name, kern.py_func, sig(types.uint32, types.float32)))
         nw, rw, dd = simt_config(D)
