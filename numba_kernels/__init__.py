@@ -7,6 +7,7 @@ from numba_kernels._dispatch import BackendUnavailableError, bfloat16
 from numba_kernels.causal_conv1d import causal_conv1d, causal_conv1d_backward, causal_conv1d_update
 from numba_kernels.flash_attention import flash_attention, flash_attention_varlen
 from numba_kernels.flash_attention_backward import flash_attention_backward, flash_attention_varlen_backward
+from numba_kernels.selective_scan import selective_scan, selective_state_update
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,6 @@ __all__ = [
     "flash_attention_backward",
     "flash_attention_varlen",
     "flash_attention_varlen_backward",
+    "selective_scan",
+    "selective_state_update",
 ]

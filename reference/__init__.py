@@ -5,6 +5,7 @@ Slow and obvious on purpose; the fast paths never import it.
 from .causal_conv1d import causal_conv1d_backward_ref, causal_conv1d_ref, causal_conv1d_update_ref
 from .flash_attention import flash_attention_ref, flash_attention_varlen_ref
 from .flash_attention_backward import flash_attention_backward_ref, flash_attention_varlen_backward_ref
+from .selective_scan import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "causal_conv1d_backward_ref",
@@ -14,4 +15,6 @@ __all__ = [
     "flash_attention_ref",
     "flash_attention_varlen_backward_ref",
     "flash_attention_varlen_ref",
+    "selective_scan_ref",
+    "selective_state_update_ref",
 ]
