@@ -5,6 +5,7 @@ Every op takes NumPy arrays (or CUDA device arrays) and a ``backend`` of "auto",
 """
 from numba_kernels._dispatch import BackendUnavailableError, bfloat16
 from numba_kernels.causal_conv1d import causal_conv1d, causal_conv1d_backward, causal_conv1d_update
+from numba_kernels.fft_conv import clear_fft_conv_cache, fft_conv, fft_conv_backward
 from numba_kernels.flash_attention import flash_attention, flash_attention_varlen
 from numba_kernels.flash_attention_backward import flash_attention_backward, flash_attention_varlen_backward
 from numba_kernels.selective_scan import selective_scan, selective_state_update
@@ -17,6 +18,9 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_backward",
     "causal_conv1d_update",
+    "clear_fft_conv_cache",
+    "fft_conv",
+    "fft_conv_backward",
     "flash_attention",
     "flash_attention_backward",
     "flash_attention_varlen",

@@ -1,0 +1,121 @@
+"""A ctypes binding to cuFFT: batched in-place real transforms along the last axis, plans cached.
+
+The library comes from ``cuda.pathfinder.load_nvidia_dynamic_lib("cufft")`` (the ``nvidia-cufft`` wheel of the
+``cuda`` extra, or the CUDA toolkit); it is loaded on first use, never at import. Pointers are raw device
+addresses (``arr.__cuda_array_interface__["data"][0]``); every call reports its cuFFT status by name.
+
+In-place layout (cuFFT's padded real layout): each of ``rows`` rows holds 2F = 2 (N // 2 + 1) reals; R2C reads
+the first N and writes F interleaved complex values; C2R does the reverse, unnormalized (scale by 1 / N).
+"""
+import ctypes
+import threading
+
+STATUS = {0: "CUFFT_SUCCESS", 1: "CUFFT_INVALID_PLAN", 2: "CUFFT_ALLOC_FAILED", 3: "CUFFT_INVALID_TYPE",
+          4: "CUFFT_INVALID_VALUE", 5: "CUFFT_INTERNAL_ERROR", 6: "CUFFT_EXEC_FAILED", 7: "CUFFT_SETUP_FAILED",
+          8: "CUFFT_INVALID_SIZE", 9: "CUFFT_UNALIGNED_DATA", 10: "CUFFT_INCOMPLETE_PARAMETER_LIST",
+          11: "CUFFT_INVALID_DEVICE", 12: "CUFFT_PARSE_ERROR", 13: "CUFFT_NO_WORKSPACE",
+          14: "CUFFT_NOT_IMPLEMENTED", 15: "CUFFT_LICENSE_ERROR", 16: "CUFFT_NOT_SUPPORTED",
+          17: "CUFFT_MISSING_DEPENDENCY", 18: "CUFFT_NVRTC_FAILURE", 19: "CUFFT_NVJITLINK_FAILURE",
+          20: "CUFFT_NVSHMEM_FAILURE"}
+R2C, C2R, D2Z, Z2D = 0x2A, 0x2C, 0x6A, 0x6C
+#: rows per plan: keep every plan's element count inside 32-bit ints (cufftPlanMany's parameters)
+MAX_ELEMS = 2 ** 31 - 1
+
+_lib = None
+_plans = {}
+_lock = threading.Lock()
+
+
+class CufftError(RuntimeError):
+    """A cuFFT call returned a status other than CUFFT_SUCCESS."""
+
+    def __init__(self, func, status):
+        self.status = status
+        self.name = STATUS.get(status, f"unknown cuFFT status {status}")
+        super().__init__(f"{func} failed: {self.name} ({status})")
+
+
+def _check(func, status):
+    if status != 0:
+        raise CufftError(func, status)
+
+
+def lib():
+    """The loaded libcufft (ctypes.CDLL) with argument types set."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    from cuda.pathfinder import load_nvidia_dynamic_lib
+
+    try:
+        dl = load_nvidia_dynamic_lib("cufft")
+    except Exception as e:  # DynamicLibNotFoundError and friends
+        raise RuntimeError(f"cuFFT not found ({e}); install it with pip install 'numba_kernels[cuda]' "
+                           "(nvidia-cufft) or a CUDA toolkit") from e
+    L = ctypes.CDLL(dl.abs_path) if dl.abs_path else ctypes.CDLL("libcufft.so", handle=dl._handle_uint)
+    ip, i, h, p = ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int, ctypes.c_void_p
+    L.cufftPlanMany.argtypes = [ip, i, ip, ip, i, i, ip, i, i, i, i]
+    L.cufftSetStream.argtypes = [h, p]
+    for name in ("cufftExecR2C", "cufftExecC2R", "cufftExecD2Z", "cufftExecZ2D"):
+        getattr(L, name).argtypes = [h, p, p]
+    L.cufftDestroy.argtypes = [h]
+    L.cufftGetVersion.argtypes = [ip]
+    for name in ("cufftPlanMany", "cufftSetStream", "cufftExecR2C", "cufftExecC2R", "cufftExecD2Z",
+                 "cufftExecZ2D", "cufftDestroy", "cufftGetVersion"):
+        getattr(L, name).restype = ctypes.c_int
+    _lib = L
+    return L
+
+
+def version():
+    v = ctypes.c_int()
+    _check("cufftGetVersion", lib().cufftGetVersion(ctypes.byref(v)))
+    return v.value
+
+
+def plan(N, rows, inverse, double, device=0):
+    """A cached batched 1-D in-place plan: ``rows`` transforms of size N in the padded layout."""
+    key = (int(N), int(rows), bool(inverse), bool(double), int(device))
+    with _lock:
+        if key in _plans:
+            return _plans[key]
+        F = N // 2 + 1
+        arr = ctypes.c_int * 1
+        real, cplx = arr(2 * F), arr(F)
+        kind = (Z2D if double else C2R) if inverse else (D2Z if double else R2C)
+        inem, idist, onem, odist = (cplx, F, real, 2 * F) if inverse else (real, 2 * F, cplx, F)
+        h = ctypes.c_int()
+        _check("cufftPlanMany", lib().cufftPlanMany(ctypes.byref(h), 1, arr(N), inem, 1, idist, onem, 1, odist,
+                                                     kind, int(rows)))
+        _plans[key] = h.value
+        return h.value
+
+
+def exec_inplace(ptr, N, rows, inverse, double, stream=0, device=0):
+    """Transform ``rows`` rows of 2 (N // 2 + 1) reals at device address ``ptr`` in place, on ``stream``
+    (a raw CUstream handle, 0 = the legacy default stream). Splits into chunks of rows that fit 32-bit plans."""
+    F = N // 2 + 1
+    item = 8 if double else 4
+    step = max(1, min(rows, MAX_ELEMS // (2 * F)))
+    L = lib()
+    fn = ("cufftExecZ2D" if double else "cufftExecC2R") if inverse else ("cufftExecD2Z" if double else "cufftExecR2C")
+    for r0 in range(0, rows, step):
+        nb = min(step, rows - r0)
+        h = plan(N, nb, inverse, double, device)
+        _check("cufftSetStream", L.cufftSetStream(h, ctypes.c_void_p(int(stream) or None)))
+        p = ctypes.c_void_p(int(ptr) + r0 * 2 * F * item)
+        _check(fn, getattr(L, fn)(h, p, p))
+
+
+def clear_plans():
+    """Destroy every cached plan (called by ``numba_kernels.clear_fft_conv_cache``)."""
+    with _lock:
+        plans = list(_plans.values())
+        _plans.clear()
+    if plans and _lib is not None:
+        for h in plans:
+            _check("cufftDestroy", _lib.cufftDestroy(h))
+
+
+def plan_count():
+    return len(_plans)

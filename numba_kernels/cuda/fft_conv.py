@@ -1,0 +1,179 @@
+"""Long convolution on CUDA: cuFFT (ctypes, ``numba_kernels.cuda.cufft``) for the transforms, numba kernels
+(``_fft_conv_kernels``) for everything pointwise.
+
+Forward, one spectrum buffer buf (B, H, 2F) in cuFFT's in-place padded layout (F = N // 2 + 1):
+  pad: buf = [u * pregate, 0...]  ->  R2C in place  ->  buf *= K (k's cached spectrum (1, H, 2F))
+  ->  C2R in place  ->  crop: y[t] = buf[(t + start) % N] / N + bias * u * pregate (t < L), * postgate.
+Backward (buffers vbuf, gbuf of that shape, plus S (1, H, 2F)):
+  vbuf = R2C(pad(u * pregate)), gbuf = R2C(pad(dout * postgate));
+  S = sum_b gbuf * conj(vbuf) -> C2R -> crop at -start -> dk;
+  [postgate] vbuf *= K -> C2R -> crop at start (skip from u, pregate) -> dpostgate = ypre * dout;
+  gbuf *= conj(K) -> C2R -> crop at -start (+ bias * dout * postgate) -> du = dv * pregate, dpregate = dv * u;
+  dbias: one block per h reduces (dout * postgate) * (u * pregate).
+The transforms go through :func:`fft_inplace`; under the CUDA simulator it runs numpy.fft on a host copy
+(same layout, same unnormalized inverse), so every numba kernel here is tested in CI.
+"""
+import numpy as np
+from numba import cuda
+
+from numba_kernels import _dispatch as dsp
+from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
+from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_kernel, make_conj_sum_kernel,
+                                                  make_crop_kernel, make_dbias_kernel, make_pad_kernel)
+from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty
+
+
+def _nt():
+    return NT_SIM if intr.SIM else NT_GPU
+
+
+def _device_key():
+    try:
+        return int(cuda.get_current_device().id)
+    except Exception:  # the simulator's fake device
+        return 0
+
+
+def fft_inplace(buf, N, inverse, stream=0):
+    """Batched real FFT of every row of ``buf`` (R, H, 2F), in place: R2C of the first N reals, or the
+    unnormalized C2R. cuFFT on the GPU; numpy.fft on a host copy under the simulator."""
+    if intr.SIM:
+        h = buf.copy_to_host()
+        if inverse:
+            h[..., :N] = np.fft.irfft(h[..., 0::2] + 1j * h[..., 1::2], n=N, axis=-1) * N
+        else:
+            c = np.fft.rfft(h[..., :N], axis=-1)
+            h[..., 0::2], h[..., 1::2] = c.real, c.imag
+        buf.copy_to_device(h)
+        return
+    from numba_kernels.cuda import cufft
+
+    rows = buf.shape[0] * buf.shape[1]
+    cufft.exec_inplace(buf.__cuda_array_interface__["data"][0], N, rows, inverse,
+                       np.dtype(buf.dtype) == np.float64, stream, _device_key())
+
+
+def _grid(n, B, H):
+    nt = _nt()
+    return (-(-n // nt), H, B), nt
+
+
+def _filter_spectrum(k, Lke, N, ft):
+    """k[:, :Lke] padded to the spectrum layout and transformed: device (1, H, 2F), cached per k object."""
+    from numba_kernels.fft_conv import cached_filter
+
+    def compute():
+        H, F = k.shape[0], N // 2 + 1
+        host = np.zeros((1, H, 2 * F), ft)
+        host[0, :, :Lke] = dsp.to_host(k, dsp.array_dtype(k))[:, :Lke].astype(ft)
+        d = cuda.to_device(host)
+        fft_inplace(d, N, False)
+        return d
+
+    return cached_filter(k, Lke, N, ft, f"cuda:{_device_key()}", compute)
+
+
+def _kinds(dt):
+    kind = kind_of(dt)
+    ft = np.dtype(np.float64) if kind == "f64" else np.dtype(np.float32)
+    return kind, ft, ("f64" if kind == "f64" else "f32")
+
+
+def _spectrum(x, g, N, ft, kind):
+    """R2C(pad(x * g)) as a device (B, H, 2F) buffer."""
+    B, H, _ = x.shape
+    buf = cuda.device_array((B, H, 2 * (N // 2 + 1)), dtype=ft)
+    grid, nt = _grid(buf.shape[2], B, H)
+    intr.launch(make_pad_kernel(kind, nt), grid, nt, 0, (x, g, buf))
+    fft_inplace(buf, N, False)
+    return buf
+
+
+def _mul_inverse(buf, K, conj, N, double):
+    """buf *= K (or conj K), then C2R in place."""
+    B, H, W2 = buf.shape
+    grid, nt = _grid(W2 // 2, B, H)
+    intr.launch(make_cmul_kernel(double, nt), grid, nt, 0, (buf, K, np.int32(conj)))
+    fft_inplace(buf, N, True)
+
+
+def _crop(kind, full, N, off, sx, sg, bias, L, g1, g2, out1, out2):
+    o = out1 if out1.shape[0] > 0 else out2
+    B, H, Lout = o.shape
+    grid, nt = _grid(Lout, B, H)
+    ft = np.float64 if np.dtype(full.dtype) == np.float64 else np.float32
+    args = (full, ft(1.0 / N), np.int64(off % N), np.int64(N), sx, sg, bias, np.int64(L), g1, g2, out1, out2)
+    intr.launch(make_crop_kernel(kind, nt), grid, nt, 0, args)
+
+
+def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt):
+    """Device y (B, H, Lout) in the element type of ``dt``."""
+    kind, ft, _ = _kinds(dt)
+    B, H, L = u.shape
+    ud, pred, postd = _elem(u, kind, 3), _elem(pre, kind, 3), _elem(post, kind, 3)
+    e3 = _empty((0, 0, 0), ELEM[kind])
+    K = _filter_spectrum(k, Lke, N, ft)
+    buf = _spectrum(ud, pred, N, ft, kind)
+    _mul_inverse(buf, K, False, N, kind == "f64")
+    out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+    _crop(kind, buf, N, start, ud, pred, _compute(bias, ft, 1), L, postd, e3, out, e3)
+    return out
+
+
+def bwd_cuda(dout, u, k, bias, pre, post, start, Lke, N, dt):
+    """Device (du, dk (H, Lk) host compute dtype, dbias | None, dpregate | None, dpostgate | None)."""
+    kind, ft, ckind = _kinds(dt)
+    B, H, L = u.shape
+    Lk, Lout = k.shape[1], dout.shape[2]
+    dbl = kind == "f64"
+    ud, pred, postd, doutd = (_elem(a, kind, 3) for a in (u, pre, post, dout))
+    biasd = _compute(bias, ft, 1)
+    e3, c3 = _empty((0, 0, 0), ELEM[kind]), _empty((0, 0, 0), ft)
+    K = _filter_spectrum(k, Lke, N, ft)
+    vbuf = _spectrum(ud, pred, N, ft, kind)
+    gbuf = _spectrum(doutd, postd, N, ft, kind)
+    S = cuda.device_array((1, H, vbuf.shape[2]), dtype=ft)
+    grid, nt = _grid(vbuf.shape[2] // 2, 1, H)
+    intr.launch(make_conj_sum_kernel(dbl, nt), grid, nt, 0, (gbuf, vbuf, S))
+    fft_inplace(S, N, True)
+    dk3 = cuda.device_array((1, H, Lke), dtype=ft)
+    _crop(ckind, S, N, -start, c3, c3, _empty((0,), ft), 0, c3, c3, dk3, c3)
+    dk = np.zeros((H, Lk), ft)
+    dk[:, :Lke] = dk3.copy_to_host()[0]  # (H, Lke) -> (H, Lk): causal taps beyond L get zero
+    dpost = None
+    if post is not None:
+        dpost = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+        _mul_inverse(vbuf, K, False, N, dbl)
+        _crop(kind, vbuf, N, start, ud, pred, biasd, L, e3, doutd, e3, dpost)
+    del vbuf
+    _mul_inverse(gbuf, K, True, N, dbl)
+    du = cuda.device_array((B, H, L), dtype=ELEM[kind])
+    dpre = cuda.device_array((B, H, L), dtype=ELEM[kind]) if pre is not None else e3
+    _crop(kind, gbuf, N, -start, doutd, postd, biasd, L, pred, ud, du, dpre)
+    dbias = None
+    if bias is not None:
+        dbias = cuda.device_array(H, dtype=ft)
+        intr.launch(make_dbias_kernel(kind, _nt()), H, _nt(), 0, (doutd, postd, ud, pred, dbias))
+    return du, dk, dbias, (dpre if pre is not None else None), dpost
+
+
+def ptx_signatures():
+    """(name, python function, numba signature) of every real kernel configuration, for PTX checks."""
+    from numba import types
+
+    nt = NT_GPU
+    out = []
+    for kind in ("f32", "f64", "f16", "bf16"):
+        et = {"f16": types.float16, "bf16": types.uint16, "f32": types.float32, "f64": types.float64}[kind]
+        ft = types.float64 if kind == "f64" else types.float32
+        a, f3, f1 = types.Array(et, 3, "C"), types.Array(ft, 3, "C"), types.Array(ft, 1, "C")
+        i64 = types.int64
+        out.append((f"pad_{kind}", make_pad_kernel(kind, nt).py_func, (a, a, f3)))
+        out.append((f"crop_{kind}", make_crop_kernel(kind, nt).py_func,
+                    (f3, ft, i64, i64, a, a, f1, i64, a, a, a, a)))
+        out.append((f"dbias_{kind}", make_dbias_kernel(kind, nt).py_func, (a, a, a, a, f1)))
+        if kind in ("f32", "f64"):
+            out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
+            out.append((f"conj_sum_{kind}", make_conj_sum_kernel(kind == "f64", nt).py_func, (f3, f3, f3)))
+    return out

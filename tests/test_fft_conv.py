@@ -1,0 +1,220 @@
+"""fft_conv / fft_conv_backward: CPU (FFT and direct paths) against the direct float64 reference and
+scipy.signal.fftconvolve, the reference backward against finite differences, the filter cache, bad inputs;
+and the CUDA numba kernels under the simulator with a numpy FFT in place of cuFFT (tiny shapes, ``-m sim``)."""
+import importlib
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+import numba_kernels as nk
+from numba_kernels._dispatch import BackendUnavailableError, bfloat16
+from numba_kernels.reference.fft_conv import fft_conv_backward_ref, fft_conv_ref
+from tests.conftest import SIM, TOL, dtype_id, max_err
+
+fc = importlib.import_module("numba_kernels.fft_conv")  # the module (the package exports the function)
+MODES = ("causal", "same", "full")
+
+
+def _inputs(rng, dt, B, H, L, Lk, mode, opts=True):
+    Lout = L + Lk - 1 if mode == "full" else L
+    u = rng.standard_normal((B, H, L)).astype(dt)
+    k = (rng.standard_normal((H, Lk)) / np.sqrt(Lk)).astype(dt)
+    kw = {}
+    if opts:
+        kw = dict(bias=rng.standard_normal(H).astype(dt), pregate=rng.standard_normal((B, H, L)).astype(dt),
+                  postgate=rng.standard_normal((B, H, Lout)).astype(dt))
+    dout = rng.standard_normal((B, H, Lout)).astype(dt)
+    return u, k, kw, dout
+
+
+def _check(out, ref, dt, what):
+    assert out.dtype == np.dtype(dt), f"{what}: dtype {out.dtype} != {np.dtype(dt)}"
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
+    err = max_err(out, ref)
+    assert err < TOL[np.dtype(dt)], f"{what}: err {err:.2e}"
+
+
+def _scipy(u, k, mode):
+    y = fftconvolve(u.astype(np.float64), k[None].astype(np.float64), mode="full" if mode == "causal" else mode,
+                    axes=-1)
+    return y[..., :u.shape[2]] if mode == "causal" else y
+
+
+SIZES = [(1, 3), (97, 5), (97, 300), (1009, 97), (1009, 1009), (64, 64)]
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("forced", [False, True], ids=["auto", "fft_size"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("L,Lk", SIZES, ids=[f"L{a}-Lk{b}" for a, b in SIZES])
+def test_forward_backward_vs_reference(rng, L, Lk, mode, forced):
+    # forced=True gives fft_size, which always takes the FFT path (the auto choice is direct for Lk <= 64)
+    u, k, kw, dout = _inputs(rng, np.float64, 2, 3, L, Lk, mode)
+    fs = 4 * (L + Lk) + 7 if forced else None  # odd, non-fast size: still exact
+    y = nk.fft_conv(u, k, mode=mode, fft_size=fs, backend="cpu", **kw)
+    _check(y, fft_conv_ref(u, k, mode, **kw), np.float64, "y")
+    y0 = nk.fft_conv(u, k, mode=mode, fft_size=fs, backend="cpu")
+    _check(y0, _scipy(u, k, mode), np.float64, "y vs scipy.signal.fftconvolve")
+    got = nk.fft_conv_backward(dout, u, k, mode=mode, fft_size=fs, backend="cpu", **kw)
+    exp = fft_conv_backward_ref(dout, u, k, mode, **kw)
+    for name, g, e in zip(("du", "dk", "dbias", "dpregate", "dpostgate"), got, exp):
+        _check(g, e, np.float64, name)
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("dt", [np.float32, np.float16, bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("L,Lk", [(1009, 97), (257, 31)], ids=["fft", "direct"])
+def test_dtypes(rng, dt, L, Lk):
+    u, k, kw, dout = _inputs(rng, dt, 2, 3, L, Lk, "causal")
+    y = nk.fft_conv(u, k, backend="cpu", **kw)
+    _check(y, fft_conv_ref(u, k, "causal", **kw), dt, "y")
+    got = nk.fft_conv_backward(dout, u, k, backend="cpu", **kw)
+    for name, g, e in zip(("du", "dk", "dbias", "dpregate", "dpostgate"), got,
+                          fft_conv_backward_ref(dout, u, k, "causal", **kw)):
+        _check(g, e, dt, name)
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+def test_optional_inputs_absent_give_none(rng):
+    u, k, _, dout = _inputs(rng, np.float32, 1, 2, 50, 7, "same", opts=False)
+    du, dk, db, dpre, dpost = nk.fft_conv_backward(dout, u, k, mode="same", backend="cpu")
+    assert db is None and dpre is None and dpost is None
+    _check(du, fft_conv_backward_ref(dout, u, k, "same")[0], np.float32, "du")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_backward_vs_finite_differences(rng, mode):
+    u, k, kw, dout = _inputs(rng, np.float64, 1, 2, 6, 4, mode)
+    args = dict(u=u, k=k, **kw)
+    grads = dict(zip(("u", "k", "bias", "pregate", "postgate"),
+                     fft_conv_backward_ref(dout, u, k, mode, **kw)))
+
+    def loss(a):
+        return float(np.sum(fft_conv_ref(a["u"], a["k"], mode, a["bias"], a["pregate"], a["postgate"]) * dout))
+
+    eps = 1e-6
+    for name, g in grads.items():
+        num = np.zeros_like(args[name])
+        for idx in np.ndindex(args[name].shape):
+            p = {n: a.copy() for n, a in args.items()}
+            p[name][idx] += eps
+            m = {n: a.copy() for n, a in args.items()}
+            m[name][idx] -= eps
+            num[idx] = (loss(p) - loss(m)) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+def test_filter_cache_reuse_is_identical(rng):
+    nk.clear_fft_conv_cache()
+    u, k, kw, _ = _inputs(rng, np.float32, 2, 3, 300, 100, "causal")
+    y1 = nk.fft_conv(u, k, backend="cpu", **kw)
+    assert fc.cache_info()["misses"] == 1
+    y2 = nk.fft_conv(u, k, backend="cpu", **kw)
+    assert fc.cache_info()["hits"] == 1
+    np.testing.assert_array_equal(y1, y2)
+    k[1, 5] += 1.0  # edited in place: the checksum (float64 sum) must miss
+    y3 = nk.fft_conv(u, k, backend="cpu", **kw)
+    assert fc.cache_info()["misses"] == 2
+    _check(y3, fft_conv_ref(u, k, "causal", **kw), np.float32, "y after editing k")
+    k2 = k.copy()  # a different object with equal values: its own entry, same result
+    np.testing.assert_array_equal(nk.fft_conv(u, k2, backend="cpu", **kw), y3)
+    assert fc.cache_info()["misses"] == 3
+    nk.clear_fft_conv_cache()
+    assert fc.cache_info() == {"hits": 0, "misses": 0, "size": 0}
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+def test_fft_lib_choice(monkeypatch):
+    from numba_kernels.cpu.fft_conv import fft_lib
+
+    try:
+        import pyfftw  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    assert fft_lib("auto").name == ("pyfftw" if have else "scipy")
+    assert fft_lib("scipy").name == "scipy"
+    monkeypatch.setenv("NUMBA_KERNELS_FFT_LIB", "scipy")
+    assert fft_lib().name == "scipy"
+    if not have:
+        with pytest.raises(BackendUnavailableError, match="pyfftw is not installed"):
+            nk.fft_conv(np.ones((1, 1, 8)), np.ones((1, 100)), backend="cpu", fft_lib="pyfftw")
+    with pytest.raises(ValueError, match="fft_lib must be one of"):
+        fft_lib("mkl")
+
+
+BAD = [
+    ("H", dict(k=np.ones((4, 5), np.float32)), ValueError, r"k must have shape \(3, Lk\)"),
+    ("k-1d", dict(k=np.ones(5, np.float32)), ValueError, "k must have 2 dimensions"),
+    ("u-int", dict(u=np.ones((2, 3, 16), np.int32)), TypeError, "u must have dtype in"),
+    ("pregate-dtype", dict(pregate=np.ones((2, 3, 16), np.float64)), TypeError,
+     "pregate must have the same dtype as u"),
+    ("postgate-shape", dict(postgate=np.ones((2, 3, 17), np.float32)), ValueError,
+     r"postgate must have shape \(2, 3, 16\)"),
+    ("bias-shape", dict(bias=np.ones(4, np.float32)), ValueError, r"bias must have shape \(3,\)"),
+    ("mode", dict(mode="valid"), ValueError, "mode must be one of"),
+    ("fft-small", dict(fft_size=19), ValueError, "fft_size must be >= 20"),
+    ("fft-inf", dict(fft_size=float("inf")), ValueError, "fft_size must be a finite integer"),
+    ("fft-nan", dict(fft_size=float("nan")), ValueError, "fft_size must be a finite integer"),
+    ("fft-frac", dict(fft_size=64.5), ValueError, "fft_size must be a finite integer"),
+    ("fft-str", dict(fft_size="64"), TypeError, "fft_size must be an integer"),
+    ("backend", dict(backend="gpu"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("name,over,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs(name, over, exc, msg):
+    args = dict(u=np.ones((2, 3, 16), np.float32), k=np.ones((3, 5), np.float32), mode="causal")
+    args.update(over)
+    u, k = args.pop("u"), args.pop("k")
+    with pytest.raises(exc, match=msg):
+        nk.fft_conv(u, k, **args)
+    with pytest.raises(exc, match=msg):
+        nk.fft_conv_backward(np.ones((2, 3, 16), u.dtype if u.dtype.kind == "f" else np.float32), u, k, **args)
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+def test_dout_shape_checked():
+    with pytest.raises(ValueError, match=r"dout must have shape \(1, 2, 12\)"):
+        nk.fft_conv_backward(np.ones((1, 2, 8)), np.ones((1, 2, 8)), np.ones((2, 5)), mode="full")
+
+
+# ---- the CUDA numba kernels under the simulator (numpy FFT in place of cuFFT) -----------------------------
+SIM_CASES = [("causal", 7, 3, np.float32), ("same", 5, 9, np.float32), ("full", 6, 4, bfloat16)]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("mode,L,Lk,dt", SIM_CASES, ids=[f"{m}-L{a}-Lk{b}-{dtype_id(d)}" for m, a, b, d in SIM_CASES])
+def test_sim_forward_backward(rng, mode, L, Lk, dt):
+    u, k, kw, dout = _inputs(rng, dt, 2, 2, L, Lk, mode)
+    y = nk.fft_conv(u, k, mode=mode, backend="cuda", **kw)
+    _check(y, fft_conv_ref(u, k, mode, **kw), dt, "y")
+    got = nk.fft_conv_backward(dout, u, k, mode=mode, backend="cuda", **kw)
+    for name, g, e in zip(("du", "dk", "dbias", "dpregate", "dpostgate"), got,
+                          fft_conv_backward_ref(dout, u, k, mode, **kw)):
+        _check(g, e, dt, name)
+
+
+@pytest.mark.sim
+def test_sim_device_arrays_and_cache(rng):
+    from numba import cuda
+
+    nk.clear_fft_conv_cache()
+    u, k, _, _ = _inputs(rng, np.float32, 1, 2, 9, 4, "causal", opts=False)
+    kd = cuda.to_device(k)
+    y1 = nk.fft_conv(cuda.to_device(u), kd)
+    y2 = nk.fft_conv(cuda.to_device(u), kd)
+    assert hasattr(y1, "copy_to_host"), type(y1)
+    assert fc.cache_info()["hits"] == 1
+    np.testing.assert_array_equal(y1.copy_to_host(), y2.copy_to_host())
+    _check(y1.copy_to_host(), fft_conv_ref(u, k), np.float32, "y")
+
+
+@pytest.mark.sim
+def test_sim_fft_size_override(rng):
+    u, k, kw, _ = _inputs(rng, np.float32, 1, 2, 6, 3, "same")
+    y = nk.fft_conv(u, k, mode="same", fft_size=13, backend="cuda", **kw)  # odd N: F = 7 spectrum slots
+    _check(y, fft_conv_ref(u, k, "same", **kw), np.float32, "y")
