@@ -13,22 +13,22 @@ if SIM:
 
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-import numba_kernels as nk  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import import_library  # noqa: E402
+from _common import tbench as _tbench  # noqa: E402
 
-try:  # an uninstalled checkout: map reference/ to numba_kernels.reference as the install does
-    import numba_kernels.reference  # noqa: F401
-except ImportError:
-    import reference as _ref
-    import reference.causal_conv1d  # noqa: F401
-    sys.modules["numba_kernels.reference"] = _ref
-    sys.modules["numba_kernels.reference.causal_conv1d"] = _ref.causal_conv1d
+nk = import_library()
 from numba_kernels._dispatch import bfloat16  # noqa: E402
 from numba_kernels.reference.causal_conv1d import (causal_conv1d_backward_ref, causal_conv1d_ref,  # noqa: E402
                                                     causal_conv1d_update_ref)
 
 rng = np.random.default_rng(int(time.time()))
+
+
+def tbench(fn, iters=30):
+    return _tbench(fn, iters)
+
+
 TOL = {np.dtype(np.float16): 4e-3, bfloat16: 3e-2, np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
 fails = []
 
@@ -108,19 +108,6 @@ def bench():
     from numba import cuda
 
     from numba_kernels.cuda import causal_conv1d as ccc
-
-    def tbench(fn, iters=30):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e) / 1e3)
-        return float(np.median(ts))
 
     x = torch.randn(2 ** 30 // 4, device="cuda")
     y = torch.empty_like(x)

@@ -14,17 +14,10 @@ if SIM:
 
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-import numba_kernels as nk  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import import_library  # noqa: E402
 
-try:  # an uninstalled checkout: map reference/ to numba_kernels.reference as the install does
-    import numba_kernels.reference  # noqa: F401
-except ImportError:
-    import reference as _ref
-    import reference.fft_conv  # noqa: F401
-    sys.modules["numba_kernels.reference"] = _ref
-    sys.modules["numba_kernels.reference.fft_conv"] = _ref.fft_conv
+nk = import_library()
 from scipy.signal import fftconvolve  # noqa: E402
 
 from numba_kernels._dispatch import bfloat16  # noqa: E402

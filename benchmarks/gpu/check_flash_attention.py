@@ -6,17 +6,10 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-import numba_kernels as nk  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import import_library, tbench  # noqa: E402
 
-try:  # an uninstalled checkout: map reference/ to numba_kernels.reference as the install does
-    import numba_kernels.reference  # noqa: F401
-except ImportError:
-    import reference as _ref
-    import reference.flash_attention  # noqa: F401
-    sys.modules["numba_kernels.reference"] = _ref
-    sys.modules["numba_kernels.reference.flash_attention"] = _ref.flash_attention
+nk = import_library()
 from numba_kernels._dispatch import bfloat16  # noqa: E402
 from numba_kernels.reference.flash_attention import flash_attention_ref, flash_attention_varlen_ref  # noqa: E402
 
@@ -101,19 +94,6 @@ def bench():
     import torch.nn.functional as F
     from numba import cuda
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def tbench(fn, iters=20):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e) / 1e3)
-        return float(np.median(ts))
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = 2 * 8192 ** 3 / tbench(lambda: a @ a, 10) / 1e12

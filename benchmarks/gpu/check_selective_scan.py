@@ -13,17 +13,10 @@ if SIM:
 
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-import numba_kernels as nk  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import import_library, tbench  # noqa: E402
 
-try:  # an uninstalled checkout: map reference/ to numba_kernels.reference as the install does
-    import numba_kernels.reference  # noqa: F401
-except ImportError:
-    import reference as _ref
-    import reference.selective_scan  # noqa: F401
-    sys.modules["numba_kernels.reference"] = _ref
-    sys.modules["numba_kernels.reference.selective_scan"] = _ref.selective_scan
+nk = import_library()
 from numba_kernels._dispatch import bfloat16  # noqa: E402
 from numba_kernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
 
@@ -115,19 +108,6 @@ def bench():
     from numba import cuda
 
     from numba_kernels.cuda import selective_scan as css
-
-    def tbench(fn, iters=20):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e) / 1e3)
-        return float(np.median(ts))
 
     x = torch.randn(2 ** 30 // 4, device="cuda")
     yy = torch.empty_like(x)
