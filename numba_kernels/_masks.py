@@ -26,3 +26,14 @@ def visible(row, col, Sk, off, left, right):
     if right >= 0:
         ok = ok and col <= row + off + right
     return ok
+
+
+def row_span(i, off, left, right, j0, n):
+    """Visible columns [c0, c1) of row ``i`` inside the key block [j0, j0 + n) (c1 <= c0: none)."""
+    c0 = 0
+    c1 = n
+    if left >= 0:
+        c0 = min(n, max(0, i + off - left - j0))
+    if right >= 0:
+        c1 = max(0, min(n, i + off + right + 1 - j0))
+    return c0, c1

@@ -27,6 +27,7 @@ row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
 
 
 _key_range = njit(_masks.key_range, inline="always")
+_row_span = njit(_masks.row_span, inline="always")
 
 
 # indices into the ``consts`` array: scalars carried in the compute dtype so that no float32
@@ -83,13 +84,7 @@ def _attend_keys(qt, kt, vt, s, tmp, acc, mrow, lrow, alpha, fbuf, cidx, b, h, i
     np.dot(qt, kt.T, s)  # (m, n) raw scores q . k
     for r in range(m):
         i = i0 + r
-        # visible columns of this row inside the block: [c0, c1)
-        c0 = 0
-        c1 = n
-        if left >= 0:
-            c0 = min(n, max(0, i + off - left - j0))
-        if right >= 0:
-            c1 = max(0, min(n, i + off + right + 1 - j0))
+        c0, c1 = _row_span(i, off, left, right, j0, n)  # visible columns of this row inside the block
         row = s[r]
         if c1 <= c0:  # the whole row is masked in this block: it adds nothing
             _fill(row, zero)

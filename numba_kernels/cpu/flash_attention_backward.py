@@ -24,7 +24,7 @@ from numba import prange
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LOG2E, atomic_fetch_add, exp2_fast
-from numba_kernels.cpu.flash_attention import _fill, _key_range
+from numba_kernels.cpu.flash_attention import _fill, _key_range, _row_span
 
 BLOCK_KV = 256  # key rows per dK/dV task
 BLOCK_Q = 256  # query rows per dQ task, and query chunk of a dK/dV task
@@ -70,12 +70,7 @@ def _probs(s, g, lse2, i0, j0, off, left, right, consts, slope, cidx, fbuf):
     sc = one if prescale else consts[C_SCALE_LOG2]
     for r in range(m):
         i = i0 + r
-        c0 = 0
-        c1 = n
-        if left >= 0:
-            c0 = min(n, max(0, i + off - left - j0))
-        if right >= 0:
-            c1 = max(0, min(n, i + off + right + 1 - j0))
+        c0, c1 = _row_span(i, off, left, right, j0, n)
         row = s[r]
         if c1 <= c0:
             _fill(row, zero)
