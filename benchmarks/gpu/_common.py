@@ -41,3 +41,28 @@ def tbench(fn, iters=20):
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) / 1e3)
     return float(np.median(ts))
+
+
+
+class Checks:
+    """Correctness bookkeeping of a check script: errors against the reference, judged by a dtype table."""
+
+    def __init__(self, width=40):
+        from ml_dtypes import bfloat16
+
+        self.tol = {np.dtype(np.float16): 4e-3, np.dtype(bfloat16): 3e-2, np.dtype(np.float32): 2e-5,
+                    np.dtype(np.float64): 1e-10}
+        self.width = width
+        self.fails = []
+
+    @staticmethod
+    def err(a, ref):
+        """max |a - ref| / max(1, max |ref|) (0 for empty arrays)."""
+        a = np.asarray(a, dtype=np.float64)
+        return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
+
+    def report(self, name, dt, e, extra=""):
+        ok = e < self.tol[np.dtype(dt)]
+        print(f"{'ok ' if ok else 'BAD'} {name:{self.width}s} {np.dtype(dt).name:8s} err {e:.2e} {extra}", flush=True)
+        if not ok:
+            self.fails.append(f"{name} {np.dtype(dt).name}")

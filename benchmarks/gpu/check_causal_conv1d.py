@@ -14,7 +14,7 @@ if SIM:
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import import_library  # noqa: E402
+from _common import Checks, import_library  # noqa: E402
 from _common import tbench as _tbench  # noqa: E402
 
 nk = import_library()
@@ -29,20 +29,8 @@ def tbench(fn, iters=30):
     return _tbench(fn, iters)
 
 
-TOL = {np.dtype(np.float16): 4e-3, bfloat16: 3e-2, np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
-fails = []
-
-
-def err(a, ref):
-    a = np.asarray(a, dtype=np.float64)
-    return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
-
-
-def report(name, dt, e, extra=""):
-    ok = e < TOL[np.dtype(dt)]
-    print(f"{'ok ' if ok else 'BAD'} {name:34s} {np.dtype(dt).name:8s} err {e:.2e} {extra}", flush=True)
-    if not ok:
-        fails.append(f"{name} {np.dtype(dt).name}")
+CHECKS = Checks(width=34)
+err, report, fails = CHECKS.err, CHECKS.report, CHECKS.fails
 
 
 def inputs(dt, B, D, L, W):

@@ -15,7 +15,7 @@ if SIM:
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import import_library  # noqa: E402
+from _common import Checks, import_library  # noqa: E402
 
 nk = import_library()
 from scipy.signal import fftconvolve  # noqa: E402
@@ -24,20 +24,8 @@ from numba_kernels._dispatch import bfloat16  # noqa: E402
 from numba_kernels.reference.fft_conv import fft_conv_backward_ref, fft_conv_ref  # noqa: E402
 
 rng = np.random.default_rng(int(time.time()))
-TOL = {np.dtype(np.float16): 4e-3, bfloat16: 3e-2, np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
-fails = []
-
-
-def err(a, ref):
-    a = np.asarray(a, dtype=np.float64)
-    return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
-
-
-def report(name, dt, e, extra=""):
-    ok = e < TOL[np.dtype(dt)]
-    print(f"{'ok ' if ok else 'BAD'} {name:40s} {np.dtype(dt).name:8s} err {e:.2e} {extra}", flush=True)
-    if not ok:
-        fails.append(f"{name} {np.dtype(dt).name}")
+CHECKS = Checks(width=40)
+err, report, fails = CHECKS.err, CHECKS.report, CHECKS.fails
 
 
 def correctness():
