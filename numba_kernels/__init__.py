@@ -9,6 +9,7 @@ from numba_kernels.fft_conv import clear_fft_conv_cache, fft_conv, fft_conv_back
 from numba_kernels.flash_attention import flash_attention, flash_attention_varlen
 from numba_kernels.flash_attention_backward import flash_attention_backward, flash_attention_varlen_backward
 from numba_kernels.selective_scan import selective_scan, selective_state_update
+from numba_kernels.selective_scan_backward import selective_scan_backward
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,6 @@ __all__ = [
     "flash_attention_varlen",
     "flash_attention_varlen_backward",
     "selective_scan",
+    "selective_scan_backward",
     "selective_state_update",
 ]

@@ -1,7 +1,7 @@
 """Mamba-1 selective scan: ``selective_scan`` (mamba's ``selective_scan_fn`` forward, plus an initial state
 and packed sequences via seq_idx) and the decode step ``selective_state_update``.
 
-The backward pass is not implemented yet."""
+The backward pass is ``selective_scan_backward`` (numba_kernels.selective_scan_backward)."""
 import numpy as np
 
 from numba_kernels import _dispatch as dsp
@@ -46,6 +46,27 @@ def _check_bc(name, M, dt, Bt, Dm, N, L):
     if mdt != dt:
         raise TypeError(f"{name} (time-varying) must have the same dtype as u ({dt}), got {mdt}")
     return G
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+    """Check the scan inputs; return (u's dtype, (B, Dm, L, N), G of B, G of C (0: time-invariant), seq_idx)."""
+    dt = dsp.check_float("u", u, 3)
+    Bt, Dm, L = u.shape
+    if L < 1:
+        raise ValueError(f"u must have shape (B, Dm, L) with L >= 1, got {tuple(u.shape)}")
+    _check_like("delta", delta, dt, (Bt, Dm, L), "u")
+    dsp.check_float("A", A, 2)
+    if A.shape[0] != Dm or A.shape[1] < 1:
+        raise ValueError(f"A must have shape ({Dm}, N) with N >= 1, got {tuple(A.shape)}")
+    N = A.shape[1]
+    gb = _check_bc("B", B, dt, Bt, Dm, N, L)
+    gc = _check_bc("C", C, dt, Bt, Dm, N, L)
+    _check_vec("D", D, (Dm,))
+    _check_like("z", z, dt, (Bt, Dm, L), "u")
+    _check_vec("delta_bias", delta_bias, (Dm,))
+    _check_vec("initial_state", initial_state, (Bt, Dm, N))
+    seq = _check_int("seq_idx", seq_idx, (Bt, L))
+    return dt, (Bt, Dm, L, N), gb, gc, seq
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
@@ -96,22 +117,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Inputs are never modified.
     """
-    dt = dsp.check_float("u", u, 3)
-    Bt, Dm, L = u.shape
-    if L < 1:
-        raise ValueError(f"u must have shape (B, Dm, L) with L >= 1, got {tuple(u.shape)}")
-    _check_like("delta", delta, dt, (Bt, Dm, L), "u")
-    dsp.check_float("A", A, 2)
-    if A.shape[0] != Dm or A.shape[1] < 1:
-        raise ValueError(f"A must have shape ({Dm}, N) with N >= 1, got {tuple(A.shape)}")
-    N = A.shape[1]
-    gb = _check_bc("B", B, dt, Bt, Dm, N, L)
-    gc = _check_bc("C", C, dt, Bt, Dm, N, L)
-    _check_vec("D", D, (Dm,))
-    _check_like("z", z, dt, (Bt, Dm, L), "u")
-    _check_vec("delta_bias", delta_bias, (Dm,))
-    _check_vec("initial_state", initial_state, (Bt, Dm, N))
-    seq = _check_int("seq_idx", seq_idx, (Bt, L))
+    dt, (Bt, Dm, L, N), gb, gc, seq = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     arrays = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     be = dsp.resolve_backend(backend, *arrays)
     on_dev = dsp.any_on_device(*arrays)
