@@ -5,6 +5,7 @@ Every op takes NumPy arrays (or CUDA device arrays) and a ``backend`` of "auto",
 """
 from numba_kernels._dispatch import BackendUnavailableError, bfloat16
 from numba_kernels.causal_conv1d import causal_conv1d, causal_conv1d_backward, causal_conv1d_update
+from numba_kernels.decode_attention import attention_combine, flash_attention_with_kvcache
 from numba_kernels.fft_conv import clear_fft_conv_cache, fft_conv, fft_conv_backward
 from numba_kernels.flash_attention import flash_attention, flash_attention_varlen
 from numba_kernels.flash_attention_backward import flash_attention_backward, flash_attention_varlen_backward
@@ -14,6 +15,7 @@ from numba_kernels.selective_scan_backward import selective_scan_backward
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention_combine",
     "BackendUnavailableError",
     "bfloat16",
     "causal_conv1d",
@@ -26,6 +28,7 @@ __all__ = [
     "flash_attention_backward",
     "flash_attention_varlen",
     "flash_attention_varlen_backward",
+    "flash_attention_with_kvcache",
     "selective_scan",
     "selective_scan_backward",
     "selective_state_update",

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-REFERENCE_MODULES = ("causal_conv1d", "fft_conv", "flash_attention", "flash_attention_backward", "selective_scan")
+REFERENCE_MODULES = ("causal_conv1d", "decode_attention", "fft_conv", "flash_attention", "flash_attention_backward", "selective_scan")
 
 
 def import_library():

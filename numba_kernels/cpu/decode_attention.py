@@ -1,0 +1,192 @@
+"""Decode attention on the CPU: njit, parallel over (sequence, k/v head, key split).
+
+A task owns the G * Sq query rows of one k/v head (the query heads of its GQA group, every query
+token), so each cached key/value row is read from memory once and used G * Sq times. Rows are read
+straight from the cache through the page table (a contiguous cache is a paged one with one page per
+cache row); float16/bfloat16 caches arrive as uint16 bits and are widened one row at a time through a
+lookup table. Per key tile: scores by vectorized dot products, an online softmax in log2 units, then
+O += P V one value row at a time. Decode rows are few, so plain loops beat BLAS calls here.
+Each task writes a partial output and LSE for its key split; :func:`combine_cpu` merges the splits.
+"""
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from numba_kernels import _masks
+from numba_kernels._jit import njit, njit_parallel
+from numba_kernels.cpu._math import LN2, LOG2E, exp2_fast, fmax_fast
+
+BLOCK_K = 64
+
+_key_range = njit(_masks.key_range, inline="always")
+_row_span = njit(_masks.row_span, inline="always")
+
+#: float32 value of every uint16 bit pattern, per half type (built once, 256 KB each)
+LUT = {
+    "float16": np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32),
+    "bfloat16": (np.arange(65536, dtype=np.uint32) << 16).view(np.float32),
+}
+NO_LUT = np.zeros(0, dtype=np.float32)
+
+
+def cache_row(cache, page, slot, hk, buf, lut):  # pragma: no cover - replaced by the overload inside njit code
+    return cache[page, slot, hk]
+
+
+@overload(cache_row, inline="always")
+def _cache_row_ol(cache, page, slot, hk, buf, lut):
+    """Row ``cache[page, slot, hk, :]`` in the compute dtype: a view for float32/float64 caches; uint16
+    caches (float16/bfloat16 bits) are widened into ``buf`` through ``lut``, and ``buf`` is returned."""
+    if isinstance(cache.dtype, types.Integer):
+        def widen(cache, page, slot, hk, buf, lut):
+            for d in range(buf.shape[0]):
+                buf[d] = lut[cache[page, slot, hk, d]]
+            return buf
+        return widen
+    return lambda cache, page, slot, hk, buf, lut: cache[page, slot, hk]
+
+
+def make_consts(dtype, scale, softcap):
+    """The ``consts`` argument of :func:`decode_cpu`, in the compute dtype."""
+    return np.array([scale * LOG2E, softcap, scale / softcap if softcap > 0 else 0.0, LOG2E, -np.inf, 0.0],
+                    dtype=dtype)
+
+
+@njit(inline="always")
+def _dot(a, b):
+    acc = a[0] * 0
+    for d in range(a.shape[0]):
+        acc += a[d] * b[d]
+    return acc
+
+
+@njit_parallel
+def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes):
+    """Split-KV decode attention.
+
+    q (B, Sq, H, D) compute dtype; kc/vc (num_pages, page, Hk, D), compute dtype or uint16 bits with ``lut``;
+    table (B, max_pages) int32: logical position p of sequence b is row ``p % page`` of page
+    ``table[b, p // page]``; the keys of sequence b are positions [start[b], end[b]).
+    out_p (nsplit, B, Sq, H, D) compute dtype and lse_p (nsplit, B, H, Sq) float32 receive each split's
+    normalized output and natural-log LSE (-inf and 0 for a split that sees no key).
+    consts = [softmax_scale * log2(e), softcap, scale / softcap, log2(e), -inf, 0] in the compute dtype
+    (:func:`make_consts`; softcap > 0 turns on ``softcap * tanh(s * scale / softcap)``);
+    slopes (B, H) ALiBi slopes in the compute dtype, or an empty array.
+    """
+    B, Sq, H, D = q.shape
+    page = kc.shape[1]
+    Hk = kc.shape[2]
+    G = H // Hk
+    M = G * Sq
+    has_alibi = slopes.shape[0] > 0
+    scale_log2, softcap, cap_in, log2e, neg_inf, zero = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
+    for w in prange(B * Hk * nsplit):
+        sp = w % nsplit
+        hk = (w // nsplit) % Hk
+        b = w // (nsplit * Hk)
+        Sk = end[b] - start[b]
+        off = Sk - Sq
+        lo, hi = _key_range(0, Sq, Sq, Sk, left, right)
+        chunk = -(-max(hi - lo, 0) // nsplit)
+        chunk = -(-chunk // BLOCK_K) * BLOCK_K
+        k0 = lo + sp * chunk
+        k1 = min(hi, k0 + chunk)
+        qt = np.empty((M, D), dtype=q.dtype)
+        sl = np.zeros(M, dtype=q.dtype)
+        for r in range(M):
+            qt[r] = q[b, r % Sq, hk * G + r // Sq]
+            if has_alibi:
+                sl[r] = slopes[b, hk * G + r // Sq] * log2e
+        acc = np.zeros((M, D), dtype=q.dtype)
+        mrow = np.full(M, neg_inf, dtype=q.dtype)
+        lrow = np.zeros(M, dtype=q.dtype)
+        s = np.empty((M, BLOCK_K), dtype=q.dtype)
+        pages = np.empty(BLOCK_K, dtype=np.int64)
+        slots = np.empty(BLOCK_K, dtype=np.int64)
+        buf = np.empty(D, dtype=q.dtype)
+        dist = np.empty(1, dtype=q.dtype)
+        for j0 in range(k0, k1, BLOCK_K):
+            n = min(BLOCK_K, k1 - j0)
+            for c in range(n):
+                p = start[b] + j0 + c
+                pages[c] = table[b, p // page]
+                slots[c] = p % page
+                krow = cache_row(kc, pages[c], slots[c], hk, buf, lut)
+                for r in range(M):
+                    s[r, c] = _dot(qt[r], krow)
+            for r in range(M):
+                i = r % Sq
+                c0, c1 = _row_span(i, off, left, right, j0, n)
+                mx = neg_inf
+                for c in range(n):
+                    x = s[r, c]
+                    if softcap > 0:
+                        x = softcap * np.tanh(x * cap_in) * log2e
+                    else:
+                        x = x * scale_log2
+                    if has_alibi:
+                        dist[0] = abs(i + off - j0 - c)
+                        x -= sl[r] * dist[0]
+                    if c < c0 or c >= c1:
+                        x = neg_inf
+                    s[r, c] = x
+                    mx = fmax_fast(mx, x)
+                m_new = fmax_fast(mrow[r], mx)
+                mu = zero if m_new == neg_inf else m_new
+                alpha = exp2_fast(mrow[r] - mu)
+                tot = zero
+                for c in range(n):
+                    e = exp2_fast(s[r, c] - mu) if s[r, c] != neg_inf else zero
+                    s[r, c] = e
+                    tot += e
+                lrow[r] = lrow[r] * alpha + tot
+                mrow[r] = m_new
+                for d in range(D):
+                    acc[r, d] *= alpha
+            for c in range(n):
+                vrow = cache_row(vc, pages[c], slots[c], hk, buf, lut)
+                for r in range(M):
+                    pr = s[r, c]
+                    if pr != zero:
+                        for d in range(D):
+                            acc[r, d] += pr * vrow[d]
+        for r in range(M):
+            i = r % Sq
+            h = hk * G + r // Sq
+            inv = zero if lrow[r] == zero else 1 / lrow[r]
+            for d in range(D):
+                out_p[sp, b, i, h, d] = acc[r, d] * inv
+            if lrow[r] > zero:
+                lse_p[sp, b, h, i] = (mrow[r] + np.log2(lrow[r])) * LN2
+            else:
+                lse_p[sp, b, h, i] = -np.inf
+
+
+@njit_parallel
+def combine_cpu(out_p, lse_p, out, lse):
+    """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,).
+    Splits with LSE -inf carry no weight; if every split is -inf the row is 0 with LSE -inf."""
+    S, N, D = out_p.shape
+    for x in prange(N):
+        m = -np.inf
+        for s in range(S):
+            m = max(m, lse_p[s, x])
+        if m == -np.inf:
+            for d in range(D):
+                out[x, d] = 0
+            lse[x] = -np.inf
+            continue
+        tot = 0.0
+        for d in range(D):
+            out[x, d] = 0
+        for s in range(S):
+            if lse_p[s, x] == -np.inf:
+                continue
+            wgt = np.exp(np.float64(lse_p[s, x]) - m)
+            tot += wgt
+            for d in range(D):
+                out[x, d] += wgt * out_p[s, x, d]
+        inv = 1.0 / tot
+        for d in range(D):
+            out[x, d] *= inv
+        lse[x] = m + np.log(tot)
