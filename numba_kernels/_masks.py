@@ -18,6 +18,18 @@ def key_range(i0, i1, Sq, Sk, left, right):
     return lo, hi
 
 
+def query_range(j0, j1, Sq, Sk, left, right):
+    """Query rows [lo, hi) that see at least one key of [j0, j1)."""
+    off = Sk - Sq
+    lo = 0
+    hi = Sq
+    if right >= 0:
+        lo = max(0, j0 - off - right)
+    if left >= 0:
+        hi = min(Sq, j1 - 1 - off + left + 1)
+    return lo, hi
+
+
 def visible(row, col, Sk, off, left, right):
     """Whether key ``col`` is visible from query ``row``."""
     ok = col < Sk

@@ -3,16 +3,12 @@
 Plain functions taking the upstream gradient and the forward's saved ``out`` and ``lse``, returning
 (dq, dk, dv). Batched calls are packed into the varlen form so one kernel serves both.
 """
-import os
 
 import numpy as np
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels._dropout import keep_threshold, normalize_seed
 from numba_kernels.flash_attention import _check_cu_seqlens, _check_options, _check_qkv
-
-_NO_CUDA = "flash_attention_backward has no CUDA kernel yet; use backend='cpu'"
-
 
 def _check_like_q(name, x, q, dt):
     dsp.check_float(name, x, len(q.shape))
@@ -39,11 +35,7 @@ def _check_backward(dout, q, k, v, out, ndim, dropout_p, seed, deterministic, ba
         raise ValueError("seed is required when dropout_p > 0: pass the seed the forward used (or returned), "
                          "so the backward regenerates the same dropout mask")
     seed = normalize_seed(seed if seed is not None else 0)
-    requested = backend if backend is not None else (os.environ.get(dsp.ENV_BACKEND, "auto") or "auto")
-    arrays = (dout, q, k, v, out)
-    if requested == "cuda" or (requested == "auto" and dsp.any_on_device(*arrays)):
-        raise NotImplementedError(_NO_CUDA)
-    return dt, seed, dsp.resolve_backend(backend, *arrays)
+    return dt, seed, dsp.resolve_backend(backend, dout, q, k, v, out)
 
 
 def _run_bwd(dout, q, k, v, out, lse, cu_q, cu_k, dt, backend, scale, left, right, softcap, dropout_p, slopes, seed):
@@ -79,6 +71,18 @@ def _run_bwd(dout, q, k, v, out, lse, cu_q, cu_k, dt, backend, scale, left, righ
     return tuple(np.ascontiguousarray(np.transpose(g, (1, 0, 2)), dtype=dt) for g in (dq, dk, dv))
 
 
+def _run_cuda(dout, q, k, v, out, lse, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, slopes, seed, lse_a,
+              lse_c, deterministic):
+    """Packed backward on the GPU (host or device arrays in, device arrays out); lse flat in the layout
+    ``lse[cu_q[b] * lse_a + h * lse_c + i]``."""
+    from numba_kernels.cuda.flash_attention_backward import flash_bwd_cuda
+
+    max_sq = int(np.diff(cu_q).max(initial=0))
+    max_sk = int(np.diff(cu_k).max(initial=0))
+    return flash_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, dt, scale, left, right, softcap,
+                          dropout_p, slopes, seed, lse_a, lse_c, bool(deterministic))
+
+
 def _where_inputs(grads, dt, on_device):
     if on_device:
         return tuple(dsp.to_device(g) for g in grads)
@@ -107,10 +111,11 @@ def flash_attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_s
         Required when ``dropout_p > 0``: the seed the forward used (or returned); the same dropout
         mask is regenerated from it, never stored.
     deterministic : bool
-        Accepted for flash-attn compatibility. The CPU backward is always deterministic (bitwise
-        identical run to run): dQ is accumulated in a separate pass instead of with atomics.
-    backend : {"auto", "cpu", "reference"}, optional
-        As in the forward. "cuda" (or device-array inputs) raises NotImplementedError for now.
+        CUDA: True computes dQ in a separate pass (bitwise identical run to run, about 40% more work);
+        False (default) adds dQ with fp32 atomics (run-to-run differences in the last bits). The CPU
+        backward is always deterministic: dQ is accumulated in a separate pass.
+    backend : {"auto", "cpu", "cuda", "reference"}, optional
+        As in the forward.
 
     Returns
     -------
@@ -129,6 +134,15 @@ def flash_attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_s
         D, H, B, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, causal)
     cu_q = np.arange(B + 1, dtype=np.int32) * Sq
     cu_k = np.arange(B + 1, dtype=np.int32) * Sk
+    on_device = dsp.any_on_device(dout, q, k, v, out)
+    if be == "cuda":  # (B, S, H, D) -> packed (B*S, H, D), free; lse (B, H, Sq) read in place
+        packed = [(dsp.to_device(x) if dsp.is_device_array(x) else np.ascontiguousarray(x)).reshape(
+            (B * x.shape[1],) + tuple(x.shape[2:])) for x in (dout, q, k, v, out)]
+        lse_f = dsp.to_device(lse).reshape(B * H * Sq) if dsp.is_device_array(lse) else np.ravel(lse)
+        dq, dk, dv = _run_cuda(*packed, lse_f, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, slopes, seed,
+                               H, Sq, deterministic)
+        grads = (dq.reshape((B, Sq, H, D)), dk.reshape(tuple(k.shape)), dv.reshape(tuple(v.shape)))
+        return _where_inputs(grads, dt, on_device)
     # (B, S, H, D) -> packed (B*S, H, D); lse (B, H, Sq) -> (H, B*Sq)
     packed = [np.reshape(dsp.to_host(x), (B * x.shape[1],) + tuple(x.shape[2:])) for x in (dout, q, k, v, out)]
     lse_p = np.transpose(dsp.to_host(lse), (1, 0, 2)).reshape(H, B * Sq)
@@ -172,6 +186,11 @@ def flash_attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_se
     _check_lse(lse, (H, Tq))
     scale, left, right, softcap, dropout_p, slopes = _check_options(
         D, H, B, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, causal)
-    grads = _run_bwd(dout, q, k, v, out, lse, cu_q, cu_k, dt, be, scale, left, right, softcap, dropout_p, slopes,
-                     seed)
+    if be == "cuda":
+        lse_f = dsp.to_device(lse).reshape(H * Tq) if dsp.is_device_array(lse) else np.ravel(lse)
+        grads = _run_cuda(dout, q, k, v, out, lse_f, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, slopes,
+                          seed, 1, Tq, deterministic)
+    else:
+        grads = _run_bwd(dout, q, k, v, out, lse, cu_q, cu_k, dt, be, scale, left, right, softcap, dropout_p, slopes,
+                         seed)
     return _where_inputs(grads, dt, dsp.any_on_device(dout, q, k, v, out))

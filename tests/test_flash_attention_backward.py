@@ -244,7 +244,6 @@ def _good(rng):
     ("lse-none", TypeError, "lse must be an array"),
     ("seed-missing", ValueError, "seed is required when dropout_p > 0"),
     ("seed-type", TypeError, "seed must be an int"),
-    ("cuda", NotImplementedError, "no CUDA kernel yet; use backend='cpu'"),
     ("k-batch", ValueError, "k must have batch size"),
     ("gqa", ValueError, "multiple of the k/v heads"),
     ("window", ValueError, "window_size entries must be >= -1"),
@@ -274,8 +273,6 @@ def test_bad_inputs(rng, case, exc, msg):
         kw = dict(dropout_p=0.1)
     elif case == "seed-type":
         kw = dict(dropout_p=0.1, seed="abc")
-    elif case == "cuda":
-        kw = dict(backend="cuda")
     elif case == "k-batch":
         a[2], a[3] = a[2][:1], a[3][:1]
     elif case == "gqa":
@@ -294,9 +291,15 @@ def test_bad_inputs(rng, case, exc, msg):
         nk.flash_attention_backward(*a, **kw)
 
 
-def test_cuda_backend_from_environment_is_not_implemented(rng, monkeypatch):
+def test_cuda_backend_without_gpu_is_a_clear_error(rng, monkeypatch):
+    from numba_kernels._dispatch import BackendUnavailableError, cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU (or the simulator) is present")
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        nk.flash_attention_backward(*_good(rng), backend="cuda")
     monkeypatch.setenv("NUMBA_KERNELS_BACKEND", "cuda")
-    with pytest.raises(NotImplementedError, match="use backend='cpu'"):
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
         nk.flash_attention_backward(*_good(rng))
 
 

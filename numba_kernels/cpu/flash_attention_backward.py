@@ -21,6 +21,7 @@ Layout: head-major and packed, q/dout (H, total_q, D), k/v (Hk, total_k, D) with
 import numpy as np
 from numba import prange
 
+from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LOG2E, atomic_fetch_add, exp2_fast
@@ -41,17 +42,7 @@ def make_consts(dtype, scale, softcap, dropout_p):
     return np.array([scale * LOG2E, softcap, cap_in, LOG2E, 1.0 / (1.0 - dropout_p), 0.0, 1.0, scale], dtype=dtype)
 
 
-@njit(inline="always")
-def _query_range(j0, j1, Sq, Sk, left, right):
-    """Query rows [lo, hi) that see at least one key of [j0, j1) in one sequence."""
-    off = Sk - Sq
-    lo = 0
-    hi = Sq
-    if right >= 0:
-        lo = max(0, j0 - off - right)
-    if left >= 0:
-        hi = min(Sq, j1 - 1 - off + left + 1)
-    return lo, hi
+_query_range = njit(_masks.query_range, inline="always")
 
 
 @njit(inline="always")

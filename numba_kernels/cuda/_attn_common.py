@@ -24,6 +24,7 @@ def jit_kernel(fn):
 
 
 key_range = dev(_masks.key_range)
+query_range = dev(_masks.query_range)
 visible = dev(_masks.visible)
 
 
