@@ -221,7 +221,7 @@ def _host_call(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_i
     lut = cpu.LUT[plan.dt.name] if half else cpu.NO_LUT
     ns = auto_splits(plan, numba.get_num_threads(), 4 * cpu.BLOCK_K)
     out_p = np.empty((ns, plan.B, plan.Sq, plan.H, plan.D), dtype=cdt)
-    lse_p = np.empty((ns, plan.B, plan.H, plan.Sq), dtype=np.float32)
+    lse_p = np.empty((ns, plan.B, plan.H, plan.Sq), dtype=cdt)  # float64 LSEs keep float64 merges exact
     sl = np.zeros((0, 0), dtype=cdt) if plan.slopes is None else plan.slopes.astype(cdt)
     cpu.decode_cpu(qh, np.ascontiguousarray(kc), np.ascontiguousarray(vc), lut, plan.table.astype(np.int32),
                    plan.leftpad, plan.end, ns, out_p, lse_p, cpu.make_consts(cdt, plan.scale, plan.softcap),
@@ -237,9 +237,9 @@ def _combine_host(out_p, lse_p, out_dtype):
 
     S, B, Sq, H, D = out_p.shape
     o = np.ascontiguousarray(out_p).reshape(S, B * Sq * H, D)
-    lp = np.ascontiguousarray(np.transpose(lse_p, (0, 1, 3, 2)), dtype=np.float32).reshape(S, B * Sq * H)
+    lp = np.ascontiguousarray(np.transpose(lse_p, (0, 1, 3, 2))).reshape(S, B * Sq * H)
     out = np.empty((B * Sq * H, D), dtype=out_dtype)
-    lse = np.empty(B * Sq * H, dtype=np.float32)
+    lse = np.empty(B * Sq * H, dtype=lp.dtype)
     combine_cpu(o, lp, out, lse)
     return out.reshape(B, Sq, H, D), np.ascontiguousarray(lse.reshape(B, Sq, H).transpose(0, 2, 1))
 
@@ -321,7 +321,7 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_
         out, lse = dsp.to_device(out), dsp.to_device(lse)
     else:
         out, lse = dsp.to_host(out, plan.dt), dsp.to_host(lse)
-        out = np.asarray(out).astype(plan.dt, copy=False)
+        out, lse = np.asarray(out).astype(plan.dt, copy=False), np.asarray(lse).astype(np.float32, copy=False)
     return (out, lse) if return_lse else out
 
 
@@ -380,7 +380,7 @@ def attention_combine(out_partials, lse_partials, *, out_dtype=None, return_lse=
             out, lse = attention_combine_ref(oh, np.transpose(lh, (0, 1, 3, 2)))
             lse = np.ascontiguousarray(np.transpose(lse, (0, 2, 1)))
         else:
-            out, lse = _combine_host(oh, lh.astype(np.float32), dsp.compute_dtype(odt))
+            out, lse = _combine_host(oh, lh.astype(dsp.compute_dtype(dt)), dsp.compute_dtype(odt))
     if nd == 4:
         out, lse = out.reshape(shp[1:]), lse.reshape(tuple(lse_partials.shape[1:]))
     if on_device:

@@ -67,7 +67,7 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     q (B, Sq, H, D) compute dtype; kc/vc (num_pages, page, Hk, D), compute dtype or uint16 bits with ``lut``;
     table (B, max_pages) int32: logical position p of sequence b is row ``p % page`` of page
     ``table[b, p // page]``; the keys of sequence b are positions [start[b], end[b]).
-    out_p (nsplit, B, Sq, H, D) compute dtype and lse_p (nsplit, B, H, Sq) float32 receive each split's
+    out_p (nsplit, B, Sq, H, D) and lse_p (nsplit, B, H, Sq), compute dtype, receive each split's
     normalized output and natural-log LSE (-inf and 0 for a split that sees no key).
     consts = [softmax_scale * log2(e), softcap, scale / softcap, log2(e), -inf, 0] in the compute dtype
     (:func:`make_consts`; softcap > 0 turns on ``softcap * tanh(s * scale / softcap)``);
@@ -164,7 +164,7 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
 
 @njit_parallel
 def combine_cpu(out_p, lse_p, out, lse):
-    """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,).
+    """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,) (lse_p's dtype).
     Splits with LSE -inf carry no weight; if every split is -inf the row is 0 with LSE -inf."""
     S, N, D = out_p.shape
     for x in prange(N):
