@@ -9,6 +9,7 @@ from numba_kernels.decode_attention import attention_combine, flash_attention_wi
 from numba_kernels.fft_conv import clear_fft_conv_cache, fft_conv, fft_conv_backward
 from numba_kernels.flash_attention import flash_attention, flash_attention_varlen
 from numba_kernels.flash_attention_backward import flash_attention_backward, flash_attention_varlen_backward
+from numba_kernels.kv_cache import CacheFullError, PagedKVCache
 from numba_kernels.selective_scan import selective_scan, selective_state_update
 from numba_kernels.selective_scan_backward import selective_scan_backward
 
@@ -18,6 +19,7 @@ __all__ = [
     "attention_combine",
     "BackendUnavailableError",
     "bfloat16",
+    "CacheFullError",
     "causal_conv1d",
     "causal_conv1d_backward",
     "causal_conv1d_update",
@@ -29,6 +31,7 @@ __all__ = [
     "flash_attention_varlen",
     "flash_attention_varlen_backward",
     "flash_attention_with_kvcache",
+    "PagedKVCache",
     "selective_scan",
     "selective_scan_backward",
     "selective_state_update",
