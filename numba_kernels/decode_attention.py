@@ -185,17 +185,23 @@ def auto_splits(plan, workers, min_keys):
     return int(max(1, min(-(-2 * workers // tasks), longest // min_keys, 64)))
 
 
+def append_host(plan, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved):
+    """Write the new tokens (rotated when rotary is on) into host caches, in place."""
+    if not plan.snew:
+        return
+    kn = k if not plan.rotary else _rotate_host(dsp.to_host(k, plan.dt), rotary_cos, rotary_sin,
+                                                rotary_positions(plan)[1], rotary_interleaved)
+    kn, vn = np.asarray(dsp.to_host(kn, plan.dt)), np.asarray(dsp.to_host(v, plan.dt))
+    for b in range(plan.B):
+        pos = np.arange(plan.seqlens[b], plan.end[b])
+        rows = plan.table[b, pos // plan.page]
+        k_cache[rows, pos % plan.page] = kn[b].astype(k_cache.dtype)
+        v_cache[rows, pos % plan.page] = vn[b].astype(v_cache.dtype)
+
+
 def _host_call(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, backend):
     """Append and attend on the host (CPU kernels or the reference); caches are host arrays, updated in place."""
-    if plan.snew:
-        kn = k if not plan.rotary else _rotate_host(dsp.to_host(k), rotary_cos, rotary_sin,
-                                                    rotary_positions(plan)[1], rotary_interleaved)
-        kn, vn = np.asarray(dsp.to_host(kn)), np.asarray(dsp.to_host(v))
-        for b in range(plan.B):
-            pos = np.arange(plan.seqlens[b], plan.end[b])
-            rows = plan.table[b, pos // plan.page]
-            k_cache[rows, pos % plan.page] = kn[b].astype(k_cache.dtype)
-            v_cache[rows, pos % plan.page] = vn[b].astype(v_cache.dtype)
+    append_host(plan, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved)
     cdt = dsp.compute_dtype(plan.dt)
     qh = np.asarray(dsp.to_host(q, plan.dt))
     if plan.rotary:

@@ -1,0 +1,516 @@
+"""Decode attention CUDA kernels (cached factories); the host side is ``numba_kernels.cuda.decode_attention``.
+
+All kernels read the cache through a page table: position p of sequence b is slot ``p % page`` of page
+``table[b, p // page]`` (a contiguous cache is a paged one with one page per cache row), so every page size
+works. One block owns the query rows of one k/v head (its GQA group's query heads x the query tokens,
+packed as row R = g * Sq + i), so each K/V byte is read once per block, and one key split of the sequence.
+
+* ``make_decode_tc`` (float16/bfloat16, head dim a multiple of 8): 16 packed rows per block on tensor cores
+  (mma.sync m16n8k16). The warps split the keys: each warp streams its own 16-key tiles through a private
+  double-buffered cp.async pipeline (no block barrier in the loop), keeps its own online softmax, and the
+  warps' (max, sum, O) are merged through shared memory at the end.
+* ``make_decode_simt`` (float32/float64, and halves of any head dim): CUDA cores, lanes over the head dim,
+  warps over keys, warp-shuffle dot products.
+* ``make_combine`` merges split partials (the split-KV epilogue and ``attention_combine``).
+* ``make_rotate`` applies rotary embeddings to q and writes new k/v into the cache (the append).
+"""
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, float64, int64, uint32
+
+from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, LN2, LOG2E, dev, jit_kernel,
+                                             key_range, visible)
+from numba_kernels.cuda._conv1d_kernels import _converters
+from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
+
+
+@dev
+def split_range(Sq, Sk, left, right, sp, nsplit, align):
+    """Keys [k0, k1) of split ``sp`` of ``nsplit``: the visible range cut into ``align``-aligned pieces."""
+    lo, hi = key_range(0, Sq, Sq, Sk, left, right)
+    n = hi - lo
+    if n < 0:
+        n = 0
+    chunk = (n + nsplit - 1) // nsplit
+    chunk = ((chunk + align - 1) // align) * align
+    k0 = lo + sp * chunk
+    k1 = min(hi, k0 + chunk)
+    return k0, k1
+
+
+@dev
+def packed_row(R, Sq, hk, G):
+    """Packed row R of k/v head hk -> (query token i, query head h)."""
+    g = R // Sq
+    return R - g * Sq, hk * G + g
+
+
+@functools.lru_cache(maxsize=None)
+def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
+    """Tensor-core decode kernel: NW warps, 16 packed rows, 16-key tiles per warp, head dim padded to DP.
+    Returns (kernel, threads per block, dynamic shared bytes)."""
+    BC = 16
+    STR = DP // 2 + 4                   # shared row stride in uint32 words
+    CH = DP // 8                        # 16-byte chunks per padded row
+    NT_S, KS_D, NT_O = BC // 8, DP // 16, DP // 8
+    O_LEN, S_LEN = NT_O * 4, NT_S * 4
+    NTH = 32 * NW
+    TILE = BC * STR
+    Q_W = 16 * STR
+    WARP_W = 4 * TILE                   # two stages of (K, V) per warp
+    RB = NW * BC                        # row-base scratch entries
+    EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
+    SMEM = 4 * max(Q_W + NW * WARP_W, EPI)
+    MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
+    HALF_DP = DP // 2
+    mma = intr.mma_bf16 if bf16 else intr.mma_f16
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    ldsm, ldsm_t, cp16 = intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
+
+    @dev
+    def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
+        d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
+        acc[x] = d0
+        acc[x + 1] = d1
+        acc[x + 2] = d2
+        acc[x + 3] = d3
+
+    @dev
+    def issue_tile(smem, rbase, kc, vc, table, b, hk, p0, nvalid, dst, warp, lane):
+        """cp.async the K and V rows of logical positions p0 .. p0 + BC - 1 (the first nvalid exist) into this
+        warp's stage at ``dst``: lanes < BC look up one row's page, the warp then copies 16-byte chunks."""
+        W = kc.shape[3]
+        if lane < BC:
+            base = int64(-1)
+            if lane < nvalid:
+                P = kc.shape[1]
+                p = p0 + lane
+                pg = p // P
+                base = ((int64(table[b, pg]) * P + (p - pg * P)) * kc.shape[2] + hk) * W
+            rbase[warp * BC + lane] = base
+        syncwarp()
+        for c in range(lane, BC * CH, 32):
+            r = c // CH
+            ch = c - r * CH
+            base = rbase[warp * BC + r]
+            ok = base >= 0 and ch * 4 < W
+            src = base + ch * 4 if ok else int64(0)
+            cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
+            cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
+
+    @dev
+    def softmax_tile(sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, sl_a, sl_b, j0, t, k1, off, left, right,
+                     scale_log2, softcap, cap_in):
+        """Online softmax of one 16 x BC score tile (rows ia, ib of this thread) in log2 units; P replaces S."""
+        mx_a = F32_NEG_INF
+        mx_b = F32_NEG_INF
+        for y in range(S_LEN):
+            s = sacc[y]
+            if HAS_CAP:
+                s = softcap * math.tanh(s * cap_in) * F32_LOG2E
+            else:
+                s = s * scale_log2
+            col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
+            row = ia if (y & 2) == 0 else ib
+            if HAS_ALIBI:
+                s -= (sl_a if (y & 2) == 0 else sl_b) * float32(abs(row + off - col))
+            if not visible(row, col, k1, off, left, right):
+                s = F32_NEG_INF
+            sacc[y] = s
+            if (y & 2) == 0:
+                mx_a = max(mx_a, s)
+            else:
+                mx_b = max(mx_b, s)
+        mx_a = max(mx_a, shfl_xor(mx_a, 1))
+        mx_a = max(mx_a, shfl_xor(mx_a, 2))
+        mx_b = max(mx_b, shfl_xor(mx_b, 1))
+        mx_b = max(mx_b, shfl_xor(mx_b, 2))
+        mn_a = max(m_a, mx_a)
+        mn_b = max(m_b, mx_b)
+        mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
+        mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
+        alpha_a = ex2(m_a - mu_a)
+        alpha_b = ex2(m_b - mu_b)
+        sum_a = F32_ZERO
+        sum_b = F32_ZERO
+        for y in range(S_LEN):
+            if (y & 2) == 0:
+                p = ex2(sacc[y] - mu_a)
+                sum_a += p
+            else:
+                p = ex2(sacc[y] - mu_b)
+                sum_b += p
+            sacc[y] = p
+        for nt in range(NT_O):
+            oacc[nt * 4] *= alpha_a
+            oacc[nt * 4 + 1] *= alpha_a
+            oacc[nt * 4 + 2] *= alpha_b
+            oacc[nt * 4 + 3] *= alpha_b
+        return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
+
+    def kernel(qw, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        g = lane >> 2
+        t = lane & 3
+        hk = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        B, Sq, H, W = qw.shape
+        Hk = kc.shape[2]
+        G = H // Hk
+        M = G * Sq
+        n_mt = (M + 15) // 16
+        mt = cuda.blockIdx.x % n_mt
+        sp = cuda.blockIdx.x // n_mt
+        D = 2 * W
+        st = start[b]
+        Sk = end[b] - st
+        off = Sk - Sq
+        k0, k1 = split_range(Sq, Sk, left, right, sp, nsplit, BC)
+        smem = cuda.shared.array(0, uint32)
+        rbase = cuda.shared.array(RB, int64)
+        # ---- the block's 16 packed query rows
+        for c in range(tid, 16 * CH, NTH):
+            r = c // CH
+            ch = c - r * CH
+            R = mt * 16 + r
+            ok = R < M and ch * 4 < W
+            src = int64(0)
+            if ok:
+                i, h = packed_row(R, Sq, hk, G)
+                src = ((int64(b) * Sq + i) * H + h) * W + ch * 4
+            cp16(smem, r * STR + ch * 4, qw, src, 16 if ok else 0)
+        intr.cp_async_commit()
+        intr.cp_async_wait0()
+        cuda.syncthreads()
+        Ra = mt * 16 + g
+        Rb = Ra + 8
+        ia, ha = packed_row(Ra, Sq, hk, G)
+        ib, hb = packed_row(Rb, Sq, hk, G)
+        sl_a = F32_ZERO
+        sl_b = F32_ZERO
+        if HAS_ALIBI:
+            if Ra < M:
+                sl_a = slopes[b, ha] * F32_LOG2E
+            if Rb < M:
+                sl_b = slopes[b, hb] * F32_LOG2E
+        mrow = lane & 7
+        q_lane = (mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+        k_lane = (mrow + 8 * (lane >> 4)) * STR + 4 * ((lane >> 3) & 1)
+        v_lane = TILE + (mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+        m_a = F32_NEG_INF
+        m_b = F32_NEG_INF
+        l_a = F32_ZERO
+        l_b = F32_ZERO
+        oacc = cuda.local.array(O_LEN, float32)
+        for x in range(O_LEN):
+            oacc[x] = F32_ZERO
+        sacc = cuda.local.array(S_LEN, float32)
+        wbase = Q_W + warp * WARP_W
+        ntile = (k1 - k0 + BC - 1) // BC
+        it = warp
+        if it < ntile:
+            issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + it * BC, k1 - k0 - it * BC, wbase, warp, lane)
+        intr.cp_async_commit()
+        stage = 0
+        while it < ntile:
+            nxt = it + NW
+            if nxt < ntile:
+                issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + nxt * BC, k1 - k0 - nxt * BC,
+                           wbase + (1 - stage) * 2 * TILE, warp, lane)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+            syncwarp()
+            kv0 = wbase + stage * 2 * TILE
+            j0 = k0 + it * BC
+            for x in range(S_LEN):
+                sacc[x] = F32_ZERO
+            for kk in range(KS_D):
+                a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
+                for np2 in range(NT_S // 2):
+                    b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
+                    mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+            m_a, m_b, l_a, l_b = softmax_tile(sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, sl_a, sl_b, j0, t, k1, off,
+                                              left, right, scale_log2, softcap, cap_in)
+            a0 = pack(sacc[0], sacc[1])
+            a1 = pack(sacc[2], sacc[3])
+            a2 = pack(sacc[4], sacc[5])
+            a3 = pack(sacc[6], sacc[7])
+            for np2 in range(NT_O // 2):
+                b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + np2 * 8)
+                mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                mma_acc(oacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+            syncwarp()  # every lane is done with this stage before the next issue refills it
+            stage = 1 - stage
+            it = nxt
+        intr.cp_async_wait0()
+        # ---- merge the warps' (max, sum, O) through shared memory
+        l_a += shfl_xor(l_a, 1)
+        l_a += shfl_xor(l_a, 2)
+        l_b += shfl_xor(l_b, 1)
+        l_b += shfl_xor(l_b, 2)
+        cuda.syncthreads()
+        ef = cuda.shared.array(0, float32)
+        if t == 0:
+            ef[warp * 16 + g] = m_a
+            ef[warp * 16 + g + 8] = m_b
+            ef[NW * 16 + warp * 16 + g] = l_a
+            ef[NW * 16 + warp * 16 + g + 8] = l_b
+        for nt in range(NT_O):
+            c = nt * 8 + 2 * t
+            ef[MI + (warp * 16 + g) * DP + c] = oacc[nt * 4]
+            ef[MI + (warp * 16 + g) * DP + c + 1] = oacc[nt * 4 + 1]
+            ef[MI + (warp * 16 + g + 8) * DP + c] = oacc[nt * 4 + 2]
+            ef[MI + (warp * 16 + g + 8) * DP + c + 1] = oacc[nt * 4 + 3]
+        cuda.syncthreads()
+        for x in range(tid, 16 * HALF_DP, NTH):
+            r = x // HALF_DP
+            c = 2 * (x - r * HALF_DP)
+            R = mt * 16 + r
+            if R < M and c < D:
+                i, h = packed_row(R, Sq, hk, G)
+                mx = F32_NEG_INF
+                for w in range(NW):
+                    mx = max(mx, ef[w * 16 + r])
+                mu = F32_ZERO if mx == F32_NEG_INF else mx
+                tot = F32_ZERO
+                v0 = F32_ZERO
+                v1 = F32_ZERO
+                for w in range(NW):
+                    e = ex2(ef[w * 16 + r] - mu)
+                    tot += e * ef[NW * 16 + w * 16 + r]
+                    v0 += e * ef[MI + (w * 16 + r) * DP + c]
+                    v1 += e * ef[MI + (w * 16 + r) * DP + c + 1]
+                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
+                if SPLIT:
+                    o[sp, b, i, h, c] = v0 * inv
+                    if c + 1 < D:
+                        o[sp, b, i, h, c + 1] = v1 * inv
+                else:
+                    o[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
+                if c == 0:
+                    val = (mu + math.log2(tot)) * F32_LN2 if tot > F32_ZERO else F32_NEG_INF
+                    if SPLIT:
+                        lse[sp, b, h, i] = val
+                    else:
+                        lse[b, h, i] = val
+
+    return jit_kernel(kernel), NTH, SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def make_decode_simt(kind, NW, MR, DD, SPLIT):
+    """CUDA-core decode kernel for element kind ``kind`` ("f16", "bf16", "f32", "f64"): NW warps over keys,
+    MR packed rows per block, lanes over the head dim (DD = ceil(D / 32) values each).
+    Returns (kernel, threads per block, dynamic shared bytes)."""
+    cin, cout, ft = _converters(kind)
+    NTH = 32 * NW
+    ACC = MR * DD
+    f64 = kind == "f64"
+    DP = 32 * DD
+    SMEM = (8 if f64 else 4) * NW * MR * (DP + 2)
+    MI = 2 * NW * MR
+    NEG_INF = ft(-np.inf)
+    ZERO = ft(0.0)
+    C_LOG2E = ft(LOG2E)
+    C_LN2 = ft(LN2)
+
+    @dev
+    def exp2(x):
+        if f64:
+            return math.exp(x * C_LN2)
+        return ex2(x)
+
+    def kernel(q, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        hk = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        B, Sq, H, D = q.shape
+        P = kc.shape[1]
+        Hk = kc.shape[2]
+        G = H // Hk
+        M = G * Sq
+        n_rt = (M + MR - 1) // MR
+        rt = cuda.blockIdx.x % n_rt
+        sp = cuda.blockIdx.x // n_rt
+        st = start[b]
+        Sk = end[b] - st
+        off = Sk - Sq
+        k0, k1 = split_range(Sq, Sk, left, right, sp, nsplit, NW)
+        qr = cuda.local.array(ACC, ft)
+        acc = cuda.local.array(ACC, ft)
+        mrow = cuda.local.array(MR, ft)
+        lrow = cuda.local.array(MR, ft)
+        slr = cuda.local.array(MR, ft)
+        kv = cuda.local.array(DD, ft)
+        vv = cuda.local.array(DD, ft)
+        for r in range(MR):
+            R = rt * MR + r
+            mrow[r] = NEG_INF
+            lrow[r] = ZERO
+            slr[r] = ZERO
+            ok = R < M
+            i, h = packed_row(R, Sq, hk, G)
+            if ok and slopes.shape[0] > 0:
+                slr[r] = slopes[b, h] * C_LOG2E
+            for dd in range(DD):
+                d = dd * 32 + lane
+                acc[r * DD + dd] = ZERO
+                qr[r * DD + dd] = cin(q[b, i, h, d]) if (ok and d < D) else ZERO
+        for j in range(k0 + warp, k1, NW):
+            p = st + j
+            pg = p // P
+            page = table[b, pg]
+            slot = p - pg * P
+            for dd in range(DD):
+                d = dd * 32 + lane
+                kv[dd] = cin(kc[page, slot, hk, d]) if d < D else ZERO
+                vv[dd] = cin(vc[page, slot, hk, d]) if d < D else ZERO
+            for r in range(MR):
+                R = rt * MR + r
+                i = R - (R // Sq) * Sq
+                s = ZERO
+                for dd in range(DD):
+                    s += qr[r * DD + dd] * kv[dd]
+                for sh in (16, 8, 4, 2, 1):
+                    s += shfl_xor(s, sh)
+                if softcap > 0:
+                    s = softcap * math.tanh(s * cap_in) * C_LOG2E
+                else:
+                    s = s * scale_log2
+                s -= slr[r] * ft(abs(i + off - j))
+                if not visible(i, j, k1, off, left, right):
+                    s = NEG_INF
+                mn = max(mrow[r], s)
+                if mn != NEG_INF:
+                    alpha = exp2(mrow[r] - mn)
+                    pr = exp2(s - mn)
+                    lrow[r] = lrow[r] * alpha + pr
+                    mrow[r] = mn
+                    for dd in range(DD):
+                        acc[r * DD + dd] = acc[r * DD + dd] * alpha + pr * vv[dd]
+        cuda.syncthreads()
+        ef = cuda.shared.array(0, ft)
+        if lane == 0:
+            for r in range(MR):
+                ef[warp * MR + r] = mrow[r]
+                ef[NW * MR + warp * MR + r] = lrow[r]
+        for r in range(MR):
+            for dd in range(DD):
+                ef[MI + (warp * MR + r) * DP + dd * 32 + lane] = acc[r * DD + dd]
+        cuda.syncthreads()
+        for x in range(tid, MR * DP, NTH):
+            r = x // DP
+            c = x - r * DP
+            R = rt * MR + r
+            if R < M and c < D:
+                i, h = packed_row(R, Sq, hk, G)
+                mx = NEG_INF
+                for w in range(NW):
+                    mx = max(mx, ef[w * MR + r])
+                mu = ZERO if mx == NEG_INF else mx
+                tot = ZERO
+                val = ZERO
+                for w in range(NW):
+                    e = exp2(ef[w * MR + r] - mu)
+                    tot += e * ef[NW * MR + w * MR + r]
+                    val += e * ef[MI + (w * MR + r) * DP + c]
+                inv = ZERO if tot == ZERO else ft(1.0) / tot
+                if SPLIT:
+                    o[sp, b, i, h, c] = val * inv
+                else:
+                    o[b, i, h, c] = cout(val * inv)
+                if c == 0:
+                    lv = (mu + math.log2(tot)) * C_LN2 if tot > ZERO else NEG_INF
+                    if SPLIT:
+                        lse[sp, b, h, i] = lv
+                    else:
+                        lse[b, h, i] = lv
+
+    return jit_kernel(kernel), NTH, SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def make_combine(in_kind, out_kind, NTH):
+    """Merge kernel over the grid (H, Sq, B): o_p (S, B, Sq, H, D), lse_p (S, B, H, Sq) -> out (B, Sq, H, D)
+    in ``out_kind`` elements, lse (B, H, Sq)."""
+    cin, _, ft = _converters(in_kind)
+    _, cout, _ = _converters(out_kind)
+    ft = float64 if "f64" in (in_kind, out_kind) else float32
+    NEG_INF = ft(-np.inf)
+    ZERO = ft(0.0)
+
+    def kernel(o_p, lse_p, out, lse):
+        h = cuda.blockIdx.x
+        i = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        S = o_p.shape[0]
+        D = o_p.shape[4]
+        mx = NEG_INF
+        for s in range(S):
+            mx = max(mx, ft(lse_p[s, b, h, i]))
+        mu = ZERO if mx == NEG_INF else mx
+        tot = ZERO
+        for s in range(S):
+            tot += math.exp(ft(lse_p[s, b, h, i]) - mu)
+        inv = ZERO if tot == ZERO else ft(1.0) / tot
+        for d in range(cuda.threadIdx.x, D, NTH):
+            val = ZERO
+            for s in range(S):
+                lv = ft(lse_p[s, b, h, i])
+                if lv != NEG_INF:
+                    val += math.exp(lv - mu) * ft(cin(o_p[s, b, i, h, d]))
+            out[b, i, h, d] = cout(val * inv)
+        if cuda.threadIdx.x == 0:
+            lse[b, h, i] = mu + math.log(tot) if tot > ZERO else NEG_INF
+
+    return jit_kernel(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def make_rotate(kind, TO_CACHE, ROTATE, NTH):
+    """Rotary embedding (optional) of rows src[b, t, x, :] at position ``pos0[b] + t * step``, written to
+    ``dst[b, t, x, :]`` or, with TO_CACHE, into the cache at position ``pos0[b] + t`` through ``table``.
+    Grid (X, S, B). cos/sin (seqlen_ro, rotary_dim / 2) float32."""
+    cin, cout, ft = _converters(kind)
+
+    def kernel(src, dst, table, pos0, step, cos, sin, interleaved):
+        x = cuda.blockIdx.x
+        t = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        D = src.shape[3]
+        half = cos.shape[1]
+        pos = pos0[b] + t * step
+        if TO_CACHE:
+            P = dst.shape[1]
+            p = pos0[b] + t
+            pg = p // P
+            page = table[b, pg]
+            slot = p - pg * P
+        for d in range(cuda.threadIdx.x, D, NTH):
+            val = cin(src[b, t, x, d])
+            if ROTATE and d < 2 * half:
+                if interleaved:
+                    j = d >> 1
+                    partner = cin(src[b, t, x, d ^ 1])
+                    sgn = ft(-1.0) if (d & 1) == 0 else ft(1.0)
+                else:
+                    j = d if d < half else d - half
+                    partner = cin(src[b, t, x, d + half]) if d < half else cin(src[b, t, x, d - half])
+                    sgn = ft(-1.0) if d < half else ft(1.0)
+                val = val * ft(cos[pos, j]) + sgn * partner * ft(sin[pos, j])
+            if TO_CACHE:
+                dst[page, slot, x, d] = cout(val)
+            else:
+                dst[b, t, x, d] = cout(val)
+
+    return jit_kernel(kernel)

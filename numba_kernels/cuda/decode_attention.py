@@ -1,0 +1,151 @@
+"""Decode attention on CUDA: host side (append + rotary, kernel and split choice, launch, split merge).
+
+Kernels and the design notes are in ``_decode_kernels``. float16/bfloat16 with a head dim that is a
+multiple of 8 run on tensor cores; everything else on CUDA cores.
+"""
+import numpy as np
+from numba import cuda
+
+from numba_kernels import _dispatch as dsp
+from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
+from numba_kernels.cuda._decode_kernels import make_combine, make_decode_simt, make_decode_tc, make_rotate
+from numba_kernels.cuda._attn_common import LOG2E
+
+#: tensor-core kernel warps (GPU, simulator); CUDA-core kernel (warps, max packed rows per block)
+TC_WARPS = {"gpu": 4, "sim": 2}
+SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
+#: keys a split must at least get before the key range is split further
+MIN_SPLIT_KEYS = 256
+
+
+def _mode():
+    return "sim" if intr.SIM else "gpu"
+
+
+def _num_sms():
+    if intr.SIM:
+        return 1
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+def _elems(x, kind):
+    """A device array of the cache/query elements (bfloat16 as uint16 bits, float16 as float16)."""
+    if dsp.is_device_array(x):
+        x = dsp.to_device(x)
+        return x.view(np.uint16) if kind == "bf16" and np.dtype(x.dtype) != np.uint16 else x
+    h = np.ascontiguousarray(x)
+    return cuda.to_device(h.view(np.uint16) if kind == "bf16" else h)
+
+
+def _i32(x):
+    return cuda.to_device(np.ascontiguousarray(x, dtype=np.int32))
+
+
+def use_tensor_cores(dt, D):
+    return dt in (np.dtype(np.float16), dsp.bfloat16) and D % 8 == 0
+
+
+def simt_rows(M):
+    nw, mr = SIMT_TILES[_mode()]
+    r = 1
+    while r < min(M, mr):
+        r *= 2
+    return nw, r
+
+
+def choose_splits(plan, blocks_per_split):
+    """num_splits, or about two blocks per SM, each split with at least MIN_SPLIT_KEYS keys."""
+    if plan.num_splits:
+        return plan.num_splits
+    blocks = plan.B * plan.Hk * blocks_per_split
+    longest = int((plan.end - plan.leftpad).max())
+    return int(max(1, min(-(-2 * _num_sms() // blocks), longest // MIN_SPLIT_KEYS, 64)))
+
+
+def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved):
+    """Append (through the page table, rotating k), rotate q, attend. Returns device arrays
+    out (B, Sq, H, D) (bfloat16 as uint16 bits) and lse (B, H, Sq) float32."""
+    from numba_kernels.decode_attention import append_host
+
+    kind = kind_of(plan.dt)
+    ft = np.float64 if kind == "f64" else np.float32
+    table = _i32(plan.table)
+    if not dsp.is_device_array(k_cache):  # host caches: append there (in place), attend on uploaded copies
+        append_host(plan, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved)
+    kc, vc = _elems(k_cache, kind), _elems(v_cache, kind)
+    cos = sin = None
+    if plan.rotary:
+        cos = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_cos), dtype=ft))
+        sin = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_sin), dtype=ft))
+    if plan.snew and dsp.is_device_array(k_cache):
+        kn, vn = _elems(k, kind), _elems(v, kind)
+        pos0 = _i32(plan.seqlens)
+        grid = (plan.Hk, plan.snew, plan.B)
+        if plan.rotary:
+            make_rotate(kind, True, True, 64)[grid, 64](kn, kc, table, pos0, 1, cos, sin, bool(rotary_interleaved))
+        else:
+            make_rotate(kind, True, False, 64)[grid, 64](kn, kc, table, pos0, 1, kn, kn, False)
+        make_rotate(kind, True, False, 64)[grid, 64](vn, vc, table, pos0, 1, kn, kn, False)
+    qd = _elems(q, kind)
+    if plan.rotary:
+        qr = cuda.device_array(qd.shape, dtype=qd.dtype)
+        make_rotate(kind, False, True, 64)[(plan.H, plan.Sq, plan.B), 64](
+            qd, qr, table, _i32(plan.seqlens), 1 if plan.windowed else 0, cos, sin, bool(rotary_interleaved))
+        qd = qr
+    return attend_cuda(plan, qd, kc, vc, table, _i32(plan.leftpad), _i32(plan.end), kind)
+
+
+def attend_cuda(plan, qd, kc, vc, table, start, end, kind):
+    """The attention launch on prepared device arrays (q rotated, new tokens already in the caches);
+    qd (B, Sq, H, D) and caches (pages, page, Hk, D) as element arrays (bfloat16 as uint16 bits)."""
+    B, Sq, H, D = plan.B, plan.Sq, plan.H, plan.D
+    M = (H // plan.Hk) * Sq
+    ft = np.float64 if kind == "f64" else np.float32
+    sl = np.zeros((0, 0), ft) if plan.slopes is None else np.asarray(plan.slopes, ft)
+    sl = cuda.to_device(sl)
+    cap_in = plan.scale / plan.softcap if plan.softcap > 0 else 0.0
+    tc = use_tensor_cores(plan.dt, D)
+    if tc:
+        n_rt = -(-M // 16)
+    else:
+        nw, mr = simt_rows(M)
+        n_rt = -(-M // mr)
+    ns = choose_splits(plan, n_rt)
+    split = ns > 1
+    if split:
+        o = cuda.device_array((ns, B, Sq, H, D), dtype=ft)
+        lse = cuda.device_array((ns, B, H, Sq), dtype=ft)
+    else:
+        o = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
+            (B, Sq, H, D), dtype=ELEM[kind])
+        lse = cuda.device_array((B, H, Sq), dtype=np.float32)
+    grid = (ns * n_rt, plan.Hk, B)
+    args_tail = (o, lse, sl, ft(plan.scale * LOG2E), ft(plan.softcap), ft(cap_in), np.int32(plan.left),
+                 np.int32(plan.right), np.int32(ns))
+    if tc:
+        DP = -(-D // 16) * 16
+        kern, nth, smem = make_decode_tc(TC_WARPS[_mode()], DP, kind == "bf16", plan.softcap > 0,
+                                         plan.slopes is not None, split)
+        args = (qd.view(np.uint32), kc.view(np.uint32), vc.view(np.uint32), table, start, end) + args_tail
+    else:
+        kern, nth, smem = make_decode_simt(kind, nw, mr, -(-D // 32), split)
+        args = (qd, kc, vc, table, start, end) + args_tail
+    intr.launch(kern, grid, nth, smem, args)
+    if not split:
+        out = o.view(np.uint16) if tc else o
+        return (out.view(np.float16) if kind == "f16" else out), lse
+    return combine_cuda(o, lse, np.dtype(ft), plan.dt)
+
+
+def combine_cuda(o_p, lse_p, in_dt, out_dt):
+    """Device merge of o_p (S, B, Sq, H, D) with lse_p (S, B, H, Sq) -> out (B, Sq, H, D) in out_dt
+    (bfloat16 as uint16 bits) and lse (B, H, Sq) float32, both device arrays."""
+    in_kind, out_kind = kind_of(in_dt), kind_of(out_dt)
+    o_p, lse_p = _elems(o_p, in_kind), dsp.to_device(lse_p)
+    S, B, Sq, H, D = o_p.shape
+    out = cuda.device_array((B, Sq, H, D), dtype=ELEM[out_kind])
+    lse = cuda.device_array((B, H, Sq), dtype=np.float32)
+    nth = 32 if intr.SIM else 128
+    make_combine(in_kind, out_kind, nth)[(H, Sq, B), nth](o_p, lse_p, out, lse)
+    return out, lse
