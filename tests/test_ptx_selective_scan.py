@@ -32,3 +32,29 @@ def test_selective_scan_kernel_compiles_for_sm90(name):
         assert "cvt.f32.f16" in ptx
     if name.startswith("scan_"):  # u / delta / z tiles staged in shared memory
         assert "ld.shared" in ptx and "st.shared" in ptx
+
+
+# ---- the backward kernels (N = 16; time-varying and time-invariant B / C) and the partial-sum kernel ------
+BWD_NAMES = ([f"bwd_{k}_N16_{v}" for k in KINDS for v in ("var", "const")] + [f"group_sum_{k}" for k in KINDS])
+
+
+def _bwd_configs():
+    from numba_kernels.cuda.selective_scan_backward import ptx_signatures
+
+    return {name: (fn, sig) for name, fn, sig in ptx_signatures(states=(16,))}
+
+
+def test_every_backward_kernel_is_listed():
+    assert sorted(_bwd_configs()) == sorted(BWD_NAMES)
+
+
+@pytest.mark.parametrize("name", BWD_NAMES)
+def test_selective_scan_backward_kernel_compiles_for_sm90(name):
+    from numba import cuda
+
+    fn, sig = _bwd_configs()[name]
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert ".target sm_90" in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx, f"{name}: registers spilled to local memory"
+    if name.startswith("bwd_"):  # the recomputed chunk lives in shared memory
+        assert "ld.shared" in ptx and "st.shared" in ptx
