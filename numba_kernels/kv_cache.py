@@ -341,6 +341,9 @@ class PagedKVCache:
         ------
         CacheFullError
             Too few free blocks for the new tokens; nothing was changed.
+        ValueError, TypeError
+            From the call's validation; the allocation is rolled back and no sequence's tokens change
+            (a page copied for copy-on-write may remain as data in a free block).
         """
         taken = {"block_table", "cache_seqlens", "cache_batch_idx", "cache_leftpad"} & set(kwargs)
         if taken:
