@@ -149,3 +149,34 @@ def combine_cuda(o_p, lse_p, in_dt, out_dt):
     nth = 32 if intr.SIM else 128
     make_combine(in_kind, out_kind, nth)[(H, Sq, B), nth](o_p, lse_p, out, lse)
     return out, lse
+
+
+def ptx_signatures(head_dims=(64, 128, 256)):
+    """(name, python function, numba signature) of every real decode kernel configuration, for PTX checks."""
+    from numba import types
+
+    i32_1, i32_2 = types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C")
+
+    def sig(q_el, c_el, o_el, o_nd, ft):
+        return (types.Array(q_el, 4, "C"), types.Array(c_el, 4, "C"), types.Array(c_el, 4, "C"), i32_2, i32_1, i32_1,
+                types.Array(o_el, o_nd, "C"), types.Array(ft if o_nd == 5 else types.float32, o_nd - 1, "C"),
+                types.Array(ft, 2, "C"), ft, ft, ft, types.int32, types.int32, types.int32)
+
+    out = []
+    f32, f64, u32 = types.float32, types.float64, types.uint32
+    for D in head_dims:
+        DP = -(-D // 16) * 16
+        for bf16, cap, alibi, split in ((False, False, False, False), (True, False, False, True),
+                                        (True, True, True, False)):
+            kern = make_decode_tc(TC_WARPS["gpu"], DP, bf16, cap, alibi, split)[0]
+            o_el, o_nd = (f32, 5) if split else (u32, 4)
+            out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
+                        f"{'_split' if split else ''}_D{D}", kern.py_func, sig(u32, u32, o_el, o_nd, f32)))
+        nw, mr = SIMT_TILES["gpu"]
+        for kind, el, ft in (("f32", f32, f32), ("f64", f64, f64), ("bf16", types.uint16, f32)):
+            for split in (False, True):
+                kern = make_decode_simt(kind, nw, mr, -(-D // 32), split)[0]
+                o_el, o_nd = (ft, 5) if split else (el, 4)
+                out.append((f"decode_simt_{kind}{'_split' if split else ''}_D{D}", kern.py_func,
+                            sig(el, el, o_el, o_nd, ft)))
+    return out

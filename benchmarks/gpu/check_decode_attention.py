@@ -1,0 +1,186 @@
+"""On the GPU machine: correctness of CUDA decode attention (flash_attention_with_kvcache: contiguous and
+paged caches of several page sizes, append + rotary, splits, every option, all dtypes; attention_combine)
+against the float64 reference, then bf16 decode bandwidth (GB/s of K/V read) next to a same-run device
+copy and torch SDPA on the same decode shape. Prints a table last.
+
+``python check_decode_attention.py [check] [bench] [--quick]``"""
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Checks, import_library, tbench  # noqa: E402
+
+nk = import_library()
+from numba import cuda  # noqa: E402
+
+from numba_kernels._dispatch import bfloat16  # noqa: E402
+from numba_kernels.reference.decode_attention import (attention_combine_ref,  # noqa: E402
+                                                       flash_attention_with_kvcache_ref)
+
+rng = np.random.default_rng(int(time.time()))
+CHECKS = Checks(width=60)
+err, report, fails = CHECKS.err, CHECKS.report, CHECKS.fails
+
+
+def dev(x):
+    return cuda.to_device(x.view(np.uint16) if x.dtype == bfloat16 else x)
+
+
+def host(x, dt):
+    h = x.copy_to_host()
+    return h.view(bfloat16) if dt == bfloat16 else h
+
+
+def make_case(dt, B, Sq, H, Hk, D, page, snew, seqlens, paged):
+    cap = int(max(seqlens)) + snew + 3
+    q = rng.standard_normal((B, Sq, H, D)).astype(dt)
+    if paged:
+        mb = -(-cap // page)
+        nb = B * mb + 3
+        kc = rng.standard_normal((nb, page, Hk, D)).astype(dt)
+        vc = rng.standard_normal((nb, page, Hk, D)).astype(dt)
+        bt = rng.permutation(nb)[:B * mb].reshape(B, mb).astype(np.int32)
+    else:
+        kc = rng.standard_normal((B, cap, Hk, D)).astype(dt)
+        vc = rng.standard_normal((B, cap, Hk, D)).astype(dt)
+        bt = None
+    k = rng.standard_normal((B, snew, Hk, D)).astype(dt) if snew else None
+    v = rng.standard_normal((B, snew, Hk, D)).astype(dt) if snew else None
+    return q, kc, vc, k, v, bt
+
+
+def check_one(name, dt, B=3, Sq=1, H=8, Hk=2, D=128, page=16, snew=1, paged=True, seqlens=(37, 900, 301),
+              num_splits=0, rotary=None, device_caches=True, **kw):
+    seqlens = np.array(seqlens[:B], np.int32)
+    q, kc, vc, k, v, bt = make_case(dt, B, Sq, H, Hk, D, page, snew, seqlens, paged)
+    if rotary is not None:
+        n = int(seqlens.max()) + snew + Sq + 2
+        kw.update(rotary_cos=rng.standard_normal((n, rotary // 2)), rotary_sin=rng.standard_normal((n, rotary // 2)),
+                  rotary_interleaved=kw.pop("interleaved", True))
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    ref, lse_ref = flash_attention_with_kvcache_ref(q, kc_ref, vc_ref, k, v, cache_seqlens=seqlens,
+                                                    block_table=bt, return_lse=True, **kw)
+    kd, vd = (dev(kc), dev(vc)) if device_caches else (kc, vc)
+    out, lse = nk.flash_attention_with_kvcache(q, kd, vd, k, v, cache_seqlens=seqlens, block_table=bt,
+                                               num_splits=num_splits, return_lse=True, backend="cuda", **kw)
+    out = host(out, dt) if hasattr(out, "copy_to_host") else out
+    lse = lse.copy_to_host() if hasattr(lse, "copy_to_host") else lse
+    kh = host(kd, dt) if device_caches else kd
+    fin = np.isfinite(lse_ref)
+    le = float(np.abs(lse[fin] - lse_ref[fin]).max()) if fin.any() else 0.0
+    if not np.array_equal(np.isfinite(lse), fin):
+        le = np.inf
+    report(name, dt, max(err(out, ref), err(kh, kc_ref.astype(np.float64))))
+    report(name + " (LSE, float32)", np.float32 if dt == np.float64 else dt, le)
+
+
+def correctness(quick):
+    dts = (bfloat16, np.float16, np.float32, np.float64)
+    for dt in dts:
+        check_one("paged16 append", dt)
+        check_one("paged7 causal Sq=5 split3", dt, page=7, Sq=5, snew=5, causal=True, num_splits=3)
+        check_one("paged1 window", dt, page=1, window_size=(50, 0), seqlens=(37, 200, 90))
+        check_one("contig rotary interleaved", dt, paged=False, rotary=64, snew=2, Sq=2, causal=True)
+        check_one("contig rotary neox host-caches", dt, paged=False, rotary=32, interleaved=False,
+                  device_caches=False)
+        check_one("paged256 softcap alibi D64", dt, page=256, D=64, softcap=5.0,
+                  alibi_slopes=rng.random(8).astype(np.float32))
+        check_one("leftpad causal MQA", dt, paged=False, Hk=1, causal=True,
+                  cache_leftpad=np.array([3, 0, 100], np.int32))
+        check_one("cache_batch_idx", dt, paged=False, snew=0, cache_batch_idx=np.array([2, 0, 1], np.int32))
+        check_one("Sq=40 G=4 (10 m-tiles) causal", dt, Sq=40, snew=40, causal=True)
+        if not quick:
+            check_one("D=40 paged 16", dt, D=40)
+            check_one("D=59 (CUDA cores)", dt, D=59, paged=False)
+            check_one("D=256 split 5", dt, D=256, num_splits=5)
+            check_one("Sq > keys, causal: masked rows, empty cache", dt, Sq=5, snew=0, causal=True, seqlens=(2, 900, 0))
+    # attention_combine on the device
+    S, B, Sq, H, D = 4, 2, 3, 4, 64
+    o = rng.standard_normal((S, B, Sq, H, D)).astype(np.float32)
+    lp = rng.standard_normal((S, B, H, Sq)).astype(np.float32)
+    lp[1, 0, 0, 0] = -np.inf
+    lp[:, 1, 1, 1] = -np.inf
+    ref, lref = attention_combine_ref(o, np.transpose(lp, (0, 1, 3, 2)))
+    out, lse = nk.attention_combine(cuda.to_device(o), cuda.to_device(lp), return_lse=True)
+    report("attention_combine (device)", np.float32, err(out.copy_to_host(), ref))
+
+
+def bench(quick):
+    import torch
+    import torch.nn.functional as F
+
+    from numba_kernels.cuda.decode_attention import attend_cuda
+    from numba_kernels.decode_attention import _plan
+
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    tc = tbench(lambda: y.copy_(x))
+    copy_bw = 2 * x.numel() / tc
+    print(f"device copy: {copy_bw / 1e12:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    del x, y
+    H, Hk, D = 32, 8, 128
+    rows = []
+    shapes = [(1, 1024), (1, 16384), (1, 131072), (8, 4096), (8, 32768), (8, 131072), (32, 8192), (64, 1024),
+              (64, 16384)]
+    if quick:
+        shapes = [(1, 16384), (8, 32768), (32, 8192)]
+    for B, S in shapes:
+        for layout in ("contig", "page16", "page256"):
+            page = {"contig": S, "page16": 16, "page256": 256}[layout]
+            mb = S // page
+            nbk = B * mb
+            k_t = torch.randn((nbk, page, Hk, D), device="cuda", dtype=torch.bfloat16)
+            v_t = torch.randn((nbk, page, Hk, D), device="cuda", dtype=torch.bfloat16)
+            kc = cuda.as_cuda_array(k_t.view(torch.int16)).view(np.uint16)
+            vc = cuda.as_cuda_array(v_t.view(torch.int16)).view(np.uint16)
+            bt = (np.arange(nbk).reshape(B, mb) if layout == "contig" else
+                  rng.permutation(nbk).reshape(B, mb)).astype(np.int32)
+            q = rng.standard_normal((B, 1, H, D)).astype(bfloat16)
+            seqlens = np.full(B, S, np.int32)
+            kw = dict(block_table=bt, cache_seqlens=seqlens)
+            plan = _plan(q, kc, vc, None, None, None, None, seqlens, None, None, bt, None, False, (-1, -1), 0.0,
+                         None, 0)
+            qd = cuda.to_device(q.view(np.uint16))
+            tb, st, en = (cuda.to_device(a.astype(np.int32)) for a in (plan.table, plan.leftpad, plan.end))
+            t_kernel = tbench(lambda: attend_cuda(plan, qd, kc, vc, tb, st, en, "bf16"))
+            t_call = tbench(lambda: nk.flash_attention_with_kvcache(qd, kc, vc, **kw), iters=10)
+            kv_bytes = 2 * B * S * Hk * D * 2
+            t_sdpa = float("nan")
+            if layout == "contig":
+                kt = k_t.view(B, S, Hk, D).transpose(1, 2).contiguous()  # SDPA's own layout (B, Hk, S, D)
+                vt = v_t.view(B, S, Hk, D).transpose(1, 2).contiguous()
+                qt = torch.as_tensor(q.view(np.int16), device="cuda").view(torch.bfloat16).transpose(1, 2).contiguous()
+                try:
+                    t_sdpa = tbench(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
+                except Exception as ex:  # pragma: no cover - peer missing a path
+                    print("sdpa failed:", ex)
+            row = (B, S, layout, t_kernel, t_call, kv_bytes / t_kernel, kv_bytes / t_kernel / copy_bw, t_sdpa,
+                   kv_bytes / t_sdpa if t_sdpa == t_sdpa else float("nan"))
+            rows.append(row)
+            print(f"B{B:3d} S{S:7d} {layout:8s} kernel {t_kernel * 1e6:8.1f} us  call {t_call * 1e6:8.1f} us  "
+                  f"{row[5] / 1e12:5.2f} TB/s ({row[6]:4.0%} of copy)  sdpa {t_sdpa * 1e6:8.1f} us "
+                  f"({row[8] / 1e12:5.2f} TB/s) ratio {t_sdpa / t_kernel:4.2f}x", flush=True)
+            del kc, vc, k_t, v_t
+            if layout == "contig":
+                del kt, vt
+            torch.cuda.empty_cache()
+    print("\n| B | cache | layout | ours us (kernel) | ours us (public call) | K/V TB/s | of copy | SDPA us | SDPA TB/s "
+          "| SDPA / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for B, S, layout, tk, tcall, bw, frac, ts, sbw in rows:
+        print(f"| {B} | {S} | {layout} | {tk * 1e6:.1f} | {tcall * 1e6:.1f} | {bw / 1e12:.2f} | {frac:.0%} | "
+              f"{ts * 1e6:.1f} | {sbw / 1e12:.2f} | {ts / tk:.2f}x |")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:] or ["check", "bench"]
+    quick = "--quick" in args
+    print(cuda.get_current_device().name, time.strftime("%Y-%m-%d %H:%M"), flush=True)
+    if "check" in args:
+        correctness(quick)
+        print(f"correctness: {len(fails)} failures {fails}", flush=True)
+    if "bench" in args:
+        bench(quick)
