@@ -108,6 +108,66 @@ def correctness(quick):
     report("attention_combine (device)", np.float32, err(out.copy_to_host(), ref))
 
 
+def _setup(B, S, layout, H=32, Hk=8, D=128):
+    """bf16 decode case on the device: caches filled on the GPU, a block table, the plan and its metadata."""
+    import torch
+
+    from numba_kernels.decode_attention import _plan
+
+    page = {"contig": S, "page16": 16, "page256": 256}[layout]
+    mb = S // page
+    nbk = B * mb
+    k_t = torch.randn((nbk, page, Hk, D), device="cuda", dtype=torch.bfloat16)
+    v_t = torch.randn((nbk, page, Hk, D), device="cuda", dtype=torch.bfloat16)
+    kc = cuda.as_cuda_array(k_t.view(torch.int16)).view(np.uint16)
+    vc = cuda.as_cuda_array(v_t.view(torch.int16)).view(np.uint16)
+    bt = (np.arange(nbk).reshape(B, mb) if layout == "contig" else rng.permutation(nbk).reshape(B, mb)).astype(np.int32)
+    q = rng.standard_normal((B, 1, H, D)).astype(bfloat16)
+    seqlens = np.full(B, S, np.int32)
+    plan = _plan(q, kc, vc, None, None, None, None, seqlens, None, None, bt, None, False, (-1, -1), 0.0, None, 0)
+    qd = cuda.to_device(q.view(np.uint16))
+    meta = tuple(cuda.to_device(a.astype(np.int32)) for a in (plan.table, plan.leftpad, plan.end))
+    return dict(k_t=k_t, v_t=v_t, kc=kc, vc=vc, bt=bt, q=q, qd=qd, seqlens=seqlens, plan=plan, meta=meta)
+
+
+def tiles_sweep():
+    """Kernel time of the tensor-core decode kernel per (warps, stages), at two large shapes."""
+    from numba_kernels.cuda.decode_attention import attend_cuda
+
+    for B, S in ((8, 32768), (32, 8192), (1, 131072)):
+        c = _setup(B, S, "page16")
+        kv_bytes = 2 * B * S * 8 * 128 * 2
+        line = []
+        for tiles in ((4, 2), (4, 3), (4, 4), (2, 4), (2, 6), (8, 2)):
+            t = tbench(lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16", tiles))
+            line.append(f"{tiles}: {t * 1e6:7.1f} us {kv_bytes / t / 1e12:4.2f} TB/s")
+        print(f"tiles B{B} S{S} page16 | " + " | ".join(line), flush=True)
+        del c
+
+
+def profile_call():
+    import cProfile
+    import pstats
+
+    from numba_kernels.cuda.decode_attention import attend_cuda
+
+    c = _setup(1, 4096, "page16")
+    kw = dict(block_table=c["bt"], cache_seqlens=c["seqlens"])
+    for fn, label in ((lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16"), "attend_cuda"),
+                      (lambda: nk.flash_attention_with_kvcache(c["qd"], c["kc"], c["vc"], **kw), "public call")):
+        fn()
+        cuda.synchronize()
+        pr = cProfile.Profile()
+        t = time.perf_counter()
+        pr.enable()
+        for _ in range(50):
+            fn()
+        pr.disable()
+        cuda.synchronize()
+        print(f"--- {label}: {(time.perf_counter() - t) / 50 * 1e6:.1f} us per call (host, incl. sync at end)")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+
+
 def bench(quick):
     import torch
     import torch.nn.functional as F
@@ -177,6 +237,10 @@ def bench(quick):
 
 if __name__ == "__main__":
     args = sys.argv[1:] or ["check", "bench"]
+    if "profile" in args:
+        profile_call()
+    if "tiles" in args:
+        tiles_sweep()
     quick = "--quick" in args
     print(cuda.get_current_device().name, time.strftime("%Y-%m-%d %H:%M"), flush=True)
     if "check" in args:

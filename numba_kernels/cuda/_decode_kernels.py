@@ -26,6 +26,13 @@ from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F3
 from numba_kernels.cuda._conv1d_kernels import _converters
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
 
+if intr.SIM:
+    def _cp_wait(n):
+        return lambda: None
+else:
+    def _cp_wait(n):
+        return intr._make_void_asm(f"cp.async.wait_group {n};")
+
 
 @dev
 def split_range(Sq, Sk, left, right, sp, nsplit, align):
@@ -49,9 +56,9 @@ def packed_row(R, Sq, hk, G):
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
-    """Tensor-core decode kernel: NW warps, 16 packed rows, 16-key tiles per warp, head dim padded to DP.
-    Returns (kernel, threads per block, dynamic shared bytes)."""
+def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
+    """Tensor-core decode kernel: NW warps, 16 packed rows, 16-key tiles per warp streamed through STAGES
+    shared buffers per warp, head dim padded to DP. Returns (kernel, threads per block, dynamic shared bytes)."""
     BC = 16
     STR = DP // 2 + 4                   # shared row stride in uint32 words
     CH = DP // 8                        # 16-byte chunks per padded row
@@ -60,7 +67,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
     NTH = 32 * NW
     TILE = BC * STR
     Q_W = 16 * STR
-    WARP_W = 4 * TILE                   # two stages of (K, V) per warp
+    WARP_W = STAGES * 2 * TILE          # STAGES buffers of (K, V) per warp
     RB = NW * BC                        # row-base scratch entries
     EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
     SMEM = 4 * max(Q_W + NW * WARP_W, EPI)
@@ -69,6 +76,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
     mma = intr.mma_bf16 if bf16 else intr.mma_f16
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t, cp16 = intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
+    wait_tile = _cp_wait(STAGES - 1)  # the oldest of STAGES outstanding groups has landed
 
     @dev
     def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
@@ -100,6 +108,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
             src = base + ch * 4 if ok else int64(0)
             cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
             cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
+        syncwarp()  # every lane has read rbase before the next issue rewrites it
 
     @dev
     def softmax_tile(sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, sl_a, sl_b, j0, t, k1, off, left, right,
@@ -212,20 +221,25 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
         sacc = cuda.local.array(S_LEN, float32)
         wbase = Q_W + warp * WARP_W
         ntile = (k1 - k0 + BC - 1) // BC
-        it = warp
-        if it < ntile:
-            issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + it * BC, k1 - k0 - it * BC, wbase, warp, lane)
-        intr.cp_async_commit()
+        # warp-private ring of STAGES tiles: tiles warp, warp + NW, ...; one commit group per tile slot
+        for s in range(STAGES - 1):
+            tt = warp + s * NW
+            if tt < ntile:
+                issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + tt * BC, k1 - k0 - tt * BC,
+                           wbase + s * 2 * TILE, warp, lane)
+            intr.cp_async_commit()
         stage = 0
+        it = warp
         while it < ntile:
-            nxt = it + NW
-            if nxt < ntile:
-                issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + nxt * BC, k1 - k0 - nxt * BC,
-                           wbase + (1 - stage) * 2 * TILE, warp, lane)
-                intr.cp_async_commit()
-                intr.cp_async_wait1()
-            else:
-                intr.cp_async_wait0()
+            ahead = it + (STAGES - 1) * NW
+            if ahead < ntile:
+                sa = stage + STAGES - 1
+                if sa >= STAGES:
+                    sa -= STAGES
+                issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + ahead * BC, k1 - k0 - ahead * BC,
+                           wbase + sa * 2 * TILE, warp, lane)
+            intr.cp_async_commit()
+            wait_tile()
             syncwarp()
             kv0 = wbase + stage * 2 * TILE
             j0 = k0 + it * BC
@@ -248,8 +262,10 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT):
                 mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                 mma_acc(oacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
             syncwarp()  # every lane is done with this stage before the next issue refills it
-            stage = 1 - stage
-            it = nxt
+            stage += 1
+            if stage == STAGES:
+                stage = 0
+            it += NW
         intr.cp_async_wait0()
         # ---- merge the warps' (max, sum, O) through shared memory
         l_a += shfl_xor(l_a, 1)

@@ -11,9 +11,11 @@ from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
 from numba_kernels.cuda._decode_kernels import make_combine, make_decode_simt, make_decode_tc, make_rotate
 from numba_kernels.cuda._attn_common import LOG2E
+from numba_kernels.cuda.flash_attention import _cached
 
-#: tensor-core kernel warps (GPU, simulator); CUDA-core kernel (warps, max packed rows per block)
-TC_WARPS = {"gpu": 4, "sim": 2}
+#: tensor-core kernel (warps, shared-memory stages per warp) on the GPU / in the simulator;
+#: CUDA-core kernel (warps, max packed rows per block)
+TC_TILES = {"gpu": (4, 3), "sim": (2, 2)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256
@@ -39,7 +41,24 @@ def _elems(x, kind):
 
 
 def _i32(x):
-    return cuda.to_device(np.ascontiguousarray(x, dtype=np.int32))
+    """Small int32 metadata on the device, cached by content (no upload when it did not change)."""
+    return _cached(np.asarray(x, dtype=np.int32))
+
+
+_smem_ready = set()
+
+
+def _launch(kern, grid, nth, smem, args):
+    """``intr.launch`` that raises the shared-memory limit once per kernel specialization, not per call."""
+    if intr.SIM or smem <= 48 * 1024:
+        kern[grid, nth, 0, smem](*args)
+        return
+    key = (id(kern), smem) + tuple((type(a), getattr(a, "dtype", None), getattr(a, "ndim", None)) for a in args)
+    if key not in _smem_ready:
+        intr.launch(kern, grid, nth, smem, args)
+        _smem_ready.add(key)
+        return
+    kern[grid, nth, 0, smem](*args)
 
 
 def use_tensor_cores(dt, D):
@@ -96,14 +115,13 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
     return attend_cuda(plan, qd, kc, vc, table, _i32(plan.leftpad), _i32(plan.end), kind)
 
 
-def attend_cuda(plan, qd, kc, vc, table, start, end, kind):
+def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     """The attention launch on prepared device arrays (q rotated, new tokens already in the caches);
     qd (B, Sq, H, D) and caches (pages, page, Hk, D) as element arrays (bfloat16 as uint16 bits)."""
     B, Sq, H, D = plan.B, plan.Sq, plan.H, plan.D
     M = (H // plan.Hk) * Sq
     ft = np.float64 if kind == "f64" else np.float32
-    sl = np.zeros((0, 0), ft) if plan.slopes is None else np.asarray(plan.slopes, ft)
-    sl = cuda.to_device(sl)
+    sl = _cached(np.zeros((0, 0), ft) if plan.slopes is None else np.asarray(plan.slopes, ft))
     cap_in = plan.scale / plan.softcap if plan.softcap > 0 else 0.0
     tc = use_tensor_cores(plan.dt, D)
     if tc:
@@ -125,13 +143,14 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind):
                  np.int32(plan.right), np.int32(ns))
     if tc:
         DP = -(-D // 16) * 16
-        kern, nth, smem = make_decode_tc(TC_WARPS[_mode()], DP, kind == "bf16", plan.softcap > 0,
-                                         plan.slopes is not None, split)
+        nw, stages = TC_TILES[_mode()] if tc_tiles is None else tc_tiles
+        kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", plan.softcap > 0, plan.slopes is not None, split,
+                                         stages)
         args = (qd.view(np.uint32), kc.view(np.uint32), vc.view(np.uint32), table, start, end) + args_tail
     else:
         kern, nth, smem = make_decode_simt(kind, nw, mr, -(-D // 32), split)
         args = (qd, kc, vc, table, start, end) + args_tail
-    intr.launch(kern, grid, nth, smem, args)
+    _launch(kern, grid, nth, smem, args)
     if not split:
         out = o.view(np.uint16) if tc else o
         return (out.view(np.float16) if kind == "f16" else out), lse
@@ -168,7 +187,7 @@ def ptx_signatures(head_dims=(64, 128, 256)):
         DP = -(-D // 16) * 16
         for bf16, cap, alibi, split in ((False, False, False, False), (True, False, False, True),
                                         (True, True, True, False)):
-            kern = make_decode_tc(TC_WARPS["gpu"], DP, bf16, cap, alibi, split)[0]
+            kern = make_decode_tc(*TC_TILES["gpu"][:1], DP, bf16, cap, alibi, split, TC_TILES["gpu"][1])[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
                         f"{'_split' if split else ''}_D{D}", kern.py_func, sig(u32, u32, o_el, o_nd, f32)))
