@@ -293,6 +293,17 @@ def test_sim_forward(rng, dt, bform, cform):
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize("G,bform,cform", [(1, "BNL", "grouped"), (3, "grouped", "const")],
+                         ids=["G1-BNL-grouped", "G3-grouped-const"])
+def test_sim_forward_state_split(rng, G, bform, cform):
+    # N = 4: Q = 4 lanes per channel (shuffle sums); Dm 12 over blocks of 8 channels, or 3 groups of 4
+    kw = _inputs(rng, np.float32, B=2, Dm=12, L=9, N=4, G=G, bform=bform, cform=cform, segments=3)
+    (y, last), (yr, lr) = _run(kw, backend="cuda")
+    _check(y, yr, np.float32, "y")
+    _check(last, lr, np.float32, "last_state")
+
+
+@pytest.mark.sim
 @pytest.mark.parametrize("dt", [np.float32, bfloat16], ids=dtype_id)
 def test_sim_update(rng, dt):
     B, H, P, N, G = 2, 2, 3, 3, 2
