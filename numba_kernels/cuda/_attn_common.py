@@ -1,4 +1,7 @@
-"""Device helpers shared by the CUDA attention kernels: constants, masks, the dropout hash, jit options."""
+"""Device helpers shared by the CUDA attention kernels: constants, masks, the dropout hash, jit options,
+the tensor-core tile helpers."""
+import functools
+
 import numpy as np
 from numba import cuda
 
@@ -35,3 +38,34 @@ def seq_bounds(cu_q, cu_k, b):
     ks = cu_k[b]
     return qs, cu_q[b + 1] - qs, ks, cu_k[b + 1] - ks
 
+
+
+@functools.lru_cache(maxsize=None)
+def make_tc_helpers(bf16, STR, CH, NTH):
+    """(mma_acc, load_rows) of the tensor-core kernels: shared rows of STR uint32 words, CH 16-byte chunks
+    per row, NTH threads per block."""
+    mma = intr.mma_bf16 if bf16 else intr.mma_f16
+    cp16 = intr.cp_async16
+
+    @dev
+    def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
+        """acc[x:x+4] += A @ B for one m16n8k16 tile (acc stays in registers: x is constant after unrolling)."""
+        d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
+        acc[x] = d0
+        acc[x + 1] = d1
+        acc[x + 2] = d2
+        acc[x + 3] = d3
+
+    @dev
+    def load_rows(smem, dst0, src, row0, nrows, nrows_valid, head, tid):
+        """cp.async an nrows x DP tile of src[row0 + r, head, :] into smem rows at dst0, zero-filled."""
+        W = src.shape[2]
+        HS = src.shape[1]
+        for c in range(tid, nrows * CH, NTH):
+            r = c // CH
+            ch = c - r * CH
+            ok = r < nrows_valid and ch * 4 < W
+            src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
+            cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
+
+    return mma_acc, load_rows

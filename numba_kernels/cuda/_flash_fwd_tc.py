@@ -22,8 +22,8 @@ from numba import cuda, float32, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, col_hash, dev,
-                                             jit_kernel, key_range, row_key, seq_bounds,
-                                             visible)
+                                             jit_kernel, key_range, make_tc_helpers, row_key,
+                                             seq_bounds, visible)
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor
 
 
@@ -42,30 +42,9 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     KV_OFF = BR * STR                    # Q at 0; stage s: K at KV_OFF + 2 s TILE, V right after it
     TILE = BC * STR
     SMEM = 4 * (KV_OFF + 4 * TILE)
-    mma = intr.mma_bf16 if bf16 else intr.mma_f16
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ldsm, ldsm_t, cp16 = intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
-
-    @dev
-    def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
-        """acc[x:x+4] += A @ B for one m16n8k16 tile (acc stays in registers: x is constant after unrolling)."""
-        d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
-        acc[x] = d0
-        acc[x + 1] = d1
-        acc[x + 2] = d2
-        acc[x + 3] = d3
-
-    @dev
-    def load_rows(smem, dst0, src, row0, nrows, nrows_valid, head, tid):
-        """cp.async an nrows x DP tile of src[row0 + r, head, :] into smem rows at dst0, zero-filled."""
-        W = src.shape[2]
-        HS = src.shape[1]
-        for c in range(tid, nrows * CH, NTH):
-            r = c // CH
-            ch = c - r * CH
-            ok = r < nrows_valid and ch * 4 < W
-            src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
-            cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
+    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    mma_acc, load_rows = make_tc_helpers(bf16, STR, CH, NTH)
 
     @dev
     def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,

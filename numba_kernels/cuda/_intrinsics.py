@@ -68,6 +68,25 @@ if not SIM:
     pack_f16x2 = _make_pack("f16x2")
     pack_bf16x2 = _make_pack("bf16x2")
 
+    def _make_unpack(text):
+        @intrinsic
+        def unpack(typingctx, w):
+            sig = types.UniTuple(types.float32, 2)(types.uint32)
+
+            def codegen(context, builder, signature, args):
+                res = _asm(builder, ir.LiteralStructType([_f32] * 2), text, "=f,=f,r", list(args))
+                vals = [builder.extract_value(res, i) for i in range(2)]
+                return context.make_tuple(builder, signature.return_type, vals)
+
+            return sig, codegen
+
+        return unpack
+
+    # (low half, high half) of a word of two float16 / bfloat16 values, as float32
+    unpack_f16x2 = _make_unpack("{.reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h;}")
+    unpack_bf16x2 = _make_unpack("{.reg .b32 t; shl.b32 t, $2, 16; mov.b32 $0, t; "
+                                 "and.b32 t, $2, 0xffff0000; mov.b32 $1, t;}")
+
     @intrinsic
     def ex2(typingctx, x):
         """2**x with the SFU (ex2.approx.ftz.f32): 2 ulp, ex2(-inf) = 0."""
@@ -289,6 +308,14 @@ else:
 
     def ex2(x):
         return np.float32(np.exp2(np.float32(x)))
+
+    def unpack_f16x2(w):
+        lo, hi = _halves([w], "f16")
+        return np.float32(lo[0]), np.float32(hi[0])
+
+    def unpack_bf16x2(w):
+        lo, hi = _halves([w], "bf16")
+        return np.float32(lo[0]), np.float32(hi[0])
 
 
 def set_dynamic_shared(kernel, nbytes):

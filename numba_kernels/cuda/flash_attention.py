@@ -107,10 +107,7 @@ def flash_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, dt, scale, left, right, softcap,
         ow, lse = flash_fwd_cuda_words(_as_words(q, D), _as_words(k, D), _as_words(v, D), cu_q, cu_k, max_sq,
                                        dt == dsp.bfloat16, scale, left, right, softcap, dropout_p, slopes, seed,
                                        lse_a, lse_c, D)
-        out = ow.view(np.uint16)
-        if out.shape[2] != D:
-            out = cuda.to_device(np.ascontiguousarray(out.copy_to_host()[..., :D]))
-        return _words_to_dtype(out, dt), lse
+        return _from_words(ow, D, dt), lse
     ft = np.float64 if dt == np.float64 else np.float32
     nw, rw, dd = simt_config(D)
     kern, BR, NTH, SMEM = make_simt_kernel(nw, rw, dd, dt == np.float64)
@@ -123,6 +120,14 @@ def flash_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, dt, scale, left, right, softcap,
             _cached(sl)) + _scalars(ft, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
     intr.launch(kern, grid, NTH, SMEM, args)
     return out, lse
+
+
+def _from_words(w, D, dt):
+    """Device words (T, H, W) of packed halves -> device array (T, H, D) of dt (see ``_words_to_dtype``)."""
+    out = w.view(np.uint16)
+    if out.shape[2] != D:
+        out = cuda.to_device(np.ascontiguousarray(out.copy_to_host()[..., :D]))
+    return _words_to_dtype(out, dt)
 
 
 def _words_to_dtype(u16, dt):

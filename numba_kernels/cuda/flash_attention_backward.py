@@ -19,10 +19,24 @@ from numba import cuda
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._flash_bwd_simt import make_row_dot, make_simt_bwd_kernels
-from numba_kernels.cuda.flash_attention import _cached, _scalars
+from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel, make_tc_dq_kernel, make_word_kernels
+from numba_kernels.cuda.flash_attention import _as_words, _cached, _from_words, _scalars
 
 #: (warps, query rows per tile) of the CUDA-core backward; tiny tiles for the simulator
 SIMT_BWD_TILES = {"gpu": (4, 16), "sim": (1, 4)}
+#: tensor cores, by padded head dim: (warps = key tile / 16, query rows per tile) of the dK/dV kernel and
+#: (warps = query tile / 16, keys per tile) of the deterministic dQ kernel; tiny tiles for the simulator
+TC_BWD_TILES = {64: ((4, 64), (4, 64)), 128: ((4, 32), (4, 32))}
+TC_BWD_TILES_SIM = ((2, 16), (1, 16))
+TC_BWD_MAX_D = 128
+
+
+def tc_bwd_config(D):
+    """((dkdv warps, query rows), (dq warps, keys), padded head dim) for head dim D <= TC_BWD_MAX_D."""
+    DP = max(16, -(-D // 16) * 16)
+    if intr.SIM:
+        return TC_BWD_TILES_SIM + (DP,)
+    return TC_BWD_TILES[min(d for d in TC_BWD_TILES if d >= DP)] + (DP,)
 
 
 def simt_bwd_config(D):
@@ -90,6 +104,37 @@ def flash_bwd_simt(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, ft, scal
     return dq, dk, dv
 
 
+def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf16, scale, left, right, softcap=0.0,
+                      dropout_p=0.0, slopes=None, seed=0, lse_a=None, lse_c=None, deterministic=False, D=None):
+    """Tensor-core backward on device words: dow/qw/ow (Tq, H, W), kw/vw (Tk, Hk, W) uint32 holding two
+    float16/bfloat16 values each, lse flat float32 (default layout (H, Tq)). Returns words (dq, dk, dv)."""
+    Tq, H, W = qw.shape
+    D = 2 * W if D is None else D
+    lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
+    (nw, br), (nwq, bcq), DP = tc_bwd_config(D)
+    flags = (softcap > 0, slopes is not None, dropout_p > 0)
+    row_dot_w, dq_pack = make_word_kernels(bool(bf16))
+    di = cuda.device_array((H, Tq), dtype=np.float32)
+    row_dot_w[max(1, -(-(Tq * H) // 128)), 128](dow, ow, di)
+    dkw = cuda.device_array(kw.shape, dtype=np.uint32)
+    dvw = cuda.device_array(vw.shape, dtype=np.uint32)
+    B = len(cu_q) - 1
+    tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
+    kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic)
+    grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
+    if deterministic:
+        intr.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _zeros((1, 1, 2), np.float32), dkw, dvw) + tail)
+        dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags)
+        dqw = cuda.device_array(qw.shape, dtype=np.uint32)
+        intr.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+    else:
+        acc = _zeros((Tq, H, 2 * W), np.float32)
+        intr.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
+        dqw = cuda.device_array(qw.shape, dtype=np.uint32)
+        dq_pack[max(1, -(-(Tq * H * W) // 256)), 256](acc, dqw, np.float32(scale))
+    return dqw, dkw, dvw
+
+
 def flash_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, dt, scale, left, right, softcap, dropout_p,
                    slopes, seed, lse_a, lse_c, deterministic):
     """Packed backward on the GPU. dout/q/out (Tq, H, D), k/v (Tk, Hk, D) host or device arrays in dt, lse flat.
@@ -100,10 +145,52 @@ def flash_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, dt, scal
         lse_d = dsp.to_device(lse).reshape(-1) if dsp.is_device_array(lse) else cuda.to_device(np.ravel(lse))
         return flash_bwd_simt(*arrs, lse_d, cu_q, cu_k, max_sq, max_sk, np.dtype(dt).type, scale, left, right,
                               softcap, dropout_p, slopes, seed, lse_a, lse_c, deterministic)
-    # float16 / bfloat16 on the CUDA-core kernels: widen on the host, narrow the gradients back
+    D = q.shape[2]
+    if D <= TC_BWD_MAX_D:
+        words = [_as_words(x, D) for x in (dout, q, k, v, out)]
+        lse_d = dsp.to_device(lse).reshape(-1) if dsp.is_device_array(lse) else cuda.to_device(
+            np.ravel(lse).astype(np.float32))
+        grads = flash_bwd_tc_words(*words, lse_d, cu_q, cu_k, max_sq, max_sk, dt == dsp.bfloat16, scale, left, right,
+                                   softcap, dropout_p, slopes, seed, lse_a, lse_c, deterministic, D)
+        return tuple(_from_words(g, D, dt) for g in grads)
+    # float16 / bfloat16 above TC_BWD_MAX_D on the CUDA-core kernels: widen on the host, narrow back
     arrs = [cuda.to_device(dsp.to_host(x, dt).astype(np.float32)) for x in (dout, q, k, v, out)]
     lse_d = cuda.to_device(np.ravel(dsp.to_host(lse)).astype(np.float32))
     grads = flash_bwd_simt(*arrs, lse_d, cu_q, cu_k, max_sq, max_sk, np.float32, scale, left, right, softcap,
                            dropout_p, slopes, seed, lse_a, lse_c, deterministic)
     return tuple(cuda.to_device(g.copy_to_host().astype(dt).view(np.uint16)) if dt == dsp.bfloat16
                  else cuda.to_device(g.copy_to_host().astype(dt)) for g in grads)
+
+
+def ptx_signatures(head_dims=(64, 128)):
+    """(name, python function, numba signature) of every real backward kernel configuration, for PTX checks."""
+    from numba import types
+
+    def sig(elem, ft, n_out):
+        arr3 = types.Array(elem, 3, "C")
+        f3 = types.Array(ft, 3, "C")
+        i32 = types.Array(types.int32, 1, "C")
+        ins = (arr3,) * 4 + (types.Array(ft, 1, "C"), types.Array(ft, 2, "C"))
+        outs = ((f3, arr3, arr3) if n_out == 3 else (arr3,))
+        return ins + outs + (i32, i32, types.Array(ft, 2, "C"), ft, ft, ft, ft, types.int32, types.int32,
+                             types.int64, types.int64, types.uint64, types.uint64, ft)
+
+    out = []
+    for D in head_dims:
+        (nw, br), (nwq, bcq), DP = tc_bwd_config(D)
+        for bf16, flags in ((False, (False, False, False)), (True, (False, False, False)), (True, (True, True, True))):
+            tag = f"{'bf16' if bf16 else 'f16'}{'_cap_alibi_drop' if flags[0] else ''}_D{D}"
+            for has_dq in (True, False):
+                kern = make_tc_bwd_kernel(nw, br, DP, bf16, *flags, has_dq)[0]
+                out.append((f"tc_dkdv{'_dq' if has_dq else ''}_{tag}", kern.py_func,
+                            sig(types.uint32, types.float32, 3)))
+            out.append((f"tc_dq_{tag}", make_tc_dq_kernel(nwq, bcq, DP, bf16, *flags)[0].py_func,
+                        sig(types.uint32, types.float32, 1)))
+        nw, br, dd = simt_bwd_config(D)
+        for f64 in (False, True):
+            ft = types.float64 if f64 else types.float32
+            dkdv, dqk = make_simt_bwd_kernels(nw, br, dd, f64)[:2]
+            out.append((f"simt_dkdv_{'f64' if f64 else 'f32'}_D{D}", dkdv.py_func,
+                        sig(ft, ft, 3) + (types.boolean,)))
+            out.append((f"simt_dq_{'f64' if f64 else 'f32'}_D{D}", dqk.py_func, sig(ft, ft, 1)))
+    return out

@@ -1,0 +1,433 @@
+"""FlashAttention-2 backward on tensor cores (float16 / bfloat16 in, fp32 accumulate), mma.sync m16n8k16.
+
+``dkdv`` (one block per (key tile of BC = 16 NW keys, k/v head, sequence); warp w owns keys 16w..16w+15):
+the block keeps its K / V tile in shared memory and dK / dV in registers while it walks the query heads
+of the GQA group and their query tiles of BR rows (Q, dO double-buffered by cp.async). Per query tile:
+
+  S^T = K_w Q^T, dP^T = V_w dO^T   A = K / V rows by ldmatrix, B = Q / dO rows by ldmatrix
+  P~, dS                            elementwise on the accumulators (``grad_elem``; rows = keys here)
+  dV += P~^T dO, dK += dS^T Q       A packed straight from the accumulators, B by ldmatrix.trans
+  dQ += dS K (HAS_DQ)               dS^T through shared memory, A by ldmatrix.trans of it, B = K by
+                                    ldmatrix.trans; added to an fp32 buffer with atomics
+
+``dq`` (deterministic dQ; one block per (query tile of 16 NW rows, head, sequence), warp w owns 16 rows):
+the forward's data path with dP and dS in place of the softmax: S = Q K^T, dP = dO V^T, dQ += dS K.
+"""
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, uint32, uint64
+
+from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, col_hash, dev, jit_kernel, make_tc_helpers,
+                                             query_range, key_range, row_key, seq_bounds, visible)
+from numba_kernels.cuda._intrinsics import ex2
+
+F32_ONE = float32(1.0)
+F32_INF = float32(np.inf)
+
+
+@functools.lru_cache(maxsize=None)
+def make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """(P~, dS) of one (query row, key col) element from s = q.k and dp = dO.v (fp32)."""
+
+    @dev
+    def grad_elem(s, dp, row, col, l2, di, rk, need_mask, Sk, off, left, right, slope, scale_log2, softcap, cap_in,
+                  thresh, inv_keep):
+        g = F32_ONE
+        if HAS_CAP:
+            th = math.tanh(s * cap_in)
+            g = F32_ONE - th * th
+            x = softcap * th * F32_LOG2E
+        else:
+            x = s * scale_log2
+        if HAS_ALIBI:
+            x -= slope * float32(abs(row + off - col))
+        p = ex2(x - l2)  # l2 = +inf (row past the end or fully masked): p = 0
+        if need_mask:
+            if not visible(row, col, Sk, off, left, right):
+                p = F32_ZERO
+        pd = p
+        if HAS_DROP:
+            if col_hash(rk, col) >= thresh:
+                pd = p * inv_keep
+                dp = dp * inv_keep
+            else:
+                pd = F32_ZERO
+                dp = F32_ZERO
+        return pd, p * (dp - di) * g
+
+    return grad_elem
+
+
+@dev
+def _tile_needs_mask(i0, i1, j0, j1, off, left, right):
+    """Whether some query row of [i0, i1) does not see some key of [j0, j1) (window / causal)."""
+    m = False
+    if right >= 0:
+        m = j1 - 1 > i0 + off + right
+    if left >= 0:
+        m = m or j0 < i1 - 1 + off - left
+    return m
+
+
+@dev
+def _row_stats(lse, di, qs, row, Sq, h, lse_a, lse_c):
+    """(LSE in log2 units, D_i) of query row ``row``; (+inf, 0) past the end or for a fully masked row."""
+    l2 = F32_INF
+    d = F32_ZERO
+    if row < Sq:
+        x = lse[qs * lse_a + h * lse_c + row]
+        if x > -F32_INF:
+            l2 = x * F32_LOG2E
+        d = di[h, qs + row]
+    return l2, d
+
+
+def _lanes(lane, STR):
+    """Per-lane ldmatrix word offsets: A operand (16 rows of the warp), B operand, B operand transposed."""
+    mrow = lane & 7
+    a_lane = (mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
+    b_lane = (mrow + 8 * (lane >> 4)) * STR + 4 * ((lane >> 3) & 1)
+    return a_lane, b_lane, a_lane
+
+
+_lanes = dev(_lanes)
+
+
+@functools.lru_cache(maxsize=None)
+def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
+    """dK/dV kernel (and atomic dQ when HAS_DQ): NW warps (BC = 16 NW keys), BR query rows per tile, head dim
+    padded to DP. Returns (kernel, keys per block, threads, dynamic shared bytes)."""
+    BC = 16 * NW
+    MQ = BR // 16
+    assert NW % MQ == 0 and DP % (16 * (NW // MQ)) == 0
+    CS = NW // MQ                 # dQ: warp w does m-tile w % MQ, column slice w // MQ of CS
+    STR = DP // 2 + 4
+    DSTR = BR // 2 + 4
+    CH, KS_D, NB2, NO2 = DP // 8, DP // 16, BR // 16, DP // 16
+    S_LEN, O_LEN = BR // 2, DP // 2
+    NQ2 = NO2 // CS
+    Q_LEN = 8 * NQ2
+    NTH = 32 * NW
+    QT = BR * STR
+    V_OFF = BC * STR
+    Q_OFF = 2 * BC * STR          # stage s: Q at Q_OFF + 2 s QT, dO right after it
+    DS_OFF = Q_OFF + 4 * QT
+    SMEM = 4 * (DS_OFF + (BC * DSTR if HAS_DQ else 0))
+    LS2 = 2 * BR
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    mma_acc, load_rows = make_tc_helpers(bf16, STR, CH, NTH)
+    grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    @dev
+    def load_tile(smem, lse_s, di_s, rk_s, st, q, dout, lse, di, qs, i0, Sq, b, h, lse_a, lse_c, seed, tid):
+        """Query tile [i0, i0 + BR) of head h into stage st: Q, dO by cp.async; LSE, D_i, dropout row keys."""
+        base = Q_OFF + st * 2 * QT
+        load_rows(smem, base, q, qs + i0, BR, Sq - i0, h, tid)
+        load_rows(smem, base + QT, dout, qs + i0, BR, Sq - i0, h, tid)
+        intr.cp_async_commit()
+        for r in range(tid, BR, NTH):
+            l2, d = _row_stats(lse, di, qs, i0 + r, Sq, h, lse_a, lse_c)
+            lse_s[st * BR + r] = l2
+            di_s[st * BR + r] = d
+            if HAS_DROP:
+                rk_s[st * BR + r] = uint32(row_key(seed, b, h, i0 + r))
+
+    def kernel(q, k, v, dout, lse, di, dq_acc, dk, dv, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
+               left, right, lse_a, lse_c, seed, thresh, inv_keep):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        g = lane >> 2
+        t = lane & 3
+        hk = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
+        j0 = cuda.blockIdx.x * BC
+        if j0 >= Sk:
+            return
+        G = q.shape[1] // k.shape[1]
+        off = Sk - Sq
+        smem = cuda.shared.array(0, uint32)
+        lse_s = cuda.shared.array(LS2, float32)
+        di_s = cuda.shared.array(LS2, float32)
+        rk_s = cuda.shared.array(LS2, uint32)
+        qlo, qhi = query_range(j0, j0 + BC, Sq, Sk, left, right)
+        nqt = (qhi - qlo + BR - 1) // BR if qhi > qlo else 0
+        total = G * nqt
+        load_rows(smem, 0, k, ks + j0, BC, Sk - j0, hk, tid)
+        load_rows(smem, V_OFF, v, ks + j0, BC, Sk - j0, hk, tid)
+        if total > 0:
+            load_tile(smem, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo, Sq, b, hk * G, lse_a, lse_c, seed, tid)
+        else:
+            intr.cp_async_commit()
+        a_lane, b_lane, t_lane = _lanes(lane, STR)
+        a_lane += warp * 16 * STR
+        ka = j0 + warp * 16 + g
+        kb = ka + 8
+        mq = warp % MQ
+        cs = warp // MQ
+        ds_lane = DS_OFF + ((lane & 7) + 8 * (lane >> 4)) * DSTR + mq * 8 + 4 * ((lane >> 3) & 1)
+        dkacc = cuda.local.array(O_LEN, float32)
+        dvacc = cuda.local.array(O_LEN, float32)
+        for x in range(O_LEN):
+            dkacc[x] = F32_ZERO
+            dvacc[x] = F32_ZERO
+        sacc = cuda.local.array(S_LEN, float32)
+        pacc = cuda.local.array(S_LEN, float32)
+        qacc = cuda.local.array(Q_LEN, float32)
+        stage = 0
+        for it in range(total):
+            hh = it // nqt
+            h = hk * G + hh
+            i0 = qlo + (it - hh * nqt) * BR
+            q0 = Q_OFF + stage * 2 * QT
+            if it + 1 < total:  # prefetch the next query tile into the other stage
+                hn = (it + 1) // nqt
+                load_tile(smem, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs, qlo + (it + 1 - hn * nqt) * BR,
+                          Sq, b, hk * G + hn, lse_a, lse_c, seed, tid)
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+            cuda.syncthreads()
+            slope = F32_ZERO
+            if HAS_ALIBI:
+                slope = float32(slopes[b, h]) * F32_LOG2E
+            # ---- S^T = K_w Q^T, dP^T = V_w dO^T
+            for x in range(S_LEN):
+                sacc[x] = F32_ZERO
+                pacc[x] = F32_ZERO
+            for kk in range(KS_D):
+                a0, a1, a2, a3 = ldsm(smem, a_lane + kk * 8)
+                c0, c1, c2, c3 = ldsm(smem, V_OFF + a_lane + kk * 8)
+                for np2 in range(NB2):
+                    b0, b1, b2, b3 = ldsm(smem, q0 + b_lane + np2 * 16 * STR + kk * 8)
+                    mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                    e0, e1, e2, e3 = ldsm(smem, q0 + QT + b_lane + np2 * 16 * STR + kk * 8)
+                    mma_acc(pacc, np2 * 8, c0, c1, c2, c3, e0, e1)
+                    mma_acc(pacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
+            # ---- P~ -> sacc, dS -> pacc (accumulator rows are keys, columns are query rows)
+            need_mask = _tile_needs_mask(i0, i0 + BR, j0, j0 + BC, off, left, right)
+            sb = stage * BR
+            for y in range(S_LEN):
+                cl = (y >> 2) * 8 + 2 * t + (y & 1)
+                rk = uint64(rk_s[sb + cl]) if HAS_DROP else uint64(0)
+                pd, ds = grad_elem(sacc[y], pacc[y], i0 + cl, ka if (y & 2) == 0 else kb, lse_s[sb + cl],
+                                   di_s[sb + cl], rk, need_mask, Sk, off, left, right, slope, scale_log2, softcap,
+                                   cap_in, thresh, inv_keep)
+                sacc[y] = pd
+                pacc[y] = ds
+            # ---- dV += P~^T dO, dK += dS^T Q
+            for kk in range(NB2):
+                s0 = 8 * kk
+                a0 = pack(sacc[s0], sacc[s0 + 1])
+                a1 = pack(sacc[s0 + 2], sacc[s0 + 3])
+                a2 = pack(sacc[s0 + 4], sacc[s0 + 5])
+                a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
+                c0 = pack(pacc[s0], pacc[s0 + 1])
+                c1 = pack(pacc[s0 + 2], pacc[s0 + 3])
+                c2 = pack(pacc[s0 + 4], pacc[s0 + 5])
+                c3 = pack(pacc[s0 + 6], pacc[s0 + 7])
+                if HAS_DQ:  # dS^T (keys x query rows) to shared for the dQ product
+                    w0 = DS_OFF + (warp * 16 + g) * DSTR + kk * 8 + t
+                    smem[w0] = c0
+                    smem[w0 + 8 * DSTR] = c1
+                    smem[w0 + 4] = c2
+                    smem[w0 + 8 * DSTR + 4] = c3
+                for np2 in range(NO2):
+                    b0, b1, b2, b3 = ldsm_t(smem, q0 + QT + t_lane + kk * 16 * STR + np2 * 8)
+                    mma_acc(dvacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(dvacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                    e0, e1, e2, e3 = ldsm_t(smem, q0 + t_lane + kk * 16 * STR + np2 * 8)
+                    mma_acc(dkacc, np2 * 8, c0, c1, c2, c3, e0, e1)
+                    mma_acc(dkacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
+            if HAS_DQ:  # ---- dQ += dS K: m-tile mq, columns slice cs of this warp; fp32 atomics
+                cuda.syncthreads()
+                for x in range(Q_LEN):
+                    qacc[x] = F32_ZERO
+                for kk in range(NW):
+                    a0, a1, a2, a3 = ldsm_t(smem, ds_lane + kk * 16 * DSTR)
+                    for np2 in range(NQ2):
+                        b0, b1, b2, b3 = ldsm_t(smem, t_lane + kk * 16 * STR + (cs * NQ2 + np2) * 8)
+                        mma_acc(qacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                        mma_acc(qacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                ra = i0 + mq * 16 + g
+                DQW = dq_acc.shape[2]
+                for nt in range(2 * NQ2):
+                    col = (cs * 2 * NQ2 + nt) * 8 + 2 * t
+                    if col < DQW:
+                        if ra < Sq:
+                            cuda.atomic.add(dq_acc, (qs + ra, h, col), qacc[nt * 4])
+                            cuda.atomic.add(dq_acc, (qs + ra, h, col + 1), qacc[nt * 4 + 1])
+                        if ra + 8 < Sq:
+                            cuda.atomic.add(dq_acc, (qs + ra + 8, h, col), qacc[nt * 4 + 2])
+                            cuda.atomic.add(dq_acc, (qs + ra + 8, h, col + 1), qacc[nt * 4 + 3])
+            stage = 1 - stage
+            cuda.syncthreads()  # every warp is done with this stage (and dS) before they are refilled
+        intr.cp_async_wait0()
+        DW = dk.shape[2]
+        for nt in range(2 * NO2):
+            w = nt * 4 + t
+            if w < DW:
+                if ka < Sk:
+                    dv[ks + ka, hk, w] = pack(dvacc[nt * 4], dvacc[nt * 4 + 1])
+                    dk[ks + ka, hk, w] = pack(dkacc[nt * 4] * scale, dkacc[nt * 4 + 1] * scale)
+                if kb < Sk:
+                    dv[ks + kb, hk, w] = pack(dvacc[nt * 4 + 2], dvacc[nt * 4 + 3])
+                    dk[ks + kb, hk, w] = pack(dkacc[nt * 4 + 2] * scale, dkacc[nt * 4 + 3] * scale)
+
+    return jit_kernel(kernel), BC, NTH, SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """Deterministic dQ kernel: NW warps x 16 query rows, BC keys per tile (K / V double-buffered).
+    Returns (kernel, query rows per block, threads, dynamic shared bytes)."""
+    BRQ = 16 * NW
+    STR = DP // 2 + 4
+    CH, KS_D, NB2, NO2 = DP // 8, DP // 16, BC // 16, DP // 16
+    S_LEN, O_LEN = BC // 2, DP // 2
+    NTH = 32 * NW
+    KT = BC * STR
+    KV_OFF = 2 * BRQ * STR        # Q at 0, dO at BRQ STR; stage s: K at KV_OFF + 2 s KT, V right after it
+    SMEM = 4 * (KV_OFF + 4 * KT)
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    mma_acc, load_rows = make_tc_helpers(bf16, STR, CH, NTH)
+    grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    def kernel(q, k, v, dout, lse, di, dq, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
+               left, right, lse_a, lse_c, seed, thresh, inv_keep):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        g = lane >> 2
+        t = lane & 3
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
+        qb = (Sq + BRQ - 1) // BRQ - 1 - cuda.blockIdx.x  # last (heaviest when causal) blocks first
+        if qb < 0:
+            return
+        i0 = qb * BRQ
+        hk = h // (q.shape[1] // k.shape[1])
+        off = Sk - Sq
+        smem = cuda.shared.array(0, uint32)
+        lo, hi = key_range(i0, i0 + BRQ, Sq, Sk, left, right)
+        lo = (lo // BC) * BC
+        load_rows(smem, 0, q, qs + i0, BRQ, Sq - i0, h, tid)
+        load_rows(smem, BRQ * STR, dout, qs + i0, BRQ, Sq - i0, h, tid)
+        if lo < hi:
+            load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
+            load_rows(smem, KV_OFF + KT, v, ks + lo, BC, Sk - lo, hk, tid)
+        intr.cp_async_commit()
+        a_lane, b_lane, t_lane = _lanes(lane, STR)
+        a_lane += warp * 16 * STR
+        ra = i0 + warp * 16 + g
+        rb = ra + 8
+        l2a, dia = _row_stats(lse, di, qs, ra, Sq, h, lse_a, lse_c)
+        l2b, dib = _row_stats(lse, di, qs, rb, Sq, h, lse_a, lse_c)
+        rka = row_key(seed, b, h, ra) if HAS_DROP else uint64(0)
+        rkb = row_key(seed, b, h, rb) if HAS_DROP else uint64(0)
+        slope = F32_ZERO
+        if HAS_ALIBI:
+            slope = float32(slopes[b, h]) * F32_LOG2E
+        qacc = cuda.local.array(O_LEN, float32)
+        for x in range(O_LEN):
+            qacc[x] = F32_ZERO
+        sacc = cuda.local.array(S_LEN, float32)
+        pacc = cuda.local.array(S_LEN, float32)
+        stage = 0
+        for j0 in range(lo, hi, BC):
+            kv0 = KV_OFF + stage * 2 * KT
+            if j0 + BC < hi:
+                nxt = KV_OFF + (1 - stage) * 2 * KT
+                load_rows(smem, nxt, k, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
+                load_rows(smem, nxt + KT, v, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+            cuda.syncthreads()
+            # ---- S = Q_w K^T, dP = dO_w V^T
+            for x in range(S_LEN):
+                sacc[x] = F32_ZERO
+                pacc[x] = F32_ZERO
+            for kk in range(KS_D):
+                a0, a1, a2, a3 = ldsm(smem, a_lane + kk * 8)
+                c0, c1, c2, c3 = ldsm(smem, BRQ * STR + a_lane + kk * 8)
+                for np2 in range(NB2):
+                    b0, b1, b2, b3 = ldsm(smem, kv0 + b_lane + np2 * 16 * STR + kk * 8)
+                    mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                    e0, e1, e2, e3 = ldsm(smem, kv0 + KT + b_lane + np2 * 16 * STR + kk * 8)
+                    mma_acc(pacc, np2 * 8, c0, c1, c2, c3, e0, e1)
+                    mma_acc(pacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
+            need_mask = _tile_needs_mask(i0, i0 + BRQ, j0, j0 + BC, off, left, right)
+            for y in range(S_LEN):
+                top = (y & 2) == 0
+                pd, ds = grad_elem(sacc[y], pacc[y], ra if top else rb, j0 + (y >> 2) * 8 + 2 * t + (y & 1),
+                                   l2a if top else l2b, dia if top else dib, rka if top else rkb, need_mask, Sk, off,
+                                   left, right, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
+                pacc[y] = ds
+            # ---- dQ += dS K
+            for kk in range(NB2):
+                s0 = 8 * kk
+                c0 = pack(pacc[s0], pacc[s0 + 1])
+                c1 = pack(pacc[s0 + 2], pacc[s0 + 3])
+                c2 = pack(pacc[s0 + 4], pacc[s0 + 5])
+                c3 = pack(pacc[s0 + 6], pacc[s0 + 7])
+                for np2 in range(NO2):
+                    b0, b1, b2, b3 = ldsm_t(smem, kv0 + t_lane + kk * 16 * STR + np2 * 8)
+                    mma_acc(qacc, np2 * 8, c0, c1, c2, c3, b0, b1)
+                    mma_acc(qacc, np2 * 8 + 4, c0, c1, c2, c3, b2, b3)
+            stage = 1 - stage
+            cuda.syncthreads()
+        intr.cp_async_wait0()
+        DW = dq.shape[2]
+        for nt in range(2 * NO2):
+            w = nt * 4 + t
+            if w < DW:
+                if ra < Sq:
+                    dq[qs + ra, h, w] = pack(qacc[nt * 4] * scale, qacc[nt * 4 + 1] * scale)
+                if rb < Sq:
+                    dq[qs + rb, h, w] = pack(qacc[nt * 4 + 2] * scale, qacc[nt * 4 + 3] * scale)
+
+    return jit_kernel(kernel), BRQ, NTH, SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def make_word_kernels(bf16):
+    """(row_dot, dq_pack): D_i = rowsum(dO * O) on word arrays (T, H, W) -> di (H, T) fp32; and the fp32 dQ
+    buffer (T, H, 2W) times scale -> packed words (T, H, W)."""
+    unpack = intr.unpack_bf16x2 if bf16 else intr.unpack_f16x2
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+
+    def row_dot(dout, out, di):
+        x = cuda.grid(1)
+        T, H, W = dout.shape
+        if x < T * H:
+            t = x // H
+            h = x - t * H
+            acc = F32_ZERO
+            for w in range(W):
+                a0, a1 = unpack(dout[t, h, w])
+                b0, b1 = unpack(out[t, h, w])
+                acc += a0 * b0 + a1 * b1
+            di[h, t] = acc
+
+    def dq_pack(acc, dq, scale):
+        x = cuda.grid(1)
+        T, H, W = dq.shape
+        if x < T * H * W:
+            t = x // (H * W)
+            r = x - t * H * W
+            h = r // W
+            w = r - h * W
+            dq[t, h, w] = pack(acc[t, h, 2 * w] * scale, acc[t, h, 2 * w + 1] * scale)
+
+    return jit_kernel(row_dot), jit_kernel(dq_pack)
