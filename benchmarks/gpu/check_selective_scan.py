@@ -1,8 +1,10 @@
-"""On the GPU machine: correctness of the CUDA selective_scan / selective_state_update paths (every option,
-B / C form and dtype) against the float64 reference on small shapes, then forward-scan bandwidth next to a
-same-run device copy. Prints a table last.
+"""On the GPU machine: correctness of the CUDA selective_scan forward, selective_scan_backward and
+selective_state_update (every option, B / C form and dtype) against the float64 reference on small shapes,
+then forward-scan bandwidth next to a same-run device copy and the SFU (exp) floor, a tile sweep, and the
+backward's time. Prints a table last.
 
-``--sim``: correctness only, tiny shapes, under the CUDA simulator (no GPU needed)."""
+``--sim``: correctness only, tiny shapes, under the CUDA simulator (no GPU needed).
+``--quick``: fewer correctness cases (dtypes x B / C forms), for a short device session."""
 import os
 import sys
 import time
@@ -18,7 +20,10 @@ from _common import Checks, import_library, tbench  # noqa: E402
 
 nk = import_library()
 from numba_kernels._dispatch import bfloat16  # noqa: E402
-from numba_kernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
+from numba_kernels.reference.selective_scan import (selective_scan_backward_ref, selective_scan_ref,  # noqa: E402
+                                                     selective_state_update_ref)
+
+QUICK = "--quick" in sys.argv
 
 rng = np.random.default_rng(int(time.time()))
 CHECKS = Checks(width=40)
@@ -43,12 +48,43 @@ def inputs(dt, B, Dm, L, N, G, bform, cform):
                 seq_idx=np.sort(rng.integers(0, 3, size=(B, L)), axis=1).astype(np.int32))
 
 
+def backward_checks():
+    """selective_scan_backward on the GPU against the float64 reference: every gradient, all options on (with
+    dlast_state), each dtype; B / C forms (time-varying grouped and BNL, time-invariant) and options off."""
+    B, Dm, L, N, G = (1, 6, 7, 3, 2) if SIM else (2, 64, 150, 16, 2)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinit")
+    cases = [(dt, "grouped", "BNL", "all") for dt in ((np.float32, bfloat16) if SIM else
+                                                        (np.float32, np.float16, bfloat16, np.float64))]
+    cases += [(np.float32, "const", "grouped", "all"), (np.float32, "BNL", "const", "plain")]
+    for dt, bform, cform, opt in cases:
+        kw = inputs(dt, B, Dm, L, N, G, bform, cform)
+        if opt == "plain":
+            for name in ("D", "z", "delta_bias", "initial_state", "seq_idx"):
+                kw[name] = None
+            kw["delta"] = np.abs(kw["delta"])
+        dout = rng.standard_normal(kw["u"].shape).astype(dt)
+        dlast = rng.standard_normal((B, Dm, N)).astype(np.float32) if opt == "all" else None
+        t = time.perf_counter()
+        got = nk.selective_scan_backward(dout, **kw, delta_softplus=opt == "all", dlast_state=dlast, backend="cuda")
+        tc = time.perf_counter() - t
+        ref = selective_scan_backward_ref(dout, **kw, delta_softplus=opt == "all", dlast_state=dlast)
+        worst, e = "", 0.0
+        for n, g, r in zip(names, got, ref):
+            if (g is None) != (r is None):
+                worst, e = f"{n} missing", np.inf
+            elif g is not None and err(g, r) > e:
+                worst, e = n, err(g, r)
+        report(f"backward {opt} B:{bform} C:{cform}", dt, e, f"(worst {worst}; {tc:.1f}s incl. compile)")
+
+
 def correctness():
     B, Dm, L, N, G = (1, 6, 7, 3, 2) if SIM else (2, 96, 300, 16, 2)
     forms = [("grouped", "BNL"), ("const", "grouped")] if SIM else [("BNL", "BNL"), ("grouped", "grouped"),
                                                                       ("const", "const"), ("const", "grouped")]
     for dt in (np.float32, np.float16, bfloat16) + (() if SIM else (np.float64,)):
         for bform, cform in forms:
+            if QUICK and dt != np.float32 and (bform, cform) == ("const", "const"):
+                continue
             kw = inputs(dt, B, Dm, L, N, G, bform, cform)
             for opt in ("plain", "all"):
                 k = dict(kw)
@@ -82,6 +118,7 @@ def correctness():
         e = err(np.stack(steps, axis=2), y.astype(np.float64))
         e = max(e, err(pool[sbi].reshape(B, H * P, N), last))
         report(f"update x{len(steps)} == scan (H{H} P{P} G{G})", dt, e)
+    backward_checks()
     from numba import cuda
     kw = inputs(np.float32, B, Dm, L, N, G, "BNL", "BNL")
     y = nk.selective_scan(**{k: cuda.to_device(v) for k, v in kw.items()})
@@ -101,40 +138,101 @@ def bench():
     yy = torch.empty_like(x)
     copy_bw = 2 * x.numel() * 4 / tbench(lambda: yy.copy_(x), 10) / 1e9
     del x, yy
-    rows = [f"device copy (torch, 1 GiB): {copy_bw:.0f} GB/s (read + write)"]
+    dev = cuda.get_current_device()
+    sms = dev.MULTIPROCESSOR_COUNT
+    clk = dev.CLOCK_RATE * 1e3  # Hz (boost clock reported by the driver)
+    sfu = sms * 16 * clk  # ex2 per second: 16 per clock per SM (CUDA guide, cc 9.0)
+    rows = [f"{dev.name.decode() if isinstance(dev.name, bytes) else dev.name}: {sms} SMs, {clk / 1e9:.2f} GHz; "
+            f"device copy (torch, 1 GiB): {copy_bw:.0f} GB/s (read + write); SFU ex2 peak {sfu / 1e12:.2f} T/s"]
     print(rows[0], flush=True)
     B, Dm, N = 8, 1536, 16
     tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    for name, dt in (("bf16", bfloat16), ("fp32", np.dtype(np.float32))):
+
+    def devarr(t, name):  # torch tensor -> numba device array in the kernel element type (bf16: uint16 bits)
+        return cuda.as_cuda_array(t.view(torch.int16)).view(np.uint16) if name == "bf16" else cuda.as_cuda_array(t)
+
+    A = cuda.as_cuda_array(-torch.rand(Dm, N, device="cuda") - 0.5)
+    D = cuda.as_cuda_array(torch.randn(Dm, device="cuda"))
+    dbias = cuda.as_cuda_array(torch.randn(Dm, device="cuda") * 0.5)
+    Aconst = cuda.as_cuda_array(torch.randn(Dm, N, device="cuda"))
+
+    def run(name, L, with_z, sweep=(None, None), const_bc=False, label=""):
+        dt = bfloat16 if name == "bf16" else np.dtype(np.float32)
         isz = np.dtype(dt).itemsize
-
-        def dev(t):  # torch tensor -> numba device array in the kernel element type (bf16: uint16 bits)
-            return cuda.as_cuda_array(t.view(torch.int16)).view(np.uint16) if name == "bf16" else cuda.as_cuda_array(t)
-
-        A = cuda.as_cuda_array(-torch.rand(Dm, N, device="cuda") - 0.5)
-        D = cuda.as_cuda_array(torch.randn(Dm, device="cuda"))
-        dbias = cuda.as_cuda_array(torch.randn(Dm, device="cuda") * 0.5)
-        for L in (2048, 8192):
-            u, delta, z, Bt, Ct = (torch.randn(*s, device="cuda", dtype=tdt[name]) for s in
-                                   ((B, Dm, L), (B, Dm, L), (B, Dm, L), (B, 1, N, L), (B, 1, N, L)))
-            yt = torch.empty_like(u)
-            ud, dd, zd, Bd, Cd, yd = (dev(t) for t in (u, delta, z, Bt, Ct, yt))
-            nbytes = 4 * B * Dm * L * isz + 2 * B * N * L * isz + 3 * Dm * N * 4
-            for zname, zz in (("z", zd), ("no z", None)):
-                nb = nbytes - (0 if zz is not None else B * Dm * L * isz)
-                t = tbench(lambda: css.scan_fwd_cuda(ud, dd, A, Bd, Cd, D, zz, dbias, None, None, True, False, dt,
-                                                     out=yd))
-                rows.append(f"scan {name} B{B} Dm{Dm} N{N} L{L} {zname:4s}: {nb / t / 1e9:6.0f} GB/s "
-                            f"({100 * nb / t / 1e9 / copy_bw:3.0f}% of copy) {t * 1e6:8.1f} us")
-                print(rows[-1], flush=True)
-            del u, delta, z, Bt, Ct, yt
-        k = css.make_scan_kernel(css.kind_of(dt), N, *css.tiles(css.kind_of(dt)))
-        try:
-            rows.append(f"     scan kernel {name}: regs/thread {list(k.get_regs_per_thread().values())}, "
-                        f"local bytes/thread {list(k.get_local_mem_per_thread().values())}")
-        except Exception as exc:  # introspection API differs between numba-cuda versions
-            rows.append(f"     scan kernel {name}: no register info ({exc})")
+        u, delta, z = (torch.randn(B, Dm, L, device="cuda", dtype=tdt[name]) for _ in range(3))
+        Bt, Ct = (torch.randn(B, 1, N, L, device="cuda", dtype=tdt[name]) for _ in range(2))
+        yt = torch.empty_like(u)
+        ud, dd, zd, Bd, Cd, yd = (devarr(t, name) for t in (u, delta, z, Bt, Ct, yt))
+        if const_bc:
+            Bd = Cd = Aconst
+        nb = (4 if with_z else 3) * B * Dm * L * isz + (0 if const_bc else 2 * B * N * L * isz)
+        q, tl = sweep
+        t = tbench(lambda: css.scan_fwd_cuda(ud, dd, A, Bd, Cd, D, zd if with_z else None, dbias, None, None, True,
+                                             False, dt, out=yd, q=q, tl=tl))
+        NC, Q, TL = css.fwd_config(N, css.kind_of(dt), q, tl)
+        exps = B * Dm * L * N / t
+        rows.append(f"scan {name} B{B} Dm{Dm} N{N} L{L:5d} {'z' if with_z else 'no z':4s} Q{Q} TL{TL}"
+                    f"{' B/C (Dm,N)' if const_bc else ''}{label}: {nb / t / 1e9:6.0f} GB/s "
+                    f"({100 * nb / t / 1e9 / copy_bw:3.0f}% of copy) {t * 1e6:8.1f} us; "
+                    f"exp {exps / 1e12:.2f} T/s = {100 * exps / sfu:3.0f}% of SFU peak")
         print(rows[-1], flush=True)
+        return u, delta, z, Bt, Ct
+
+    for name, Ls in (("bf16", (2048, 8192, 16384)), ("fp32", (2048, 8192))):
+        for L in Ls:
+            for with_z in (True, False):
+                try:
+                    run(name, L, with_z)
+                except Exception as exc:  # keep timing the rest
+                    rows.append(f"scan {name} L{L} z={with_z}: FAILED {type(exc).__name__}: {exc}")
+                    print(rows[-1], flush=True)
+    # sweep: lanes per channel Q and time tile TL (bf16, L 8192, z); time-invariant B / C
+    for sw in ((1, 64), (2, 64), (8, 64), (4, 32)):
+        try:
+            run("bf16", 8192, True, sweep=sw, label=" [sweep]")
+        except Exception as exc:
+            rows.append(f"sweep {sw}: FAILED {type(exc).__name__}: {exc}")
+    try:
+        run("bf16", 8192, True, const_bc=True, label=" [no B/C tiles]")
+    except Exception as exc:
+        rows.append(f"const B/C: FAILED {type(exc).__name__}: {exc}")
+    k = css.make_scan_kernel("bf16", N, *css.fwd_config(N, "bf16"), True, True)
+    try:
+        rows.append(f"     scan kernel bf16: regs/thread {list(k.get_regs_per_thread().values())}, "
+                    f"local bytes/thread {list(k.get_local_mem_per_thread().values())}")
+    except Exception as exc:  # introspection API differs between numba-cuda versions
+        rows.append(f"     scan kernel bf16: no register info ({exc})")
+    # backward (public call: includes the partial sums and allocations), bf16, z, grads of everything
+    try:
+        L = 2048
+        u, delta, z, Bt, Ct = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in
+                               ((B, Dm, L), (B, Dm, L), (B, Dm, L), (B, 1, N, L), (B, 1, N, L)))
+        dout = torch.randn_like(u)
+        from numba_kernels.cuda.selective_scan_backward import scan_bwd_cuda
+
+        args = [devarr(t, "bf16") for t in (dout, u, delta)]
+        Bd, Cd, zd = (devarr(t, "bf16") for t in (Bt, Ct, z))
+        t = tbench(lambda: scan_bwd_cuda(*args, A, Bd, Cd, D, zd, dbias, None, None, None, True, 1, 1, bfloat16), 3)
+        nb = 7 * B * Dm * L * 2 + 4 * B * N * L * 2
+        rows.append(f"backward bf16 B{B} Dm{Dm} N{N} L{L} z: {t * 1e3:.2f} ms, {nb / t / 1e9:.0f} GB/s "
+                    f"({100 * nb / t / 1e9 / copy_bw:.0f}% of copy; bytes = dout, u, delta, z, B, C in, "
+                    f"du, ddelta, dz, dB, dC out)")
+    except Exception as exc:
+        rows.append(f"backward timing FAILED {type(exc).__name__}: {exc}")
+    print(rows[-1], flush=True)
+    try:  # mamba-ssm peer, if installed
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        L = 8192
+        u, delta, z, Bt, Ct = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in
+                               ((B, Dm, L), (B, Dm, L), (B, Dm, L), (B, 1, N, L), (B, 1, N, L)))
+        At = -torch.rand(Dm, N, device="cuda") - 0.5
+        Dt, bt = torch.randn(Dm, device="cuda"), torch.randn(Dm, device="cuda")
+        t = tbench(lambda: selective_scan_fn(u, delta, At, Bt, Ct, Dt, z, bt, True))
+        rows.append(f"mamba-ssm selective_scan_fn bf16 L{L} z: {t * 1e6:.1f} us")
+    except Exception as exc:
+        rows.append(f"mamba-ssm: not available ({type(exc).__name__})")
+    print(rows[-1], flush=True)
     return rows
 
 
