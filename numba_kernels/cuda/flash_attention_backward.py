@@ -34,9 +34,10 @@ TC_BWD_MAX_D = 128
 def tc_bwd_config(D):
     """((dkdv warps, query rows), (dq warps, keys), padded head dim) for head dim D <= TC_BWD_MAX_D."""
     DP = max(16, -(-D // 16) * 16)
-    if intr.SIM:
-        return TC_BWD_TILES_SIM + (DP,)
-    return TC_BWD_TILES[min(d for d in TC_BWD_TILES if d >= DP)] + (DP,)
+    (nw, br), dq = TC_BWD_TILES_SIM if intr.SIM else TC_BWD_TILES[min(d for d in TC_BWD_TILES if d >= DP)]
+    if DP % (16 * (nw * 16 // br)) != 0:  # the dQ product splits the head dim over nw * 16 / br warps
+        br = 16 * nw
+    return (nw, br), dq, DP
 
 
 def simt_bwd_config(D):

@@ -1,0 +1,161 @@
+"""On the GPU machine: correctness of the CUDA flash_attention backward (every option, all dtypes) against the
+float64 reference backward, then bf16 backward speed next to torch SDPA's flash-backend backward in the same run
+and the same-run bf16 matmul rate. Prints a table last.
+
+    python benchmarks/gpu/check_flash_attention_backward.py [check] [bench]
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Checks, import_library, tbench  # noqa: E402
+
+nk = import_library()
+from numba_kernels._dispatch import bfloat16  # noqa: E402
+from numba_kernels.reference.flash_attention import flash_attention_ref, flash_attention_varlen_ref  # noqa: E402
+from numba_kernels.reference.flash_attention_backward import (flash_attention_backward_ref,  # noqa: E402
+                                                              flash_attention_varlen_backward_ref)
+
+OUT = os.environ.get("OUT", "/tmp")
+rng = np.random.default_rng(int(time.time()))
+chk = Checks(width=46)
+
+
+def grads_err(got, ref):
+    return max(chk.err(g, r) for g, r in zip(got, ref))
+
+
+def check(name, dt, B, Sq, Sk, H, Hk, D, deterministic=False, **kw):
+    q, do = (rng.standard_normal((B, Sq, H, D)) for _ in range(2))
+    k, v = (rng.standard_normal((B, Sk, Hk, D)) for _ in range(2))
+    out, lse = flash_attention_ref(q, k, v, return_lse=True, **kw)
+    ref = flash_attention_backward_ref(do, q, k, v, out, lse, **kw)
+    args = [x.astype(dt) for x in (do, q, k, v, out)]
+    lse = lse.astype(np.float64 if dt == np.float64 else np.float32)
+    t = time.perf_counter()
+    got = nk.flash_attention_backward(*args, lse, backend="cuda", deterministic=deterministic, **kw)
+    dtc = time.perf_counter() - t
+    e = grads_err(got, ref)
+    if not all(g.dtype == np.dtype(dt) and np.isfinite(g.astype(np.float64)).all() for g in got):
+        e = np.inf
+    extra = ""
+    if deterministic:  # bitwise reproducible
+        again = nk.flash_attention_backward(*args, lse, backend="cuda", deterministic=True, **kw)
+        same = all(np.array_equal(a.view(np.uint8), b.view(np.uint8)) for a, b in zip(got, again))
+        extra = "twice-equal" if same else "NOT REPRODUCIBLE"
+        e = e if same else np.inf
+    chk.report(f"{name} B{B} Sq{Sq} Sk{Sk} H{H}/{Hk} D{D}{' det' if deterministic else ''}", dt, e,
+               f"({dtc:.1f}s incl. compile) {extra}")
+
+
+def correctness():
+    combo = dict(softcap=5.0, alibi_slopes=rng.random(4).astype(np.float32), dropout_p=0.2, seed=123)
+    for dt in (bfloat16, np.float16, np.float32, np.float64):
+        half = dt in (bfloat16, np.float16)
+        check("plain", dt, 2, 97, 113, 4, 2, 64)
+        check("causal", dt, 2, 97, 113, 4, 2, 64, causal=True)
+        check("softcap+alibi+dropout", dt, 2, 97, 113, 4, 2, 64, **combo)
+        if dt in (bfloat16, np.float32):
+            check("window", dt, 2, 97, 113, 4, 2, 64, window_size=(17, 5))
+            check("causal+window", dt, 2, 97, 113, 4, 2, 64, causal=True, window_size=(9, -1))
+            check("causal Sq>Sk (masked rows)", dt, 1, 130, 61, 4, 1, 64, causal=True)
+            check("plain det", dt, 2, 97, 113, 4, 2, 64, deterministic=True)
+        if half:
+            check("plain D128", dt, 1, 97, 113, 4, 2, 128)
+        if dt == bfloat16:
+            check("plain D40 (padded)", dt, 1, 97, 113, 4, 2, 40)
+            check("long causal GQA D128 det", dt, 1, 1025, 1025, 8, 2, 128, causal=True, deterministic=True)
+            check("plain D256 (CUDA-core fallback)", dt, 1, 65, 70, 2, 1, 256)
+    # varlen, causal, with sequences that see no key
+    cq = np.array([0, 5, 135, 136, 200], np.int32)
+    ck = np.array([0, 7, 107, 140, 204], np.int32)
+    for dt in (bfloat16, np.float32):
+        q, do = (rng.standard_normal((200, 4, 64)) for _ in range(2))
+        k, v = (rng.standard_normal((204, 2, 64)) for _ in range(2))
+        out, lse = flash_attention_varlen_ref(q, k, v, cq, ck, causal=True, return_lse=True)
+        ref = flash_attention_varlen_backward_ref(do, q, k, v, out, lse, cq, ck, causal=True)
+        got = nk.flash_attention_varlen_backward(*(x.astype(dt) for x in (do, q, k, v, out)), lse.astype(np.float32),
+                                                 cq, ck, causal=True, backend="cuda")
+        chk.report("varlen causal", dt, grads_err(got, ref))
+
+
+def bench():
+    import torch
+    import torch.nn.functional as F
+    from numba import cuda
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from numba_kernels.cuda import flash_attention as cfa
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = 2 * 8192 ** 3 / tbench(lambda: a @ a, 10) / 1e12
+    del a
+    rows = [f"peak bf16 matmul (torch 8192^3) {mm:.0f} TFLOP/s"]
+    print(rows[0], flush=True)
+
+    def words(t, B, S, H, D):
+        w = cuda.as_cuda_array(t.view(torch.int16).view(torch.int32).view(B * S, H, D // 2))
+        return w.view(np.uint32) if w.dtype != np.uint32 else w
+
+    H = 16
+    for D in (64, 128):
+        for S in (1024, 2048, 4096, 8192, 16384):
+            B = 16384 // S
+            for causal in (False, True):
+                right = 0 if causal else -1
+                qt, kt, vt, gt = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                qw, kw, vw, gw = (words(t, B, S, H, D) for t in (qt, kt, vt, gt))
+                cu = np.arange(B + 1, dtype=np.int32) * S
+                ow, lse = cfa.flash_fwd_cuda_words(qw, kw, vw, cu, cu, S, True, D ** -0.5, -1, right)
+
+                def ours(det=False):
+                    return cfb.flash_bwd_tc_words(gw, qw, kw, vw, ow, lse, cu, cu, S, S, True, D ** -0.5, -1, right,
+                                                  deterministic=det)
+                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+                t_ours = tbench(ours, 10)
+                t_det = tbench(lambda: ours(True), 5) if S == 4096 else None
+                qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qt, kt, vt))
+                gh = gt.transpose(1, 2)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+                    t_sdpa = tbench(lambda: torch.autograd.grad(o, (qh, kh, vh), gh, retain_graph=True), 10)
+                    tg = torch.autograd.grad(o, (qh, kh, vh), gh, retain_graph=True)
+                err = ""
+                if S <= 2048:  # same gradients as SDPA's for this exact config
+                    res = ours()
+                    es = []
+                    for w, r in zip(res, tg):
+                        x = w.copy_to_host().view(np.uint16).view(bfloat16).astype(np.float32).reshape(B, S, H, D)
+                        r = r.transpose(1, 2).float().cpu().numpy()
+                        es.append(float(np.linalg.norm(x - r) / np.linalg.norm(r)))
+                    err = f" rel_err_vs_sdpa dq/dk/dv {es[0]:.1e}/{es[1]:.1e}/{es[2]:.1e}"
+                det = f" deterministic {fl / t_det / 1e12:6.1f}" if t_det else ""
+                r = (f"bwd D{D:3d} S{S:5d} B{B:2d} H{H} causal={int(causal)}  ours {fl / t_ours / 1e12:6.1f} TFLOP/s "
+                     f"({t_ours * 1e3:7.3f} ms)  sdpa-flash {fl / t_sdpa / 1e12:6.1f}  ratio {t_sdpa / t_ours:5.2f}  "
+                     f"frac-of-matmul {fl / t_ours / 1e12 / mm:4.2f}{det}{err}")
+                print(r, flush=True)
+                rows.append(r)
+                del qt, kt, vt, gt, qh, kh, vh, o, tg
+    # fp32 CUDA-core backward, one size, through the public call
+    q, k, v, g = (torch.randn(1, 4096, 16, 64, device="cuda", dtype=torch.float32) for _ in range(4))
+    o, lse = nk.flash_attention(q, k, v, causal=True, return_lse=True)
+    t32 = tbench(lambda: nk.flash_attention_backward(g, q, k, v, o, lse, causal=True), 3)
+    fl = 2.5 * 4 * 16 * 4096 * 4096 * 64 / 2
+    rows.append(f"fp32 CUDA-core bwd D64 S4096 H16 causal (public call): {fl / t32 / 1e12:.2f} TFLOP/s "
+                f"({t32 * 1e3:.1f} ms)")
+    print("\n".join(rows))
+    with open(os.path.join(OUT, "bench_gpu_backward.txt"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["check", "bench"]
+    if "check" in which:
+        correctness()
+        print("FAILURES:", chk.fails if chk.fails else "none", flush=True)
+    if "bench" in which:
+        bench()
