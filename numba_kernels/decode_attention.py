@@ -176,11 +176,12 @@ def _rotate_host(x, cos, sin, pos, interleaved):
     return x
 
 
-def auto_splits(plan, workers, min_keys):
-    """Key splits so that about 2 x ``workers`` tasks exist, each with at least ``min_keys`` keys."""
+def auto_splits(plan, workers, min_keys, tasks=None):
+    """Key splits so that about 2 x ``workers`` tasks exist, each with at least ``min_keys`` keys;
+    ``tasks``: parallel tasks before splitting (default B * Hk)."""
     if plan.num_splits:
         return plan.num_splits
-    tasks = plan.B * plan.Hk
+    tasks = plan.B * plan.Hk if tasks is None else tasks
     longest = int((plan.end - plan.leftpad).max())
     return int(max(1, min(-(-2 * workers // tasks), longest // min_keys, 64)))
 
@@ -225,7 +226,7 @@ def _host_call(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_i
     kc = k_cache.view(np.uint16) if half else k_cache
     vc = v_cache.view(np.uint16) if half else v_cache
     lut = cpu.LUT[plan.dt.name] if half else cpu.NO_LUT
-    ns = auto_splits(plan, numba.get_num_threads(), 4 * cpu.BLOCK_K)
+    ns = auto_splits(plan, numba.get_num_threads(), 4 * cpu.BLOCK_K, tasks=plan.B)  # a CPU task: all heads
     out_p = np.empty((ns, plan.B, plan.Sq, plan.H, plan.D), dtype=cdt)
     lse_p = np.empty((ns, plan.B, plan.H, plan.Sq), dtype=cdt)  # float64 LSEs keep float64 merges exact
     sl = np.zeros((0, 0), dtype=cdt) if plan.slopes is None else plan.slopes.astype(cdt)

@@ -1,11 +1,14 @@
-"""Decode attention on the CPU: njit, parallel over (sequence, k/v head, key split).
+"""Decode attention on the CPU: njit, parallel over (sequence, key split).
 
-A task owns the G * Sq query rows of one k/v head (the query heads of its GQA group, every query
-token), so each cached key/value row is read from memory once and used G * Sq times. Rows are read
-straight from the cache through the page table (a contiguous cache is a paged one with one page per
-cache row); float16/bfloat16 caches arrive as uint16 bits and are widened one row at a time through a
-lookup table. Per key tile: scores by vectorized dot products, an online softmax in log2 units, then
-O += P V one value row at a time. Decode rows are few, so plain loops beat BLAS calls here.
+A task owns all H * Sq query rows of one sequence and a range of its keys, and reads each cache
+position's K (and V) rows for all Hk heads at once: Hk * D contiguous values, so the task streams
+through memory (a task per k/v head would stride by Hk * D and defeat the hardware prefetcher), and
+each K/V value is read once and used G * Sq times (the query heads of its GQA group, every query token).
+Rows are read straight from the cache through the page table (a contiguous cache is a paged one with one
+page per cache row); float16/bfloat16 caches arrive as uint16 bits and are widened one position at a time
+through a lookup table. Per key tile: scores by vectorized dot products (accumulated in the compute
+dtype), an online softmax in log2 units, then O += P V one value position at a time. Decode rows are few,
+so plain loops beat BLAS calls here.
 Each task writes a partial output and LSE for its key split; :func:`combine_cpu` merges the splits.
 """
 import numpy as np
@@ -29,35 +32,28 @@ LUT = {
 NO_LUT = np.zeros(0, dtype=np.float32)
 
 
-def cache_row(cache, page, slot, hk, buf, lut):  # pragma: no cover - replaced by the overload inside njit code
-    return cache[page, slot, hk]
+def cache_rows(cache, page, slot, buf, lut):  # pragma: no cover - replaced by the overload inside njit code
+    return cache[page, slot]
 
 
-@overload(cache_row, inline="always")
-def _cache_row_ol(cache, page, slot, hk, buf, lut):
-    """Row ``cache[page, slot, hk, :]`` in the compute dtype: a view for float32/float64 caches; uint16
-    caches (float16/bfloat16 bits) are widened into ``buf`` through ``lut``, and ``buf`` is returned."""
+@overload(cache_rows, inline="always")
+def _cache_rows_ol(cache, page, slot, buf, lut):
+    """Rows ``cache[page, slot, :, :]`` (Hk, D) in the compute dtype: a view for float32/float64 caches;
+    uint16 caches (float16/bfloat16 bits) are widened into ``buf`` (Hk, D) through ``lut``, and ``buf`` is returned."""
     if isinstance(cache.dtype, types.Integer):
-        def widen(cache, page, slot, hk, buf, lut):
-            for d in range(buf.shape[0]):
-                buf[d] = lut[cache[page, slot, hk, d]]
+        def widen(cache, page, slot, buf, lut):
+            for h in range(buf.shape[0]):
+                for d in range(buf.shape[1]):
+                    buf[h, d] = lut[cache[page, slot, h, d]]
             return buf
         return widen
-    return lambda cache, page, slot, hk, buf, lut: cache[page, slot, hk]
+    return lambda cache, page, slot, buf, lut: cache[page, slot]
 
 
 def make_consts(dtype, scale, softcap):
     """The ``consts`` argument of :func:`decode_cpu`, in the compute dtype."""
     return np.array([scale * LOG2E, softcap, scale / softcap if softcap > 0 else 0.0, LOG2E, -np.inf, 0.0],
                     dtype=dtype)
-
-
-@njit(inline="always")
-def _dot(a, b):
-    acc = a[0] * 0
-    for d in range(a.shape[0]):
-        acc += a[d] * b[d]
-    return acc
 
 
 @njit_parallel
@@ -77,13 +73,13 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     page = kc.shape[1]
     Hk = kc.shape[2]
     G = H // Hk
-    M = G * Sq
+    M = G * Sq  # rows per k/v head; row x of a task is query token x % Sq of head x // Sq, k/v head x // M
+    R = H * Sq
     has_alibi = slopes.shape[0] > 0
     scale_log2, softcap, cap_in, log2e, neg_inf, zero = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
-    for w in prange(B * Hk * nsplit):
+    for w in prange(B * nsplit):
         sp = w % nsplit
-        hk = (w // nsplit) % Hk
-        b = w // (nsplit * Hk)
+        b = w // nsplit
         Sk = end[b] - start[b]
         off = Sk - Sq
         lo, hi = _key_range(0, Sq, Sq, Sk, left, right)
@@ -91,19 +87,19 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
         chunk = -(-chunk // BLOCK_K) * BLOCK_K
         k0 = lo + sp * chunk
         k1 = min(hi, k0 + chunk)
-        qt = np.empty((M, D), dtype=q.dtype)
-        sl = np.zeros(M, dtype=q.dtype)
-        for r in range(M):
-            qt[r] = q[b, r % Sq, hk * G + r // Sq]
+        qt = np.empty((R, D), dtype=q.dtype)
+        sl = np.zeros(R, dtype=q.dtype)
+        for r in range(R):
+            qt[r] = q[b, r % Sq, r // Sq]
             if has_alibi:
-                sl[r] = slopes[b, hk * G + r // Sq] * log2e
-        acc = np.zeros((M, D), dtype=q.dtype)
-        mrow = np.full(M, neg_inf, dtype=q.dtype)
-        lrow = np.zeros(M, dtype=q.dtype)
-        s = np.empty((M, BLOCK_K), dtype=q.dtype)
+                sl[r] = slopes[b, r // Sq] * log2e
+        acc = np.zeros((R, D), dtype=q.dtype)
+        mrow = np.full(R, neg_inf, dtype=q.dtype)
+        lrow = np.zeros(R, dtype=q.dtype)
+        s = np.empty((R, BLOCK_K), dtype=q.dtype)
         pages = np.empty(BLOCK_K, dtype=np.int64)
         slots = np.empty(BLOCK_K, dtype=np.int64)
-        buf = np.empty(D, dtype=q.dtype)
+        buf = np.empty((Hk, D), dtype=q.dtype)
         dist = np.empty(1, dtype=q.dtype)
         for j0 in range(k0, k1, BLOCK_K):
             n = min(BLOCK_K, k1 - j0)
@@ -111,10 +107,14 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
                 p = start[b] + j0 + c
                 pages[c] = table[b, p // page]
                 slots[c] = p % page
-                krow = cache_row(kc, pages[c], slots[c], hk, buf, lut)
-                for r in range(M):
-                    s[r, c] = _dot(qt[r], krow)
-            for r in range(M):
+                krows = cache_rows(kc, pages[c], slots[c], buf, lut)  # (Hk, D)
+                for r in range(R):
+                    hk = r // M
+                    x = zero
+                    for d in range(D):
+                        x += qt[r, d] * krows[hk, d]
+                    s[r, c] = x
+            for r in range(R):
                 i = r % Sq
                 c0, c1 = _row_span(i, off, left, right, j0, n)
                 mx = neg_inf
@@ -144,15 +144,16 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
                 for d in range(D):
                     acc[r, d] *= alpha
             for c in range(n):
-                vrow = cache_row(vc, pages[c], slots[c], hk, buf, lut)
-                for r in range(M):
+                vrows = cache_rows(vc, pages[c], slots[c], buf, lut)  # (Hk, D)
+                for r in range(R):
                     pr = s[r, c]
                     if pr != zero:
+                        hk = r // M
                         for d in range(D):
-                            acc[r, d] += pr * vrow[d]
-        for r in range(M):
+                            acc[r, d] += pr * vrows[hk, d]
+        for r in range(R):
             i = r % Sq
-            h = hk * G + r // Sq
+            h = r // Sq
             inv = zero if lrow[r] == zero else 1 / lrow[r]
             for d in range(D):
                 out_p[sp, b, i, h, d] = acc[r, d] * inv
