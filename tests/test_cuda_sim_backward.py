@@ -76,3 +76,42 @@ def test_sim_backward_varlen(rng):
     got = nk.flash_attention_varlen_backward(*args, lse.astype(np.float32), cq, ck, causal=True, backend="cuda")
     _check(got, ref, np.float32)
     np.testing.assert_array_equal(got[0][:4], 0.0)  # rows 0..3 of sequence 0 see no key
+
+
+TC_CASES = [
+    ("f16-plain-atomic-dq", np.float16, dict(), False),
+    ("bf16-causal-deterministic", bfloat16, dict(causal=True), True),
+    ("bf16-window", bfloat16, dict(window_size=(5, 3)), False),
+    ("f16-softcap-alibi-dropout-deterministic", np.float16,
+     dict(softcap=3.0, alibi_slopes=np.array([0.3, 0.7]), dropout_p=0.2, seed=11), True),
+    ("bf16-softcap-alibi-dropout", bfloat16,
+     dict(softcap=3.0, alibi_slopes=np.array([0.3, 0.7]), dropout_p=0.2, seed=11), False),
+]
+
+
+@pytest.mark.parametrize("name,dt,kw,det", TC_CASES, ids=[c[0] for c in TC_CASES])
+def test_sim_backward_tensor_cores(rng, name, dt, kw, det):
+    # the tensor-core kernels on 2-warp key tiles: Sk=37 spans two key tiles and ends mid-tile, Sq=19 two
+    # query tiles; GQA (2 query heads on 1 k/v head); D=20 padded to 32
+    _run(rng, dt, kw, (1, 19, 37, 2, 1, 20), deterministic=det)
+
+
+def test_sim_backward_tensor_cores_deterministic_twice_equal_varlen(rng):
+    cq = np.array([0, 7, 23], np.int32)
+    ck = np.array([0, 3, 21], np.int32)
+    q, do = (rng.standard_normal((23, 2, 16)) for _ in range(2))
+    k, v = (rng.standard_normal((21, 2, 16)) for _ in range(2))
+    out, lse = flash_attention_varlen_ref(q, k, v, cq, ck, causal=True, return_lse=True)
+    ref = flash_attention_varlen_backward_ref(do, q, k, v, out, lse, cq, ck, causal=True)
+    args = [x.astype(np.float16) for x in (do, q, k, v, out)] + [lse.astype(np.float32), cq, ck]
+    a = nk.flash_attention_varlen_backward(*args, causal=True, backend="cuda", deterministic=True)
+    b = nk.flash_attention_varlen_backward(*args, causal=True, backend="cuda", deterministic=True)
+    _check(a, ref, np.float16)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+    np.testing.assert_array_equal(a[0][:4].astype(np.float32), 0.0)  # rows 0..3 of sequence 0 see no key
+
+
+def test_sim_backward_half_above_tensor_core_head_dim(rng):
+    """Head dims above TC_BWD_MAX_D run on the CUDA-core kernels (widened to float32)."""
+    _run(rng, np.float16, dict(causal=True), (1, 5, 6, 1, 1, 136), deterministic=False)
