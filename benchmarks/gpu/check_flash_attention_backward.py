@@ -153,9 +153,9 @@ def bench():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["check", "bench"]
-    if "check" in which:
-        correctness()
-        print("FAILURES:", chk.fails if chk.fails else "none", flush=True)
-    if "bench" in which:
-        bench()
+    for step in sys.argv[1:] or ["check", "bench"]:  # in the order given
+        if step == "check":
+            correctness()
+            print("FAILURES:", chk.fails if chk.fails else "none", flush=True)
+        elif step == "bench":
+            bench()
