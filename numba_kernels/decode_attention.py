@@ -112,16 +112,17 @@ def _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cach
                          f"with cache_seqlens={seqlens.tolist()}")
     end = seqlens + snew
     if paged:  # every page a sequence reads or writes must exist
-        for b in range(B):
-            used = table[b, leftpad[b] // page:-(-end[b] // page)] if end[b] > leftpad[b] else table[b, :0]
-            if used.size and (used.min() < 0 or used.max() >= NB):
-                raise ValueError(f"block_table[{b}] points outside k_cache's {NB} pages for positions "
-                                 f"[{leftpad[b]}, {end[b]}): {used.tolist()}")
+        j = np.arange(table.shape[1])[None, :]
+        used = (j >= (leftpad // page)[:, None]) & (j < (-(-end // page))[:, None]) & (end > leftpad)[:, None]
+        bad = used & ((table < 0) | (table >= NB))
+        if bad.any():
+            b = int(np.nonzero(bad.any(axis=1))[0][0])
+            raise ValueError(f"block_table[{b}] points outside k_cache's {NB} pages for positions "
+                             f"[{leftpad[b]}, {end[b]}): {table[b][used[b]].tolist()}")
         if snew:  # two sequences must not append into the same page slot
-            pos = np.concatenate([np.arange(seqlens[b], end[b]) for b in range(B)])
-            rows = np.concatenate([table[b, np.arange(seqlens[b], end[b]) // page] for b in range(B)])
-            slots_used = rows * page + pos % page
-            if len(np.unique(slots_used)) != len(slots_used):
+            pos = seqlens[:, None] + np.arange(snew)[None, :]
+            slots_used = table[np.arange(B)[:, None], pos // page] * page + pos % page
+            if len(np.unique(slots_used)) != slots_used.size:
                 raise ValueError("block_table maps the appended tokens of two sequences to the same cache slot")
     rotary = rotary_cos is not None or rotary_sin is not None
     rd = 0

@@ -1,0 +1,88 @@
+"""Decode attention CUDA kernels under the simulator (tiny shapes and tiles): the tensor-core kernel
+(float16/bfloat16), the CUDA-core kernel (float32/float64, odd head dims), the rotary/append kernels on
+device caches through a page table, the split merge and attention_combine. The same checks run on a real
+GPU in benchmarks/gpu/check_decode_attention.py."""
+import numpy as np
+import pytest
+
+import numba_kernels as nk
+from numba_kernels._dispatch import bfloat16
+from numba_kernels.reference.decode_attention import attention_combine_ref, flash_attention_with_kvcache_ref
+from tests.conftest import TOL, dtype_id, max_err
+
+pytestmark = pytest.mark.sim
+
+
+def _dev(x):
+    from numba import cuda
+
+    return cuda.to_device(x.view(np.uint16) if x.dtype == bfloat16 else x)
+
+
+def _host(x, dt):
+    h = x.copy_to_host()
+    return h.view(bfloat16) if dt == bfloat16 else h
+
+
+CASES = [  # (dtype, head dim, page size (0 = contiguous), Sq, new tokens, num_splits, rotary, options)
+    (np.float16, 16, 5, 1, 2, 0, None, {}),
+    (bfloat16, 32, 3, 3, 3, 2, None, dict(causal=True)),
+    (np.float16, 16, 0, 5, 1, 1, True, dict(softcap=2.0, alibi_slopes=np.array([0.2, 0.5, 0.1, 0.9]))),
+    (np.float32, 40, 7, 2, 2, 3, False, dict(window_size=(6, 0))),
+    (np.float64, 24, 0, 1, 0, 2, None, dict(cache_leftpad=np.array([2, 0], np.int32))),
+    (np.float16, 20, 4, 2, 1, 0, True, dict(causal=True)),  # head dim not a multiple of 8: CUDA cores
+]
+
+
+@pytest.mark.parametrize("dt,D,page,Sq,snew,ns,rot,kw", CASES,
+                         ids=[f"{dtype_id(c[0])}-D{c[1]}-page{c[2]}-Sq{c[3]}-ns{c[5]}" for c in CASES])
+def test_sim_decode(rng, dt, D, page, Sq, snew, ns, rot, kw):
+    B, H, Hk = 2, 4, 2
+    seqlens = np.array([7, 19], np.int32)
+    q = rng.standard_normal((B, Sq, H, D)).astype(dt)
+    if page:
+        nb = 2 * (-(-24 // page)) + 1
+        kc, vc = (rng.standard_normal((nb, page, Hk, D)).astype(dt) for _ in range(2))
+        kw = dict(kw, block_table=rng.permutation(nb)[:nb - 1].reshape(2, -1).astype(np.int32))
+    else:
+        kc, vc = (rng.standard_normal((B, 24, Hk, D)).astype(dt) for _ in range(2))
+    k, v = ((rng.standard_normal((B, snew, Hk, D)).astype(dt) for _ in range(2)) if snew else (None, None))
+    if rot is not None:
+        kw = dict(kw, rotary_cos=rng.standard_normal((30, D // 4)), rotary_sin=rng.standard_normal((30, D // 4)),
+                  rotary_interleaved=rot)
+    kc_ref, vc_ref = kc.copy(), vc.copy()
+    ref, rlse = flash_attention_with_kvcache_ref(q, kc_ref, vc_ref, k, v, cache_seqlens=seqlens, return_lse=True, **kw)
+    kd, vd = _dev(kc), _dev(vc)
+    out, lse = nk.flash_attention_with_kvcache(q, kd, vd, k, v, cache_seqlens=seqlens, num_splits=ns,
+                                               return_lse=True, backend="cuda", **kw)
+    tol = TOL[np.dtype(dt)]
+    assert max_err(_host(out, dt), ref) < tol
+    assert max_err(_host(kd, dt), kc_ref) < tol and max_err(_host(vd, dt), vc_ref) < tol  # the append
+    lse = lse.copy_to_host()
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(rlse))
+    np.testing.assert_allclose(lse, rlse, rtol=1e-5, atol=max(1e-5, tol))
+
+
+def test_sim_masked_rows_give_zero(rng):
+    """Sq > keys with causal: the first rows see nothing (0 out, -inf LSE); an empty cache too."""
+    q = rng.standard_normal((2, 4, 2, 16)).astype(np.float16)
+    kc, vc = (rng.standard_normal((2, 8, 1, 16)).astype(np.float16) for _ in range(2))
+    seqlens = np.array([2, 0], np.int32)
+    out, lse = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, causal=True,
+                                               num_splits=2, return_lse=True, backend="cuda")
+    ref, rlse = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, causal=True, return_lse=True)
+    out = out.copy_to_host()
+    assert np.isfinite(out.astype(np.float32)).all() and max_err(out, ref) < TOL[np.dtype(np.float16)]
+    np.testing.assert_array_equal(out[1], 0)
+    np.testing.assert_array_equal(np.isfinite(lse.copy_to_host()), np.isfinite(rlse))
+
+
+def test_sim_attention_combine(rng):
+    o = rng.standard_normal((3, 2, 2, 2, 8)).astype(np.float32)
+    lp = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)
+    lp[0, 0, 0, 0] = -np.inf
+    lp[:, 1, 1, 1] = -np.inf
+    out, lse = nk.attention_combine(_dev(o), _dev(lp), return_lse=True, backend="cuda")
+    ref, rlse = attention_combine_ref(o, np.transpose(lp, (0, 1, 3, 2)))
+    assert max_err(out.copy_to_host(), ref) < 1e-6
+    np.testing.assert_allclose(lse.copy_to_host(), np.transpose(rlse, (0, 2, 1)), rtol=1e-6)

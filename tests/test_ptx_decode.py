@@ -1,0 +1,47 @@
+"""Every real decode-attention CUDA kernel compiles to PTX for cc 9.0; the tensor-core ones use
+mma.sync / ldmatrix / cp.async and keep their accumulators in registers."""
+import re
+
+import pytest
+
+pytestmark = pytest.mark.ptx
+
+HEAD_DIMS = (128,)
+N_CONFIGS = 9 * len(HEAD_DIMS)
+
+
+def _configs():
+    from numba_kernels.cuda.decode_attention import ptx_signatures
+
+    return ptx_signatures(head_dims=HEAD_DIMS)
+
+
+@pytest.mark.parametrize("idx", range(N_CONFIGS))
+def test_decode_kernel_compiles_for_sm90(idx):
+    from numba import cuda
+
+    configs = _configs()
+    assert len(configs) == N_CONFIGS
+    name, fn, sig = configs[idx]
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert ".target sm_90" in ptx
+    if name.startswith("decode_tc_"):
+        for instr in ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned.m8n8.x4", "cp.async.cg.shared.global"):
+            assert instr in ptx, f"{name}: {instr} missing"
+        assert not re.search(r"\.local\s", ptx), f"{name}: accumulators spilled to local memory"
+
+
+def test_support_kernels_compile_for_sm90():
+    from numba import cuda, types
+
+    from numba_kernels.cuda._decode_kernels import make_combine, make_rotate
+
+    i32_1, i32_2 = types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C")
+    f32_2 = types.Array(types.float32, 2, "C")
+    for kind, el in (("bf16", types.uint16), ("f16", types.float16), ("f32", types.float32)):
+        a4 = types.Array(el, 4, "C")
+        kern = make_rotate(kind, True, True, 64)
+        cuda.compile_ptx(kern.py_func, (a4, a4, i32_2, i32_1, types.int64, f32_2, f32_2, types.boolean), cc=(9, 0))
+        comb = make_combine("f32", kind, 128)
+        cuda.compile_ptx(comb.py_func, (types.Array(types.float32, 5, "C"), types.Array(types.float32, 4, "C"), a4,
+                                        types.Array(types.float32, 3, "C")), cc=(9, 0))
