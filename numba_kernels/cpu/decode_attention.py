@@ -7,8 +7,9 @@ each K/V value is read once and used G * Sq times (the query heads of its GQA gr
 Rows are read straight from the cache through the page table (a contiguous cache is a paged one with one
 page per cache row); float16/bfloat16 caches arrive as uint16 bits and are widened one position at a time
 through a lookup table. Per key tile: scores by vectorized dot products (accumulated in the compute
-dtype), an online softmax in log2 units, then O += P V one value position at a time. Decode rows are few,
-so plain loops beat BLAS calls here.
+dtype), an online softmax in log2 units (one simple loop per step), then O += P V one value position at
+a time; four query rows of a GQA group share each K and V load. Decode rows are few, so plain loops beat
+BLAS calls here.
 Each task writes a partial output and LSE for its key split; :func:`combine_cpu` merges the splits.
 """
 import numpy as np
@@ -73,7 +74,7 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     page = kc.shape[1]
     Hk = kc.shape[2]
     G = H // Hk
-    M = G * Sq  # rows per k/v head; row x of a task is query token x % Sq of head x // Sq, k/v head x // M
+    M = G * Sq  # rows per k/v head; row r is query token r % Sq of head r // Sq, k/v head r // M
     R = H * Sq
     has_alibi = slopes.shape[0] > 0
     scale_log2, softcap, cap_in, log2e, neg_inf, zero = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
@@ -108,29 +109,45 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
                 pages[c] = table[b, p // page]
                 slots[c] = p % page
                 krows = cache_rows(kc, pages[c], slots[c], buf, lut)  # (Hk, D)
-                for r in range(R):
-                    hk = r // M
-                    x = zero
-                    for d in range(D):
-                        x += qt[r, d] * krows[hk, d]
-                    s[r, c] = x
+                for hk in range(Hk):
+                    r, r_end = hk * M, (hk + 1) * M
+                    while r + 4 <= r_end:  # four rows of the group share each K load
+                        x0 = x1 = x2 = x3 = zero
+                        for d in range(D):
+                            kd = krows[hk, d]
+                            x0 += qt[r, d] * kd
+                            x1 += qt[r + 1, d] * kd
+                            x2 += qt[r + 2, d] * kd
+                            x3 += qt[r + 3, d] * kd
+                        s[r, c], s[r + 1, c], s[r + 2, c], s[r + 3, c] = x0, x1, x2, x3
+                        r += 4
+                    while r < r_end:
+                        x = zero
+                        for d in range(D):
+                            x += qt[r, d] * krows[hk, d]
+                        s[r, c] = x
+                        r += 1
             for r in range(R):
                 i = r % Sq
                 c0, c1 = _row_span(i, off, left, right, j0, n)
+                # one simple loop per step, so that each one vectorizes
+                if softcap > 0:
+                    for c in range(n):
+                        s[r, c] = softcap * np.tanh(s[r, c] * cap_in) * log2e
+                else:
+                    for c in range(n):
+                        s[r, c] *= scale_log2
+                if has_alibi:
+                    for c in range(n):
+                        dist[0] = abs(i + off - j0 - c)
+                        s[r, c] -= sl[r] * dist[0]
+                for c in range(c0):
+                    s[r, c] = neg_inf
+                for c in range(max(c0, c1), n):
+                    s[r, c] = neg_inf
                 mx = neg_inf
                 for c in range(n):
-                    x = s[r, c]
-                    if softcap > 0:
-                        x = softcap * np.tanh(x * cap_in) * log2e
-                    else:
-                        x = x * scale_log2
-                    if has_alibi:
-                        dist[0] = abs(i + off - j0 - c)
-                        x -= sl[r] * dist[0]
-                    if c < c0 or c >= c1:
-                        x = neg_inf
-                    s[r, c] = x
-                    mx = fmax_fast(mx, x)
+                    mx = fmax_fast(mx, s[r, c])
                 m_new = fmax_fast(mrow[r], mx)
                 mu = zero if m_new == neg_inf else m_new
                 alpha = exp2_fast(mrow[r] - mu)
@@ -145,12 +162,23 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
                     acc[r, d] *= alpha
             for c in range(n):
                 vrows = cache_rows(vc, pages[c], slots[c], buf, lut)  # (Hk, D)
-                for r in range(R):
-                    pr = s[r, c]
-                    if pr != zero:
-                        hk = r // M
+                for hk in range(Hk):
+                    r, r_end = hk * M, (hk + 1) * M
+                    while r + 4 <= r_end:  # four rows share each V load
+                        p0, p1, p2, p3 = s[r, c], s[r + 1, c], s[r + 2, c], s[r + 3, c]
                         for d in range(D):
-                            acc[r, d] += pr * vrows[hk, d]
+                            vd = vrows[hk, d]
+                            acc[r, d] += p0 * vd
+                            acc[r + 1, d] += p1 * vd
+                            acc[r + 2, d] += p2 * vd
+                            acc[r + 3, d] += p3 * vd
+                        r += 4
+                    while r < r_end:
+                        pr = s[r, c]
+                        if pr != zero:
+                            for d in range(D):
+                                acc[r, d] += pr * vrows[hk, d]
+                        r += 1
         for r in range(R):
             i = r % Sq
             h = r // Sq
