@@ -6,7 +6,7 @@ pytestmark = pytest.mark.ptx
 
 KINDS = ("f32", "f64", "f16", "bf16")
 # the kernel names, fixed here so collection needs no numba-cuda target
-NAMES = ([f"scan_{k}_N{n}_{v}" for k in KINDS for n in (4, 16) for v in ("var", "const")] +
+NAMES = ([f"scan_{k}_N{n}_{v}" for k in KINDS for n in (4, 16) for v in ("var", "const", "var_seq")] +
          [f"update_{k}_state_{s}" for k in KINDS for s in sorted({"f32", k})])
 
 

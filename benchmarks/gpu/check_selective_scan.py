@@ -58,6 +58,8 @@ def backward_checks():
     cases += [(np.float32, "const", "grouped", "all"), (np.float32, "BNL", "const", "plain")]
     for dt, bform, cform, opt in cases:
         kw = inputs(dt, B, Dm, L, N, G, bform, cform)
+        if dt == np.float64:  # parameters in float64 too, so every gradient is judged at float64
+            kw = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in kw.items()}
         if opt == "plain":
             for name in ("D", "z", "delta_bias", "initial_state", "seq_idx"):
                 kw[name] = None
@@ -169,7 +171,7 @@ def bench():
         q, tl = sweep
         t = tbench(lambda: css.scan_fwd_cuda(ud, dd, A, Bd, Cd, D, zd if with_z else None, dbias, None, None, True,
                                              False, dt, out=yd, q=q, tl=tl))
-        NC, Q, TL = css.fwd_config(N, css.kind_of(dt), q, tl)
+        NC, Q, TL, U = css.fwd_config(N, css.kind_of(dt), q, tl)
         exps = B * Dm * L * N / t
         rows.append(f"scan {name} B{B} Dm{Dm} N{N} L{L:5d} {'z' if with_z else 'no z':4s} Q{Q} TL{TL}"
                     f"{' B/C (Dm,N)' if const_bc else ''}{label}: {nb / t / 1e9:6.0f} GB/s "
@@ -187,7 +189,7 @@ def bench():
                     rows.append(f"scan {name} L{L} z={with_z}: FAILED {type(exc).__name__}: {exc}")
                     print(rows[-1], flush=True)
     # sweep: lanes per channel Q and time tile TL (bf16, L 8192, z); time-invariant B / C
-    for sw in ((1, 64), (2, 64), (8, 64), (4, 32)):
+    for sw in ((1, 32), (2, 32), (8, 32), (4, 64), (2, 64)):
         try:
             run("bf16", 8192, True, sweep=sw, label=" [sweep]")
         except Exception as exc:
@@ -196,12 +198,14 @@ def bench():
         run("bf16", 8192, True, const_bc=True, label=" [no B/C tiles]")
     except Exception as exc:
         rows.append(f"const B/C: FAILED {type(exc).__name__}: {exc}")
-    k = css.make_scan_kernel("bf16", N, *css.fwd_config(N, "bf16"), True, True)
-    try:
-        rows.append(f"     scan kernel bf16: regs/thread {list(k.get_regs_per_thread().values())}, "
-                    f"local bytes/thread {list(k.get_local_mem_per_thread().values())}")
-    except Exception as exc:  # introspection API differs between numba-cuda versions
-        rows.append(f"     scan kernel bf16: no register info ({exc})")
+    for qq in (1, 2, 4, 8):
+        cfg = css.fwd_config(N, "bf16", qq)
+        k = css.make_scan_kernel("bf16", N, *cfg, True, True, False)
+        try:
+            rows.append(f"     scan kernel bf16 (NC, Q, TL, U) {cfg}: regs/thread {list(k.get_regs_per_thread().values())},"
+                        f" local bytes/thread {list(k.get_local_mem_per_thread().values())}")
+        except Exception as exc:  # introspection API differs between numba-cuda versions
+            rows.append(f"     scan kernel bf16 {cfg}: no register info ({exc})")
     # backward (public call: includes the partial sums and allocations), bf16, z, grads of everything
     try:
         L = 2048
