@@ -82,7 +82,67 @@ def correctness():
         chk.report("varlen causal", dt, grads_err(got, ref))
 
 
-def bench():
+SWEEP = {64: [((4, 64), (4, 64)), ((8, 64), (4, 32)), ((8, 32), (8, 64))],
+         128: [((4, 32), (4, 32)), ((8, 32), (4, 64)), ((8, 64), (8, 32))]}
+
+
+def sweep():
+    """Tile candidates ((dK/dV warps, query rows), (dQ warps, keys)) x dQ by atomics or by its own pass at S4096
+    (causal and not); each candidate's gradients are checked against SDPA's. Keeps the fastest per head dim."""
+    import torch
+    import torch.nn.functional as F
+    from numba import cuda
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from numba_kernels.cuda import flash_attention as cfa
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    H, S, B = 16, 4096, 4
+    best = {}
+    for D, cands in SWEEP.items():
+        data = []
+        for causal in (False, True):
+            qt, kt, vt, gt = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            qw, kw, vw, gw = (cuda.as_cuda_array(t.view(torch.int16).view(torch.int32).view(B * S, H, D // 2))
+                              for t in (qt, kt, vt, gt))
+            cu = np.arange(B + 1, dtype=np.int32) * S
+            ow, lse = cfa.flash_fwd_cuda_words(qw, kw, vw, cu, cu, S, True, D ** -0.5, -1, 0 if causal else -1)
+            qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qt, kt, vt))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+                ref = [r.transpose(1, 2).float().cpu().numpy()
+                       for r in torch.autograd.grad(o, (qh, kh, vh), gt.transpose(1, 2))]
+            data.append((causal, qw, kw, vw, gw, ow, lse, cu, ref))
+        score = {}
+        for tiles in cands:
+            for atomic in (True, False):
+                cfb.TC_BWD_TILES[D] = tiles
+                cfb.DQ_ATOMIC = atomic
+                tot, errs = 0.0, []
+                try:
+                    for causal, qw, kw, vw, gw, ow, lse, cu, ref in data:
+                        def run():
+                            return cfb.flash_bwd_tc_words(gw, qw, kw, vw, ow, lse, cu, cu, S, S, True, D ** -0.5, -1,
+                                                          0 if causal else -1)
+                        res = run()
+                        for w, r in zip(res, ref):
+                            x = w.copy_to_host().view(np.uint16).view(bfloat16).astype(np.float32).reshape(r.shape)
+                            errs.append(float(np.linalg.norm(x - r) / np.linalg.norm(r)))
+                        tot += 2.5 * 4 * B * H * S * S * D / (2 if causal else 1) / tbench(run, 5) / 1e12
+                    ok = max(errs) < 1e-2
+                    score[(tiles, atomic)] = tot / 2 if ok else 0.0
+                    print(f"sweep D{D} tiles={tiles} dq_atomic={int(atomic)}: mean(non-causal, causal) "
+                          f"{tot / 2:6.1f} TFLOP/s  max rel err vs sdpa {max(errs):.1e}", flush=True)
+                except Exception as ex:  # noqa: BLE001
+                    print(f"sweep D{D} tiles={tiles} dq_atomic={int(atomic)}: failed {type(ex).__name__}: "
+                          f"{str(ex)[:200]}", flush=True)
+        best[D] = max(score, key=score.get)
+        print(f"sweep D{D} best: tiles={best[D][0]} dq_atomic={int(best[D][1])}", flush=True)
+        del data
+    return best
+
+
+def bench(best=None):
     import torch
     import torch.nn.functional as F
     from numba import cuda
@@ -103,6 +163,9 @@ def bench():
 
     H = 16
     for D in (64, 128):
+        if best:
+            cfb.TC_BWD_TILES[D], cfb.DQ_ATOMIC = best[D]
+            rows.append(f"D{D}: tiles {cfb.TC_BWD_TILES[D]} dq_atomic={int(cfb.DQ_ATOMIC)}")
         for S in (1024, 2048, 4096, 8192, 16384):
             B = 16384 // S
             for causal in (False, True):
@@ -153,9 +216,12 @@ def bench():
 
 
 if __name__ == "__main__":
+    best = None
     for step in sys.argv[1:] or ["check", "bench"]:  # in the order given
-        if step == "check":
+        if step == "sweep":
+            best = sweep()
+        elif step == "check":
             correctness()
             print("FAILURES:", chk.fails if chk.fails else "none", flush=True)
         elif step == "bench":
-            bench()
+            bench(best)

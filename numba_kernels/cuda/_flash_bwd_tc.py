@@ -161,7 +161,10 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
         load_rows(smem, 0, k, ks + j0, BC, Sk - j0, hk, tid)
         load_rows(smem, V_OFF, v, ks + j0, BC, Sk - j0, hk, tid)
         if total > 0:
-            load_tile(smem, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo, Sq, b, hk * G, lse_a, lse_c, seed, tid)
+            r0 = cuda.blockIdx.x % total if HAS_DQ else 0
+            h0 = r0 // nqt
+            load_tile(smem, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo + (r0 - h0 * nqt) * BR, Sq, b, hk * G + h0,
+                      lse_a, lse_c, seed, tid)
         else:
             intr.cp_async_commit()
         a_lane, b_lane, t_lane = _lanes(lane, STR)
@@ -179,15 +182,19 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
         sacc = cuda.local.array(S_LEN, float32)
         pacc = cuda.local.array(S_LEN, float32)
         qacc = cuda.local.array(Q_LEN, float32)
+        # with atomic dQ, neighbouring key tiles start at different query tiles (less contention on dQ rows)
+        rot = cuda.blockIdx.x % total if HAS_DQ and total > 0 else 0
         stage = 0
         for it in range(total):
-            hh = it // nqt
+            itr = it + rot - (total if it + rot >= total else 0)
+            hh = itr // nqt
             h = hk * G + hh
-            i0 = qlo + (it - hh * nqt) * BR
+            i0 = qlo + (itr - hh * nqt) * BR
             q0 = Q_OFF + stage * 2 * QT
             if it + 1 < total:  # prefetch the next query tile into the other stage
-                hn = (it + 1) // nqt
-                load_tile(smem, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs, qlo + (it + 1 - hn * nqt) * BR,
+                itn = it + 1 + rot - (total if it + 1 + rot >= total else 0)
+                hn = itn // nqt
+                load_tile(smem, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs, qlo + (itn - hn * nqt) * BR,
                           Sq, b, hk * G + hn, lse_a, lse_c, seed, tid)
                 intr.cp_async_wait1()
             else:

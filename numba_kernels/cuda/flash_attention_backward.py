@@ -29,6 +29,9 @@ SIMT_BWD_TILES = {"gpu": (4, 16), "sim": (1, 4)}
 TC_BWD_TILES = {64: ((4, 64), (4, 64)), 128: ((4, 32), (4, 32))}
 TC_BWD_TILES_SIM = ((2, 16), (1, 16))
 TC_BWD_MAX_D = 128
+#: deterministic=False on tensor cores: dQ by fp32 atomics inside the dK/dV kernel (True) or by the separate
+#: dQ pass (False, also what deterministic=True uses)
+DQ_ATOMIC = True
 
 
 def tc_bwd_config(D):
@@ -121,6 +124,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     dvw = cuda.device_array(vw.shape, dtype=np.uint32)
     B = len(cu_q) - 1
     tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
+    deterministic = deterministic or not DQ_ATOMIC
     kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic)
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
