@@ -131,6 +131,7 @@ def _setup(B, S, layout, H=32, Hk=8, D=128):
     """bf16 decode case on the device: caches filled on the GPU, a block table, the plan and its metadata."""
     import torch
 
+    from numba_kernels.decode_attention import _plan
 
     page = {"contig": S, "page16": 16, "page256": 256}[layout]
     mb = S // page

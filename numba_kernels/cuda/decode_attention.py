@@ -3,6 +3,8 @@
 Kernels and the design notes are in ``_decode_kernels``. float16/bfloat16 with a head dim that is a
 multiple of 8 run on tensor cores; everything else on CUDA cores.
 """
+import functools
+
 import numpy as np
 from numba import cuda
 
@@ -32,7 +34,27 @@ def _mode():
 def _num_sms():
     if intr.SIM:
         return 1
+    return _sm_count(cuda.get_current_device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id):
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+_workspace = {}
+
+
+def _scratch(shape, dtype):
+    """Split partials, reused across calls (one per shape/dtype and device; every launch is on the default
+    stream, so a later call cannot overwrite them before the merge that reads them has run)."""
+    key = (tuple(shape), np.dtype(dtype).str, cuda.get_current_device().id if not intr.SIM else 0)
+    buf = _workspace.get(key)
+    if buf is None:
+        if len(_workspace) > 32:
+            _workspace.clear()
+        buf = _workspace[key] = cuda.device_array(shape, dtype=dtype)
+    return buf
 
 
 def _elems(x, kind):
@@ -138,8 +160,8 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     ns = choose_splits(plan, n_rt)
     split = ns > 1
     if split:
-        o = cuda.device_array((ns, B, Sq, H, D), dtype=ft)
-        lse = cuda.device_array((ns, B, H, Sq), dtype=ft)
+        o = _scratch((ns, B, Sq, H, D), ft)
+        lse = _scratch((ns, B, H, Sq), ft)
     else:
         o = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
             (B, Sq, H, D), dtype=ELEM[kind])
