@@ -98,7 +98,8 @@ def main():
     cases = [(1, 1024), (1, 4096), (1, 16384), (8, 1024), (8, 4096), (8, 16384)]
     if QUICK:
         cases = [(1, 1024), (8, 4096)]
-    rows = [head, f"{'B':>2} {'seqlen':>6} {'layout':>10} | {'ms':>8} {'best':>8} | {'KV GB/s':>8} {'best':>6} {'copy':>6} {'% copy':>7} {'best':>5} | "
+    rows = [head, f"{'B':>2} {'seqlen':>6} {'layout':>10} | {'ms':>8} {'best':>8} | {'KV GB/s':>8} {'best':>6} "
+                  f"{'copy':>6} {'% copy':>7} {'best':>5} | "
                   f"{'ref ms':>8} {'speedup':>8} | {'max err':>8}"]
     for B, S in cases:
         q = rng.standard_normal((B, 1, H, D)).astype(np.float32)
@@ -120,12 +121,11 @@ def main():
             assert err < 2e-5, f"B{B} S{S} {layout}: error vs reference {err:.1e}"
             t, tb = times(lambda: nk.flash_attention_with_kvcache(q, k_, v_, **kw), reps, warm=2)
             bw, bwb = kv_bytes / t, kv_bytes / tb
-            rows.append(f"{B:>2} {S:>6} {layout:>10} | {t * 1e3:8.3f} {tb * 1e3:8.3f} | {bw / 1e9:8.1f} {bwb / 1e9:6.1f} {bw_copy / 1e9:6.1f} "
+            rows.append(f"{B:>2} {S:>6} {layout:>10} | {t * 1e3:8.3f} {tb * 1e3:8.3f} | {bw / 1e9:8.1f} {bwb / 1e9:6.1f} "
+                        f"{bw_copy / 1e9:6.1f} "
                         f"{100 * bw / bw_copy:6.0f}% {100 * bwb / bw_copy:4.0f}% | "
                         f"{t_ref * 1e3:8.1f} {t_ref / t:7.0f}x | {err:8.1e}")
             print(rows[-1], flush=True)
-            del k_, v_
-        del kc, vc
     rows.append(f"load average (1/5/15 min) at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
                 f"on {os.cpu_count()} cores (other jobs share this machine)")
     print("\n==== summary ====")

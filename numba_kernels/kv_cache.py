@@ -272,7 +272,8 @@ class PagedKVCache:
         if x is None or not (isinstance(x, np.ndarray) or dsp.is_device_array(x)):
             raise TypeError(f"{name} must be a numpy or CUDA device array, got {type(x).__name__}")
         want = tuple(lead) + (self.num_kv_heads, self.head_dim)
-        if len(x.shape) != len(want) or tuple(x.shape)[1:] != want[1:] or (lead[0] is not None and x.shape[0] != lead[0]):
+        bad_lead = lead[0] is not None and x.shape[0] != lead[0]
+        if len(x.shape) != len(want) or tuple(x.shape)[1:] != want[1:] or bad_lead:
             shown = tuple("S" if w is None else w for w in want)
             raise ValueError(f"{name} must have shape {shown}, got {tuple(x.shape)}")
         dt = dtype_of(x)

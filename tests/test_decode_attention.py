@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import numba_kernels as nk
-from numba_kernels._dispatch import bfloat16
 from numba_kernels.reference.decode_attention import (apply_rotary_ref, attention_combine_ref,
                                                       flash_attention_with_kvcache_ref)
 from numba_kernels.reference.flash_attention import attention_one_ref
