@@ -116,8 +116,7 @@ def sweep():
         score = {}
         for tiles in cands:
             for atomic in (True, False):
-                cfb.TC_BWD_TILES[D] = tiles
-                cfb.DQ_ATOMIC = atomic
+                cfb.TC_BWD_TILES[D] = tiles + (atomic,)
                 tot, errs = 0.0, []
                 try:
                     for causal, qw, kw, vw, gw, ow, lse, cu, ref in data:
@@ -164,8 +163,8 @@ def bench(best=None):
     H = 16
     for D in (64, 128):
         if best:
-            cfb.TC_BWD_TILES[D], cfb.DQ_ATOMIC = best[D]
-            rows.append(f"D{D}: tiles {cfb.TC_BWD_TILES[D]} dq_atomic={int(cfb.DQ_ATOMIC)}")
+            cfb.TC_BWD_TILES[D] = best[D][0] + (best[D][1],)
+        rows.append(f"D{D}: (dK/dV tiles, dQ tiles, dQ by atomics) = {cfb.TC_BWD_TILES[D]}")
         for S in (1024, 2048, 4096, 8192, 16384):
             B = 16384 // S
             for causal in (False, True):

@@ -24,23 +24,22 @@ from numba_kernels.cuda.flash_attention import _as_words, _cached, _from_words, 
 
 #: (warps, query rows per tile) of the CUDA-core backward; tiny tiles for the simulator
 SIMT_BWD_TILES = {"gpu": (4, 16), "sim": (1, 4)}
-#: tensor cores, by padded head dim: (warps = key tile / 16, query rows per tile) of the dK/dV kernel and
-#: (warps = query tile / 16, keys per tile) of the deterministic dQ kernel; tiny tiles for the simulator
-TC_BWD_TILES = {64: ((4, 64), (4, 64)), 128: ((4, 32), (4, 32))}
-TC_BWD_TILES_SIM = ((2, 16), (1, 16))
+#: tensor cores, by padded head dim: ((warps = key tile / 16, query rows per tile) of the dK/dV kernel,
+#: (warps = query tile / 16, keys per tile) of the dQ kernel, dQ by atomics when deterministic=False) -- the
+#: fastest of a sweep on the H100 (benchmarks/results/gpu_h100_2026-11-22_flash_backward_sweep.txt): at D128 the
+#: separate dQ pass beat the atomics; tiny tiles for the simulator
+TC_BWD_TILES = {64: ((8, 64), (4, 32), True), 128: ((4, 32), (4, 32), False)}
+TC_BWD_TILES_SIM = ((2, 16), (1, 16), True)
 TC_BWD_MAX_D = 128
-#: deterministic=False on tensor cores: dQ by fp32 atomics inside the dK/dV kernel (True) or by the separate
-#: dQ pass (False, also what deterministic=True uses)
-DQ_ATOMIC = True
 
 
 def tc_bwd_config(D):
-    """((dkdv warps, query rows), (dq warps, keys), padded head dim) for head dim D <= TC_BWD_MAX_D."""
+    """((dkdv warps, query rows), (dq warps, keys), dq by atomics, padded head dim) for D <= TC_BWD_MAX_D."""
     DP = max(16, -(-D // 16) * 16)
-    (nw, br), dq = TC_BWD_TILES_SIM if intr.SIM else TC_BWD_TILES[min(d for d in TC_BWD_TILES if d >= DP)]
+    (nw, br), dq, atomic = TC_BWD_TILES_SIM if intr.SIM else TC_BWD_TILES[min(d for d in TC_BWD_TILES if d >= DP)]
     if DP % (16 * (nw * 16 // br)) != 0:  # the dQ product splits the head dim over nw * 16 / br warps
         br = 16 * nw
-    return (nw, br), dq, DP
+    return (nw, br), dq, atomic, DP
 
 
 def simt_bwd_config(D):
@@ -115,7 +114,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     Tq, H, W = qw.shape
     D = 2 * W if D is None else D
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
-    (nw, br), (nwq, bcq), DP = tc_bwd_config(D)
+    (nw, br), (nwq, bcq), atomic, DP = tc_bwd_config(D)
     flags = (softcap > 0, slopes is not None, dropout_p > 0)
     row_dot_w, dq_pack = make_word_kernels(bool(bf16))
     di = cuda.device_array((H, Tq), dtype=np.float32)
@@ -124,7 +123,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     dvw = cuda.device_array(vw.shape, dtype=np.uint32)
     B = len(cu_q) - 1
     tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
-    deterministic = deterministic or not DQ_ATOMIC
+    deterministic = deterministic or not atomic
     kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic)
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
@@ -182,7 +181,7 @@ def ptx_signatures(head_dims=(64, 128)):
 
     out = []
     for D in head_dims:
-        (nw, br), (nwq, bcq), DP = tc_bwd_config(D)
+        (nw, br), (nwq, bcq), _, DP = tc_bwd_config(D)
         for bf16, flags in ((False, (False, False, False)), (True, (False, False, False)), (True, (True, True, True))):
             tag = f"{'bf16' if bf16 else 'f16'}{'_cap_alibi_drop' if flags[0] else ''}_D{D}"
             for has_dq in (True, False):
