@@ -20,8 +20,7 @@ from _common import Checks, import_library, tbench  # noqa: E402
 
 nk = import_library()
 from numba_kernels._dispatch import bfloat16  # noqa: E402
-from numba_kernels.reference.selective_scan import (selective_scan_backward_ref, selective_scan_ref,  # noqa: E402
-                                                     selective_state_update_ref)
+from numba_kernels.reference.selective_scan import selective_scan_backward_ref, selective_scan_ref  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 
@@ -139,7 +138,6 @@ def bench():
     x = torch.randn(2 ** 30 // 4, device="cuda")
     yy = torch.empty_like(x)
     copy_bw = 2 * x.numel() * 4 / tbench(lambda: yy.copy_(x), 10) / 1e9
-    del x, yy
     dev = cuda.get_current_device()
     sms = dev.MULTIPROCESSOR_COUNT
     clk = dev.CLOCK_RATE * 1e3  # Hz (boost clock reported by the driver)

@@ -7,11 +7,15 @@ float16 / bfloat16 and narrows the results. Time-varying B / C arrive transposed
 inner loop over the N states is contiguous. Absent optional inputs are passed as empty arrays.
 """
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from numba_kernels._jit import njit, njit_parallel
+from numba_kernels.cpu._math import LOG2E, exp2_fast
 
 SOFTPLUS_THRESHOLD = 20.0
+#: time tile of the CPU forward (decays computed a tile at a time)
+TCPU = 32
 
 
 @njit(inline="always")
@@ -22,6 +26,60 @@ def _softplus(x):
     return np.log1p(np.exp(x))
 
 
+def exp_scaled(x):  # pragma: no cover - replaced by the overload below inside njit code
+    return np.exp2(x)
+
+
+@overload(exp_scaled, inline="always", fastmath=True)
+def _exp_scaled_ol(x):
+    """2**x = exp(x / LOG2E) for an argument pre-scaled by LOG2E: float32 through the vectorizable polynomial
+    (clamped at 2**128 = inf), float64 through libm."""
+    if x == types.float32:
+        return lambda x: exp2_fast(min(x, np.float32(128.0)))
+    return lambda x: np.exp2(x)
+
+
+def softplus_vec(x):  # pragma: no cover - replaced by the overload below inside njit code
+    return x if x > SOFTPLUS_THRESHOLD else np.log1p(np.exp(x))
+
+
+@overload(softplus_vec, inline="always", fastmath=True)
+def _softplus_vec_ol(x):
+    """softplus with mamba's threshold, branch-free so loops over it vectorize. float32:
+    max(x, 0) + log1p(w), w = exp(-|x|) in (0, 1], log1p(w) = 2 atanh(s) = 2 (s + s^3/3 + ... + s^15/15) with
+    s = w / (2 + w) <= 1/3 (relative error < 1e-7). float64: libm."""
+    if x == types.float32:
+        def impl(x):
+            w = exp2_fast(-abs(x) * np.float32(LOG2E))
+            s = w / (np.float32(2.0) + w)
+            s2 = s * s
+            p = np.float32(1.0 / 15.0)
+            p = p * s2 + np.float32(1.0 / 13.0)
+            p = p * s2 + np.float32(1.0 / 11.0)
+            p = p * s2 + np.float32(1.0 / 9.0)
+            p = p * s2 + np.float32(1.0 / 7.0)
+            p = p * s2 + np.float32(1.0 / 5.0)
+            p = p * s2 + np.float32(1.0 / 3.0)
+            p = p * s2 + np.float32(1.0)
+            sp = max(x, np.float32(0.0)) + np.float32(2.0) * s * p
+            return x if x > np.float32(SOFTPLUS_THRESHOLD) else sp
+        return impl
+    return lambda x: x if x > SOFTPLUS_THRESHOLD else np.log1p(np.exp(x))
+
+
+def sigmoid_vec(x):  # pragma: no cover - replaced by the overload below inside njit code
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@overload(sigmoid_vec, inline="always", fastmath=True)
+def _sigmoid_vec_ol(x):
+    """1 / (1 + exp(-x)), vectorizable for float32 (exp through the polynomial, 2**128 = inf gives 0)."""
+    if x == types.float32:
+        return lambda x: np.float32(1.0) / (np.float32(1.0) + exp2_fast(min(-x * np.float32(LOG2E),
+                                                                           np.float32(128.0))))
+    return lambda x: 1.0 / (1.0 + np.exp(-x))
+
+
 @njit_parallel
 def scan_fwd_cpu(u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, init, seq, softplus, y, last):
     """u / delta (B, Dm, L); A (Dm, N); bvar / cvar (B, G, L, N) | (0,0,0,0) and bconst / cconst (Dm, N) |
@@ -30,7 +88,6 @@ def scan_fwd_cpu(u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, init, s
     Bt, Dm, L = u.shape
     N = A.shape[1]
     zero = np.zeros(1, u.dtype)[0]
-    one = np.ones(1, u.dtype)[0]
     for r in prange(Bt * Dm):
         b = r // Dm
         d = r - b * Dm
@@ -38,33 +95,51 @@ def scan_fwd_cpu(u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, init, s
         if init.shape[0] > 0:
             for n in range(N):
                 h[n] = init[b, d, n]
-        Ad = A[d]
+        Ad = A[d] * A.dtype.type(LOG2E)  # exp(dt A) = 2**(dt A log2 e)
         gb = d // (Dm // bvar.shape[1]) if bvar.shape[0] > 0 else 0
         gc = d // (Dm // cvar.shape[1]) if cvar.shape[0] > 0 else 0
         bias = dbias[d] if dbias.shape[0] > 0 else zero
         Dd = Dv[d] if Dv.shape[0] > 0 else zero
         ur, dr, yr = u[b, d], delta[b, d], y[b, d]
-        for t in range(L):
-            if seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]:
+        dts = np.empty(L, dtype=u.dtype)  # dt of the row, in one vectorizable pass
+        dA = np.empty((TCPU, N), dtype=u.dtype)
+        if softplus:
+            for t in range(L):
+                dts[t] = softplus_vec(dr[t] + bias)
+        else:
+            for t in range(L):
+                dts[t] = dr[t] + bias
+        # B / C rows of this channel: (L, N) time-varying or (1, N) time-invariant, stepped by bs / cs
+        Brow = bvar[b, gb] if bvar.shape[0] > 0 else bconst[d:d + 1]
+        Crow = cvar[b, gc] if cvar.shape[0] > 0 else cconst[d:d + 1]
+        bs = 1 if bvar.shape[0] > 0 else 0
+        cs = 1 if cvar.shape[0] > 0 else 0
+        for t0 in range(0, L, TCPU):
+            tl = min(TCPU, L - t0)
+            for j in range(tl):  # decays of the tile: one elementwise (vectorized) pass
+                dt = dts[t0 + j]
                 for n in range(N):
-                    h[n] = zero
-            dt = dr[t] + bias
-            if softplus:
-                dt = _softplus(dt)
-            ut = ur[t]
-            Bt_ = bvar[b, gb, t] if bvar.shape[0] > 0 else bconst[d]
-            Ct_ = cvar[b, gc, t] if cvar.shape[0] > 0 else cconst[d]
-            du = dt * ut
-            acc = zero
-            for n in range(N):
-                hn = np.exp(dt * Ad[n]) * h[n] + du * Bt_[n]
-                h[n] = hn
-                acc += Ct_[n] * hn
-            out = acc + Dd * ut
-            if zz.shape[0] > 0:
-                zv = zz[b, d, t]
-                out = out * zv / (one + np.exp(-zv))
-            yr[t] = out
+                    dA[j, n] = exp_scaled(dt * Ad[n])
+            for j in range(tl):
+                t = t0 + j
+                if seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]:
+                    for n in range(N):
+                        h[n] = zero
+                ut = ur[t]
+                du = dts[t] * ut
+                Bt_ = Brow[t * bs]
+                Ct_ = Crow[t * cs]
+                aj = dA[j]
+                acc = zero
+                for n in range(N):
+                    hn = aj[n] * h[n] + du * Bt_[n]
+                    h[n] = hn
+                    acc += Ct_[n] * hn
+                yr[t] = acc + Dd * ut
+        if zz.shape[0] > 0:  # the gate, in one vectorizable pass
+            zr = zz[b, d]
+            for t in range(L):
+                yr[t] = yr[t] * zr[t] * sigmoid_vec(zr[t])
         if last.shape[0] > 0:
             for n in range(N):
                 last[b, d, n] = h[n]
@@ -133,8 +208,10 @@ def scan_bwd_cpu(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, i
         aa = np.empty((K, N), dtype=u.dtype)
         h = np.empty(N, dtype=u.dtype)
         dh = np.empty(N, dtype=u.dtype)
+        dts = np.empty(L, dtype=u.dtype)
         for d in range(blk_start[blk], blk_start[blk] + blk_len[blk]):
             Ad = A[d]
+            A2 = Ad * A.dtype.type(LOG2E)  # exp(dt A) = 2**(dt A2)
             gb = d // (Dm // bvar.shape[1]) if var_b else 0
             gc = d // (Dm // cvar.shape[1]) if var_c else 0
             bias = dbias[d] if dbias.shape[0] > 0 else zero
@@ -147,6 +224,8 @@ def scan_bwd_cpu(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, i
                     dBc[b, d, n] = zero
                 if not var_c:
                     dCc[b, d, n] = zero
+            for t in range(L):  # dt of the row, one vectorizable pass
+                dts[t] = softplus_vec(delta[b, d, t] + bias) if softplus else delta[b, d, t] + bias
             # forward: the state entering each chunk
             for t in range(L):
                 if t % K == 0:
@@ -155,13 +234,11 @@ def scan_bwd_cpu(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, i
                 if seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]:
                     for n in range(N):
                         h[n] = zero
-                dt = delta[b, d, t] + bias
-                if softplus:
-                    dt = _softplus(dt)
+                dt = dts[t]
                 Bt_ = bvar[b, gb, t] if var_b else bconst[d]
                 du_ = dt * u[b, d, t]
                 for n in range(N):
-                    h[n] = np.exp(dt * Ad[n]) * h[n] + du_ * Bt_[n]
+                    h[n] = exp_scaled(dt * A2[n]) * h[n] + du_ * Bt_[n]
             sD = zero
             sbias = zero
             for c in range(nc - 1, -1, -1):
@@ -172,27 +249,25 @@ def scan_bwd_cpu(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, i
                 for j in range(tl):  # recompute the chunk's states and decays
                     t = t0 + j
                     rs = seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]
-                    dt = delta[b, d, t] + bias
-                    if softplus:
-                        dt = _softplus(dt)
+                    dt = dts[t]
                     Bt_ = bvar[b, gb, t] if var_b else bconst[d]
                     du_ = dt * u[b, d, t]
                     for n in range(N):
-                        an = np.exp(dt * Ad[n])
+                        an = exp_scaled(dt * A2[n])
                         aa[j, n] = an
                         hs[j + 1, n] = (zero if rs else an * hs[j, n]) + du_ * Bt_[n]
                 for j in range(tl - 1, -1, -1):  # walk back
                     t = t0 + j
                     rs = seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]
                     x = delta[b, d, t] + bias
-                    dt = _softplus(x) if softplus else x
+                    dt = dts[t]
                     ut = u[b, d, t]
                     Bt_ = bvar[b, gb, t] if var_b else bconst[d]
                     Ct_ = cvar[b, gc, t] if var_c else cconst[d]
                     g = dout[b, d, t]
                     if zz.shape[0] > 0:
                         zv = zz[b, d, t]
-                        s = one / (one + np.exp(-zv))
+                        s = sigmoid_vec(zv)
                         ypre = Dd * ut
                         for n in range(N):
                             ypre += Ct_[n] * hs[j + 1, n]
@@ -220,7 +295,7 @@ def scan_bwd_cpu(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, i
                     du[b, d, t] = dus * dt + g * Dd
                     sD += g * ut
                     if softplus and x <= SOFTPLUS_THRESHOLD:
-                        ddt = ddt / (one + np.exp(-x))
+                        ddt = ddt * sigmoid_vec(x)
                     ddelta[b, d, t] = ddt
                     sbias += ddt
             dD[b, d] = sD

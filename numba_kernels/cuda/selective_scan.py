@@ -25,7 +25,7 @@ from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._selective_scan_fwd import SOFTPLUS_THRESHOLD, _softplus_fn, fwd_config, make_scan_kernel
+from numba_kernels.cuda._selective_scan_fwd import _softplus_fn, fwd_config, make_scan_kernel
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
@@ -152,7 +152,7 @@ def ptx_signatures(states=(4, 16)):
     for kind in ("f32", "f64", "f16", "bf16"):
         et = ets[kind]
         ft = types.float64 if kind == "f64" else types.float32
-        e3, e4 = types.Array(et, 3, "C"), types.Array(et, 4, "C")
+        e3 = types.Array(et, 3, "C")
         f1, f2, f3 = (types.Array(ft, n, "C") for n in (1, 2, 3))
         i1, i2 = types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C")
         e1 = types.Array(et, 1, "C")

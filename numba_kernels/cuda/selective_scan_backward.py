@@ -26,7 +26,8 @@ from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
-from numba_kernels.cuda.selective_scan import SOFTPLUS_THRESHOLD, _bc, _softplus_fn
+from numba_kernels.cuda._selective_scan_fwd import SOFTPLUS_THRESHOLD, _softplus_fn
+from numba_kernels.cuda.selective_scan import _bc
 
 WARP = 32
 #: shared memory budget of the recomputed chunk (bytes): K is the largest power of two that fits
