@@ -458,35 +458,61 @@ def make_decode_simt(kind, NW, MR, DD, SPLIT):
 @functools.lru_cache(maxsize=None)
 def make_combine(in_kind, out_kind, NTH):
     """Merge kernel over the grid (H, Sq, B): o_p (S, B, Sq, H, D), lse_p (S, B, H, Sq) -> out (B, Sq, H, D)
-    in ``out_kind`` elements, lse (B, H, Sq)."""
+    in ``out_kind`` elements, lse (B, H, Sq). The split weights exp(lse_s - max) are computed once per
+    block into shared memory (up to MAXS splits; more fall back to recomputing them), so the loop over splits
+    is a chain of independent loads per thread."""
     cin, _, ft = _converters(in_kind)
     _, cout, _ = _converters(out_kind)
     ft = float64 if "f64" in (in_kind, out_kind) else float32
     NEG_INF = ft(-np.inf)
     ZERO = ft(0.0)
+    MAXS = 256
 
     def kernel(o_p, lse_p, out, lse):
         h = cuda.blockIdx.x
         i = cuda.blockIdx.y
         b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
         S = o_p.shape[0]
         D = o_p.shape[4]
+        wts = cuda.shared.array(MAXS, ft)
+        red = cuda.shared.array(NTH, ft)
         mx = NEG_INF
-        for s in range(S):
+        for s in range(tid, S, NTH):
             mx = max(mx, ft(lse_p[s, b, h, i]))
+        red[tid] = mx
+        cuda.syncthreads()
+        mx = NEG_INF
+        for x in range(NTH):
+            mx = max(mx, red[x])
         mu = ZERO if mx == NEG_INF else mx
+        cuda.syncthreads()
         tot = ZERO
-        for s in range(S):
-            tot += math.exp(ft(lse_p[s, b, h, i]) - mu)
+        for s in range(tid, S, NTH):
+            wv = math.exp(ft(lse_p[s, b, h, i]) - mu)
+            if s < MAXS:
+                wts[s] = wv
+            tot += wv
+        red[tid] = tot
+        cuda.syncthreads()
+        tot = ZERO
+        for x in range(NTH):
+            tot += red[x]
         inv = ZERO if tot == ZERO else ft(1.0) / tot
-        for d in range(cuda.threadIdx.x, D, NTH):
+        for d in range(tid, D, NTH):
             val = ZERO
-            for s in range(S):
-                lv = ft(lse_p[s, b, h, i])
-                if lv != NEG_INF:
-                    val += math.exp(lv - mu) * ft(cin(o_p[s, b, i, h, d]))
+            if S <= MAXS:
+                for s in range(S):
+                    wv = wts[s]
+                    if wv != ZERO:
+                        val += wv * ft(cin(o_p[s, b, i, h, d]))
+            else:
+                for s in range(S):
+                    lv = ft(lse_p[s, b, h, i])
+                    if lv != NEG_INF:
+                        val += math.exp(lv - mu) * ft(cin(o_p[s, b, i, h, d]))
             out[b, i, h, d] = cout(val * inv)
-        if cuda.threadIdx.x == 0:
+        if tid == 0:
             lse[b, h, i] = mu + math.log(tot) if tot > ZERO else NEG_INF
 
     return jit_kernel(kernel)
