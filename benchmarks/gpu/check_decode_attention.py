@@ -97,6 +97,26 @@ def correctness(quick):
             check_one("D=59 (CUDA cores)", dt, D=59, paged=False)
             check_one("D=256 split 5", dt, D=256, num_splits=5)
             check_one("Sq > keys, causal: masked rows, empty cache", dt, Sq=5, snew=0, causal=True, seqlens=(2, 900, 0))
+    # PagedKVCache on the device: prefill, fork, decode steps through attend, vs the reference per sequence
+    for dt in dts:
+        cache = nk.PagedKVCache(64, 7, 2, 64, dtype=dt, device="cuda")
+        a = cache.new_sequence()
+        toks = {a: [rng.standard_normal((30, 2, 64)).astype(dt) for _ in range(2)]}
+        cache.append(a, *toks[a])
+        b = cache.fork(a)
+        toks[b] = [x.copy() for x in toks[a]]
+        worst = 0.0
+        for step in range(3):
+            q = rng.standard_normal((2, 1, 8, 64)).astype(dt)
+            kn, vn = (rng.standard_normal((2, 1, 2, 64)).astype(dt) for _ in range(2))
+            out = cache.attend(q, [a, b], kn, vn, causal=True)
+            out = host(out, dt) if hasattr(out, "copy_to_host") else out
+            for r, sid in enumerate((a, b)):
+                toks[sid] = [np.concatenate([toks[sid][0], kn[r]]), np.concatenate([toks[sid][1], vn[r]])]
+                ref = flash_attention_with_kvcache_ref(q[r:r + 1], toks[sid][0][None].copy(), toks[sid][1][None].copy(),
+                                                       causal=True)
+                worst = max(worst, err(out[r:r + 1], ref))
+        report("PagedKVCache(cuda) fork + 3 decode steps", dt, worst)
     # attention_combine on the device
     S, B, Sq, H, D = 4, 2, 3, 4, 64
     o = rng.standard_normal((S, B, Sq, H, D)).astype(np.float32)
