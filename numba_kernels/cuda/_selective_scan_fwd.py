@@ -109,6 +109,24 @@ def _fast_fns(f64):
 
 
 @functools.lru_cache(maxsize=None)
+def _sigmoid_fn(f64):
+    """1 / (1 + exp(-x)): rcp / ex2 on the SFU in float32, exact in float64."""
+    if f64:
+        @dev
+        def sigmoid(x):
+            return 1.0 / (1.0 + math.exp(-x))
+
+        return sigmoid
+    one, l2e = float32(1.0), float32(LOG2E)
+
+    @dev
+    def sigmoid(x):
+        return sfu.rcp(one + intr.ex2(-x * l2e))
+
+    return sigmoid
+
+
+@functools.lru_cache(maxsize=None)
 def make_scan_kernel(kind, N, NC, Q, TL, U, VB, VC, SEQ):
     cin, cout, ft = _converters(kind)
     et = ETYPE[kind]
