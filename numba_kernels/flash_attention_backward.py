@@ -111,9 +111,10 @@ def flash_attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_s
         Required when ``dropout_p > 0``: the seed the forward used (or returned); the same dropout
         mask is regenerated from it, never stored.
     deterministic : bool
-        CUDA: True computes dQ in a separate pass (bitwise identical run to run, about 40% more work);
-        False (default) adds dQ with fp32 atomics (run-to-run differences in the last bits). The CPU
-        backward is always deterministic: dQ is accumulated in a separate pass.
+        CUDA: True computes dQ in a separate pass (bitwise identical run to run; up to ~20% slower);
+        False (default) adds dQ with fp32 atomics where that is faster (run-to-run differences in the
+        last bits; fp16/bf16 at head dim 128 use the separate pass anyway). The CPU backward is always
+        deterministic: dQ is accumulated in a separate pass.
     backend : {"auto", "cpu", "cuda", "reference"}, optional
         As in the forward.
 

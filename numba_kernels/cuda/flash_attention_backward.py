@@ -6,9 +6,11 @@ varlen (H, Tq): (1, Tq)). Steps:
 
 1. D_i = rowsum(dO * O) (``row_dot``).
 2. dK / dV: one block per (key tile, k/v head, sequence), the GQA group summed inside the block.
-   Without ``deterministic`` the same kernel adds dS K into a zeroed fp32 (fp64) dQ buffer with atomics.
+   Without ``deterministic`` the same kernel adds dS K into a zeroed fp32 (fp64) dQ buffer with atomics
+   (CUDA cores always; tensor cores where ``TC_BWD_TILES`` says so: the H100 sweep preferred step 3 at D128).
 3. ``deterministic=True``: dQ in a separate pass, one block per (query tile, head, sequence): bitwise
-   reproducible, at the price of recomputing S and dP once more (about +40% work).
+   reproducible, at the price of recomputing S and dP once more (7 tile products instead of 5; on the H100,
+   bf16: from equal speed to 20% slower than the atomics).
 
 float32 / float64 run on CUDA cores (``_flash_bwd_simt``); float16 / bfloat16 run on tensor cores
 (``_flash_bwd_tc``) up to head dim 128 and are widened to float32 for the CUDA-core kernels above that.
