@@ -20,7 +20,7 @@ from numba_kernels.cuda.flash_attention import _cached
 TC_TILES = {"gpu": (4, 3), "sim": (2, 2)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
-MIN_SPLIT_KEYS = 256
+MIN_SPLIT_KEYS = 1024
 #: resident blocks per SM of the tensor-core kernel (shared memory: ~109 KB per block at D=128)
 TC_BLOCKS_PER_SM = 2
 #: aim for this many waves of resident blocks, so that the last, partial wave costs little
