@@ -1,7 +1,12 @@
 """Mamba-1 selective scan on the CPU: njit, parallel over the (batch, channel) rows.
 
-Each task owns one row (b, d) and walks L sequentially with the N-vector state in a local array:
-``h = exp(dt * A[d]) * h + dt * B[:, t] * u``, ``y = C[:, t] . h + D * u``, times silu(z).
+Forward: each task owns one row (b, d) and walks L sequentially with the N-vector state in a local array:
+``h = exp(dt * A[d]) * h + dt * B[:, t] * u``, ``y = C[:, t] . h + D * u``, times silu(z). The loops are
+written so LLVM vectorizes them over N (float32 on AVX2 / AVX-512): dt = softplus(delta + bias) and the gate
+in separate passes over the row (branch-free softplus / sigmoid), and the decays exp(dt A) of a time tile in
+one elementwise pass through a polynomial exp2 (``cpu._math.exp2_fast``; float64 uses libm).
+Backward (``scan_bwd_cpu``): a reverse scan with chunked recomputation, tasks over (batch, channel block)
+so the grouped dB / dC partials are per task (deterministic, no atomics).
 Arrays arrive in the compute dtype (float32, or float64 for float64 inputs); the host wrapper widens
 float16 / bfloat16 and narrows the results. Time-varying B / C arrive transposed to (B, G, L, N) so the
 inner loop over the N states is contiguous. Absent optional inputs are passed as empty arrays.
