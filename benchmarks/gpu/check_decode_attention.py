@@ -184,6 +184,25 @@ def tiles_sweep():
         del c
 
 
+def splits_sweep():
+    """Device time per num_splits at a few shapes (what the automatic choice is tuned on)."""
+    from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits
+
+    for B, S in ((1, 1024), (1, 16384), (1, 131072), (8, 4096), (8, 32768), (32, 8192)):
+        c = _setup(B, S, "page16")
+        kv_bytes = 2 * B * S * 8 * 128 * 2
+        auto = choose_splits(c["plan"], 1)
+        line = []
+        for ns in (1, 2, 3, 4, 5, 8, 16, 17, 33, 64, 128):
+            if ns * 256 > S and ns > 1:
+                continue
+            c["plan"].num_splits = ns
+            t = dtime(lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16"))
+            line.append(f"{ns}: {t * 1e6:.1f} us {kv_bytes / t / 1e12:.2f}")
+        print(f"splits B{B} S{S} (auto {auto}) | " + " | ".join(line), flush=True)
+        del c
+
+
 def profile_call():
     import cProfile
     import pstats
@@ -267,6 +286,8 @@ if __name__ == "__main__":
         profile_call()
     if "tiles" in args:
         tiles_sweep()
+    if "splits" in args:
+        splits_sweep()
     quick = "--quick" in args
     print(cuda.get_current_device().name, time.strftime("%Y-%m-%d %H:%M"), flush=True)
     if "check" in args:
