@@ -11,7 +11,7 @@ from numba_kernels._dispatch import bfloat16
 from numba_kernels.reference.flash_attention import flash_attention_ref, flash_attention_varlen_ref
 from numba_kernels.reference.flash_attention_backward import (flash_attention_backward_ref,
                                                               flash_attention_varlen_backward_ref)
-from tests.conftest import TOL, dtype_id, max_err
+from tests.conftest import TOL, max_err
 
 pytestmark = pytest.mark.sim
 

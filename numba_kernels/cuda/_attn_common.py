@@ -32,6 +32,13 @@ visible = dev(_masks.visible)
 
 
 @dev
+def lane_ids(tid):
+    """(warp, lane, lane // 4, lane % 4) of thread ``tid``: g, t are the mma fragment coordinates."""
+    lane = tid % 32
+    return tid // 32, lane, lane >> 2, lane & 3
+
+
+@dev
 def seq_bounds(cu_q, cu_k, b):
     """(first query row, query length, first key row, key length) of sequence b."""
     qs = cu_q[b]
@@ -42,7 +49,7 @@ def seq_bounds(cu_q, cu_k, b):
 
 @functools.lru_cache(maxsize=None)
 def make_tc_helpers(bf16, STR, CH, NTH):
-    """(mma_acc, load_rows) of the tensor-core kernels: shared rows of STR uint32 words, CH 16-byte chunks
+    """(mma_acc, load_rows, stage_kv) of the tensor-core kernels: shared rows of STR uint32 words, CH 16-byte chunks
     per row, NTH threads per block."""
     mma = intr.mma_bf16 if bf16 else intr.mma_f16
     cp16 = intr.cp_async16
@@ -68,4 +75,17 @@ def make_tc_helpers(bf16, STR, CH, NTH):
             src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
             cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
 
-    return mma_acc, load_rows
+    @dev
+    def stage_kv(smem, nxt, nrows, k, v, row0, nvalid, head, tid, more):
+        """Wait for this thread's copies of the K / V tile in flight (the caller then syncs the block); first,
+        when ``more``, start copying the next one: rows row0.. of k and v (nrows each, nvalid of them real)
+        into smem at nxt and nxt + nrows STR."""
+        if more:
+            load_rows(smem, nxt, k, row0, nrows, nvalid, head, tid)
+            load_rows(smem, nxt + nrows * STR, v, row0, nrows, nvalid, head, tid)
+            intr.cp_async_commit()
+            intr.cp_async_wait1()
+        else:
+            intr.cp_async_wait0()
+
+    return mma_acc, load_rows, stage_kv

@@ -20,8 +20,8 @@ import numpy as np
 from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, col_hash, dev, jit_kernel, make_tc_helpers,
-                                             query_range, key_range, row_key, seq_bounds, visible)
+from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, col_hash, dev, jit_kernel, key_range, lane_ids,
+                                             make_tc_helpers, query_range, row_key, seq_bounds, visible)
 from numba_kernels.cuda._intrinsics import ex2
 
 F32_ONE = float32(1.0)
@@ -119,7 +119,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
     LS2 = 2 * BR
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, load_rows, stage_kv = make_tc_helpers(bf16, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     @dev
@@ -139,10 +139,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
     def kernel(q, k, v, dout, lse, di, dq_acc, dk, dv, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):
         tid = cuda.threadIdx.x
-        warp = tid // 32
-        lane = tid % 32
-        g = lane >> 2
-        t = lane & 3
+        warp, lane, g, t = lane_ids(tid)
         hk = cuda.blockIdx.y
         b = cuda.blockIdx.z
         qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
@@ -304,16 +301,13 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     SMEM = 4 * (KV_OFF + 4 * KT)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, load_rows, stage_kv = make_tc_helpers(bf16, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     def kernel(q, k, v, dout, lse, di, dq, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):
         tid = cuda.threadIdx.x
-        warp = tid // 32
-        lane = tid % 32
-        g = lane >> 2
-        t = lane & 3
+        warp, lane, g, t = lane_ids(tid)
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
@@ -351,14 +345,7 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         stage = 0
         for j0 in range(lo, hi, BC):
             kv0 = KV_OFF + stage * 2 * KT
-            if j0 + BC < hi:
-                nxt = KV_OFF + (1 - stage) * 2 * KT
-                load_rows(smem, nxt, k, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
-                load_rows(smem, nxt + KT, v, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
-                intr.cp_async_commit()
-                intr.cp_async_wait1()
-            else:
-                intr.cp_async_wait0()
+            stage_kv(smem, KV_OFF + (1 - stage) * 2 * KT, BC, k, v, ks + j0 + BC, Sk - j0 - BC, hk, tid, j0 + BC < hi)
             cuda.syncthreads()
             # ---- S = Q_w K^T, dP = dO_w V^T
             for x in range(S_LEN):

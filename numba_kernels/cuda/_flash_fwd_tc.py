@@ -22,8 +22,8 @@ from numba import cuda, float32, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, col_hash, dev,
-                                             jit_kernel, key_range, make_tc_helpers, row_key,
-                                             seq_bounds, visible)
+                                             jit_kernel, key_range, lane_ids, make_tc_helpers,
+                                             row_key, seq_bounds, visible)
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor
 
 
@@ -44,7 +44,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     SMEM = 4 * (KV_OFF + 4 * TILE)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, load_rows, stage_kv = make_tc_helpers(bf16, STR, CH, NTH)
 
     @dev
     def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
@@ -130,10 +130,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     def kernel(q, k, v, o, lse, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, left, right,
                lse_a, lse_c, seed, thresh, inv_keep):
         tid = cuda.threadIdx.x
-        warp = tid // 32
-        lane = tid % 32
-        g = lane >> 2
-        t = lane & 3
+        warp, lane, g, t = lane_ids(tid)
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
@@ -184,14 +181,8 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         stage = 0
         for j0 in range(lo, hi, BC):
             kv0 = KV_OFF + stage * 2 * TILE
-            if j0 + BC < hi:  # prefetch the next K/V tile into the other stage
-                nxt = KV_OFF + (1 - stage) * 2 * TILE
-                load_rows(smem, nxt, k, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
-                load_rows(smem, nxt + TILE, v, ks + j0 + BC, BC, Sk - j0 - BC, hk, tid)
-                intr.cp_async_commit()
-                intr.cp_async_wait1()
-            else:
-                intr.cp_async_wait0()
+            # prefetch the next K/V tile into the other stage, wait for this one
+            stage_kv(smem, KV_OFF + (1 - stage) * 2 * TILE, BC, k, v, ks + j0 + BC, Sk - j0 - BC, hk, tid, j0 + BC < hi)
             cuda.syncthreads()
             # ---- S = Q K^T: each K fragment feeds both m-tiles
             for x in range(SA):
