@@ -1,18 +1,19 @@
-"""Mamba-1 selective scan on CUDA cores: forward scan and the decode-step state update.
+"""Mamba-1 selective scan on CUDA cores: forward scan (host side) and the decode-step state update.
 
-* forward (``make_scan_kernel``): a block owns NC consecutive channels of one batch row (never crossing a
-  group of B or of C) and gives each channel Q lanes; lane q owns N / Q of the N states in registers, so the
-  GPU runs B * Dm * Q threads instead of B * Dm and each lane has N / Q independent exp chains per step.
-  Per time tile of TL steps the block stages u, dt = softplus(delta + bias) (computed once per element),
-  z, the seq_idx reset flags and the time-varying B / C tiles (N x TL of the block's group) in shared memory
-  with loads coalesced along L; each lane walks the tile, C.h is summed over the Q lanes with xor
-  shuffles, and the block gates y with silu(z) and stores it coalesced. exp / softplus / silu use the SFU
-  (ex2 / lg2 / rcp approx, ~2 ulp) in float32; float64 uses libm.
-  The floor of this op on an H100/H200 is the SFU, not memory: one ex2 per (b, d, t, n) at 16 per clock
-  per SM (see BENCHMARKS.md).
+* forward (kernel in ``_selective_scan_fwd``): a block owns NC consecutive channels of one batch row (never
+  crossing a group of B or of C) and gives each channel Q lanes; lane q owns N / Q of the N states in
+  registers, so the GPU runs B * Dm * Q threads instead of B * Dm and each lane has N / Q independent exp
+  chains per step. Per time tile the block stages u, dt = softplus(delta + bias) (once per element), z,
+  the seq_idx reset flags and the time-varying B / C tiles in shared memory (loaded into registers during
+  the previous tile's scan, coalesced along L); the lanes walk the tile a few steps at a time and sum C.h
+  over the Q lanes with xor shuffles; the block gates y with silu(z) and stores it coalesced.
+  exp / softplus / silu use the SFU (ex2 / lg2 / rcp approx, ~2 ulp) in float32; float64 uses libm.
+  On an H100 the exp floor (one ex2 per (b, d, t, n), 16 per clock per SM) is ~71% of copy bandwidth for
+  bf16 at N 16; this kernel reaches 13-15% of copy (see BENCHMARKS.md).
+* backward: ``numba_kernels.cuda.selective_scan_backward``.
 * update: one thread per (b, h, p) row of the state, N states updated in place.
-Kernels are built by cached factories keyed by (element kind, N, tiles, B / C time-varying); the other
-optional inputs are empty arrays and switch code paths at run time (uniform branches).
+Kernels are built by cached factories keyed by (element kind, N, tiles, B / C time-varying, seq_idx); the
+other optional inputs are empty arrays and switch code paths at run time (uniform branches).
 
 Dtypes as in ``numba_kernels.cuda.causal_conv1d``: float16 passed as is, bfloat16 as uint16 bits widened
 and narrowed in the kernel; the state and all arithmetic in float32 (float64 for float64).
