@@ -51,6 +51,8 @@ def fwd_config(N, kind, q=None, tl=None, nc=None):
     if intr.SIM and Q > 1:  # the warp-shuffle emulation needs whole warps of 32 threads
         NC = 32 // Q
     NC = nc or NC
+    if not (intr.SIM or tl):  # the next tile waits in 3 * TL / Q registers per lane: keep that <= 24
+        TL = min(TL, max(8 * Q, U))  # (H100 sweep: Q 4 TL 64 and Q 2 TL 32 / 64 were slower than Q 4 TL 32)
     isz = 8 if kind == "f64" else 4
     while TL > 4 and ((3 * NC + 2 * N) * (TL + 1) + TL) * isz > FWD_SMEM:
         TL //= 2
