@@ -20,11 +20,9 @@ from numba_kernels.cuda.flash_attention import _cached
 TC_TILES = {"gpu": (4, 3), "sim": (2, 2)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
-MIN_SPLIT_KEYS = 1024
+MIN_SPLIT_KEYS = 256
 #: resident blocks per SM of the tensor-core kernel (shared memory: ~109 KB per block at D=128)
 TC_BLOCKS_PER_SM = 2
-#: aim for this many waves of resident blocks, so that the last, partial wave costs little
-WAVES = 4
 
 
 def _mode():
@@ -100,17 +98,16 @@ def simt_rows(M):
 
 
 def choose_splits(plan, blocks_per_split):
-    """num_splits; 0 = automatic: none when the unsplit blocks already fill the resident slots once (short
-    splits cost a block's fixed overhead each), else enough for WAVES waves of resident blocks (a lone
-    partial wave of long blocks left B=8 at 70% of copy bandwidth), each split >= MIN_SPLIT_KEYS keys."""
+    """num_splits; 0 = automatic: as many splits as fit the resident block slots in one wave
+    (floor(slots / blocks)), each split >= MIN_SPLIT_KEYS keys. Measured on the H100
+    (benchmarks/results/decode_attention_gpu_h100_splits.txt): one full wave of long blocks beats both
+    fewer splits and more waves of short ones, and a wave and a bit (B8, 5 splits) costs 25%."""
     if plan.num_splits:
         return plan.num_splits
     blocks = plan.B * plan.Hk * blocks_per_split
     slots = TC_BLOCKS_PER_SM * _num_sms()
-    if blocks >= slots:
-        return 1
     longest = int((plan.end - plan.leftpad).max())
-    return int(max(1, min(-(-WAVES * slots // blocks), longest // MIN_SPLIT_KEYS, 256)))
+    return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, 256)))
 
 
 def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved):
