@@ -22,7 +22,7 @@ from numba import cuda, float32, float64, int64, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, LN2, LOG2E, dev, jit_kernel,
-                                             key_range, visible)
+                                             key_range, make_tc_helpers, visible)
 from numba_kernels.cuda._conv1d_kernels import _converters
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
 
@@ -73,18 +73,10 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
     SMEM = 4 * max(Q_W + NW * WARP_W, EPI)
     MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
     HALF_DP = DP // 2
-    mma = intr.mma_bf16 if bf16 else intr.mma_f16
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t, cp16 = intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
     wait_tile = _cp_wait(STAGES - 1)  # the oldest of STAGES outstanding groups has landed
-
-    @dev
-    def mma_acc(acc, x, a0, a1, a2, a3, b0, b1):
-        d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, acc[x], acc[x + 1], acc[x + 2], acc[x + 3])
-        acc[x] = d0
-        acc[x + 1] = d1
-        acc[x + 2] = d2
-        acc[x + 3] = d3
+    mma_acc = make_tc_helpers(bf16, STR, CH, NTH)[0]
 
     @dev
     def issue_tile(smem, rbase, kc, vc, table, b, hk, p0, nvalid, dst, warp, lane):
