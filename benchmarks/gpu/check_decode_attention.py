@@ -203,6 +203,34 @@ def splits_sweep():
         del c
 
 
+def layout_probe():
+    """Same decode work, cache stored seq-major (B, S, Hk, D) (the flash-attn layout) vs head-major: each
+    (sequence, k/v head) as its own batch row (B*Hk, S, 1, D) with its G query heads, which is SDPA's layout."""
+    import torch
+
+    from numba_kernels.cuda.decode_attention import attend_cuda
+    from numba_kernels.decode_attention import _plan
+
+    for B, S in ((8, 32768), (32, 8192), (1, 131072)):
+        c = _setup(B, S, "contig")
+        kv_bytes = 2 * B * S * 8 * 128 * 2
+        t_seq = dtime(lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16"))
+        kh = c["k_t"].view(B, S, 8, 128).transpose(1, 2).contiguous().view(B * 8, S, 1, 128)
+        vh = c["v_t"].view(B, S, 8, 128).transpose(1, 2).contiguous().view(B * 8, S, 1, 128)
+        kc = cuda.as_cuda_array(kh.view(torch.int16)).view(np.uint16)
+        vc = cuda.as_cuda_array(vh.view(torch.int16)).view(np.uint16)
+        q = np.ascontiguousarray(c["q"].reshape(B, 1, 8, 4, 128).transpose(0, 2, 1, 3, 4).reshape(B * 8, 1, 4, 128))
+        bt = np.arange(B * 8, dtype=np.int32)[:, None]
+        sl = np.full(B * 8, S, np.int32)
+        plan = _plan(q, kc, vc, None, None, None, None, sl, None, None, bt, None, False, (-1, -1), 0.0, None, 0)
+        qd = cuda.to_device(q.view(np.uint16))
+        meta = tuple(cuda.to_device(a.astype(np.int32)) for a in (plan.table, plan.leftpad, plan.end))
+        t_head = dtime(lambda: attend_cuda(plan, qd, kc, vc, *meta, "bf16"))
+        print(f"layout B{B} S{S}: seq-major {t_seq * 1e6:.1f} us {kv_bytes / t_seq / 1e12:.2f} TB/s | head-major "
+              f"{t_head * 1e6:.1f} us {kv_bytes / t_head / 1e12:.2f} TB/s", flush=True)
+        del c, kh, vh, kc, vc
+
+
 def profile_call():
     import cProfile
     import pstats
@@ -288,6 +316,8 @@ if __name__ == "__main__":
         tiles_sweep()
     if "splits" in args:
         splits_sweep()
+    if "layout" in args:
+        layout_probe()
     quick = "--quick" in args
     print(cuda.get_current_device().name, time.strftime("%Y-%m-%d %H:%M"), flush=True)
     if "check" in args:
