@@ -42,6 +42,43 @@ def _naive_conv(x, w, b):
     return y / (1 + np.exp(-y))
 
 
+def _decode_case(rng, backend):
+    """One decode step against a paged KV cache (page 16): append a token, attend causally."""
+    from numba_kernels import flash_attention_with_kvcache
+    from numba_kernels.reference.decode_attention import flash_attention_with_kvcache_ref
+
+    B, S, H, Hk, D, page = 4, 4096, 32, 8, 128, 16
+    dt = np.float32 if backend == "cpu" else dsp.bfloat16
+    nb = B * S // page
+    kc, vc = (rng.standard_normal((nb, page, Hk, D)).astype(dt) for _ in range(2))
+    bt = rng.permutation(nb).reshape(B, -1).astype(np.int32)
+    q = rng.standard_normal((B, 1, H, D)).astype(dt)
+    kn, vn = (rng.standard_normal((B, 1, Hk, D)).astype(dt) for _ in range(2))
+    seqlens = np.full(B, S - 1, np.int32)
+    if backend == "cuda":
+        from numba import cuda
+
+        kc, vc = (cuda.to_device(x.view(np.uint16)) for x in (kc, vc))
+
+    def run():
+        return flash_attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=bt, causal=True,
+                                            backend=backend)
+
+    def host(x):
+        return dsp.to_host(x, dt)
+
+    def check(out):
+        return flash_attention_with_kvcache_ref(q, host(kc).copy(), host(vc).copy(), kn, vn, cache_seqlens=seqlens,
+                                                block_table=bt, causal=True)
+
+    def naive():
+        kh, vh = (host(x)[bt].reshape(B, S, Hk, D).astype(np.float32) for x in (kc, vc))
+        return _naive_attention(q.astype(np.float32), kh, vh, True)
+
+    return ("flash_attention_with_kvcache (decode, paged 16)", backend, np.dtype(dt).name,
+            f"B{B} cache {S} H{H} Hk{Hk} D{D}", run, check, naive, 4.0 * B * H * S * D)
+
+
 def _cases(backends):
     from numba_kernels import flash_attention, flash_attention_varlen
     from numba_kernels.reference.flash_attention import flash_attention_ref, flash_attention_varlen_ref
@@ -89,6 +126,7 @@ def _cases(backends):
                                                                               backend=backend),
                    lambda res, x=x, w=w, bias=bias: causal_conv1d_ref(x, w, bias, activation="silu"),
                    lambda x=x, w=w, bias=bias: _naive_conv(x.astype(np.float32), w, bias), 2.0 * x.size * 4)
+        yield _decode_case(rng, backend)
         lens = np.array([300, 17, 700, 1])
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         q, k, v = (rng.standard_normal((cu[-1], 8, 64)).astype(np.float32) for _ in range(3))
