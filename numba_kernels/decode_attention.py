@@ -143,8 +143,8 @@ def _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cach
             raise ValueError(f"rotary_cos must cover positions up to {need - 1}, got {cos.shape[0]} rows")
     scale, left, right, softcap, _, slopes = _check_options(D, H, B, softmax_scale, window_size, softcap,
                                                             alibi_slopes, 0.0, causal)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = choose automatically), got {num_splits!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or not 0 <= num_splits <= 256:
+        raise ValueError(f"num_splits must be an int in [0, 256] (0 = choose automatically), got {num_splits!r}")
     return SimpleNamespace(dt=dt, B=B, Sq=Sq, H=H, D=D, Hk=Hk, NB=NB, page=page, paged=paged, table=table, cap=cap,
                            seqlens=seqlens, leftpad=leftpad, end=end, snew=snew, rotary=rotary, rd=rd,
                            causal=causal, windowed=causal or (left, right) != (-1, -1), scale=scale, left=left,

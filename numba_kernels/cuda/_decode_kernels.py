@@ -18,7 +18,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int64, uint32
+from numba import cuda, float32, float64, int32, int64, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, LN2, LOG2E, dev, jit_kernel,
@@ -32,6 +32,10 @@ if intr.SIM:
 else:
     def _cp_wait(n):
         return intr._make_void_asm(f"cp.async.wait_group {n};")
+
+
+#: most key splits one call may use (the fused split merge keeps 16 x MAX_SPLITS weights in shared memory)
+MAX_SPLITS = 256
 
 
 @dev
@@ -58,7 +62,11 @@ def packed_row(R, Sq, hk, G):
 @functools.lru_cache(maxsize=None)
 def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
     """Tensor-core decode kernel: NW warps, 16 packed rows, 16-key tiles per warp streamed through STAGES
-    shared buffers per warp, head dim padded to DP. Returns (kernel, threads per block, dynamic shared bytes)."""
+    shared buffers per warp, head dim padded to DP. Returns (kernel, threads per block, dynamic shared bytes).
+
+    SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
+    (nsplit, B, H, Sq) float32), then counts itself done in ``counter``; the last block of a (sequence, head,
+    m-tile) merges the splits into ``out`` / ``lse_out`` and resets the counter (no second launch)."""
     BC = 16
     STR = DP // 2 + 4                   # shared row stride in uint32 words
     CH = DP // 8                        # 16-byte chunks per padded row
@@ -70,7 +78,9 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
     WARP_W = STAGES * 2 * TILE          # STAGES buffers of (K, V) per warp
     RB = NW * BC                        # row-base scratch entries
     EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
-    SMEM = 4 * max(Q_W + NW * WARP_W, EPI)
+    MAXS = MAX_SPLITS
+    SPLIT_W = 16 * MAXS + 32            # float32 words of the split merge (weights, then max and sum per row)
+    SMEM = 4 * max(Q_W + NW * WARP_W, EPI, SPLIT_W if SPLIT else 0)
     MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
     HALF_DP = DP // 2
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
@@ -152,7 +162,65 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
             oacc[nt * 4 + 3] *= alpha_b
         return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
 
-    def kernel(qw, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit):
+    @dev
+    def merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid):
+        """The last block of (b, hk, mt) to finish merges every split's rows: weights exp(lse_s - max) per row
+        into shared memory, then out = sum_s w_s o_s / sum_s w_s."""
+        cuda.threadfence()  # this block's partials are visible device-wide before it counts itself done
+        cuda.syncthreads()
+        flag = cuda.shared.array(1, int32)
+        cidx = (b * Hk + hk) * n_mt + mt
+        if tid == 0:
+            flag[0] = 1 if cuda.atomic.add(counter, cidx, 1) == nsplit - 1 else 0
+        cuda.syncthreads()
+        if flag[0] == 0:
+            return
+        cuda.threadfence()
+        for x in range(tid, 16 * nsplit, NTH):
+            r = x // nsplit
+            R = mt * 16 + r
+            val = F32_NEG_INF
+            if R < M:
+                i, h = packed_row(R, Sq, hk, G)
+                val = lse[x - r * nsplit, b, h, i]
+            ef[x] = val
+        cuda.syncthreads()
+        if tid < 16:
+            mx = F32_NEG_INF
+            for sp in range(nsplit):
+                mx = max(mx, ef[tid * nsplit + sp])
+            mu = F32_ZERO if mx == F32_NEG_INF else mx
+            tot = F32_ZERO
+            for sp in range(nsplit):
+                e = ex2((ef[tid * nsplit + sp] - mu) * F32_LOG2E)
+                ef[tid * nsplit + sp] = e
+                tot += e
+            ef[16 * MAXS + tid] = mu
+            ef[16 * MAXS + 16 + tid] = tot
+        cuda.syncthreads()
+        for x in range(tid, 16 * HALF_DP, NTH):
+            r = x // HALF_DP
+            c = 2 * (x - r * HALF_DP)
+            R = mt * 16 + r
+            if R < M and c < D:
+                i, h = packed_row(R, Sq, hk, G)
+                v0 = F32_ZERO
+                v1 = F32_ZERO
+                for sp in range(nsplit):
+                    wv = ef[r * nsplit + sp]
+                    if wv != F32_ZERO:
+                        v0 += wv * o[sp, b, i, h, c]
+                        v1 += wv * o[sp, b, i, h, c + 1]
+                tot = ef[16 * MAXS + 16 + r]
+                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
+                out[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
+                if c == 0:
+                    lse_out[b, h, i] = ef[16 * MAXS + r] + math.log(tot) if tot > F32_ZERO else F32_NEG_INF
+        if tid == 0:
+            counter[cidx] = 0  # ready for the next call
+
+    def kernel(qw, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit,
+               out, lse_out, counter):
         tid = cuda.threadIdx.x
         warp = tid // 32
         lane = tid % 32
@@ -309,6 +377,8 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
                         lse[sp, b, h, i] = val
                     else:
                         lse[b, h, i] = val
+        if SPLIT:
+            merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid)
 
     return jit_kernel(kernel), NTH, SMEM
 

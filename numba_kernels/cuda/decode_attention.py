@@ -11,7 +11,7 @@ from numba import cuda
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
-from numba_kernels.cuda._decode_kernels import make_combine, make_decode_simt, make_decode_tc, make_rotate
+from numba_kernels.cuda._decode_kernels import MAX_SPLITS, make_combine, make_decode_simt, make_decode_tc, make_rotate
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
 
@@ -43,6 +43,15 @@ def _sm_count(device_id):
 _workspace = {}
 
 
+def _counters(n):
+    """Zeroed int32 split counters, at least n, kept per device (every kernel resets the ones it used)."""
+    key = ("counters", cuda.get_current_device().id if not intr.SIM else 0)
+    buf = _workspace.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = _workspace[key] = cuda.to_device(np.zeros(max(n, 4096), np.int32))
+    return buf
+
+
 def _scratch(shape, dtype):
     """Split partials, reused across calls (one per shape/dtype and device; every launch is on the default
     stream, so a later call cannot overwrite them before the merge that reads them has run)."""
@@ -50,7 +59,8 @@ def _scratch(shape, dtype):
     buf = _workspace.get(key)
     if buf is None:
         if len(_workspace) > 32:
-            _workspace.clear()
+            for k in [k for k in _workspace if k[0] != "counters"]:
+                del _workspace[k]
         buf = _workspace[key] = cuda.device_array(shape, dtype=dtype)
     return buf
 
@@ -107,7 +117,7 @@ def choose_splits(plan, blocks_per_split):
     blocks = plan.B * plan.Hk * blocks_per_split
     slots = TC_BLOCKS_PER_SM * _num_sms()
     longest = int((plan.end - plan.leftpad).max())
-    return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, 256)))
+    return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, MAX_SPLITS)))
 
 
 def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved):
@@ -159,13 +169,14 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         n_rt = -(-M // mr)
     ns = choose_splits(plan, n_rt)
     split = ns > 1
+    final = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
+        (B, Sq, H, D), dtype=ELEM[kind])
+    lse_final = cuda.device_array((B, H, Sq), dtype=np.float32)
     if split:
         o = _scratch((ns, B, Sq, H, D), ft)
         lse = _scratch((ns, B, H, Sq), ft)
     else:
-        o = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
-            (B, Sq, H, D), dtype=ELEM[kind])
-        lse = cuda.device_array((B, H, Sq), dtype=np.float32)
+        o, lse = final, lse_final
     grid = (ns * n_rt, plan.Hk, B)
     args_tail = (o, lse, sl, ft(plan.scale * LOG2E), ft(plan.softcap), ft(cap_in), np.int32(plan.left),
                  np.int32(plan.right), np.int32(ns))
@@ -174,15 +185,16 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         nw, stages = TC_TILES[_mode()] if tc_tiles is None else tc_tiles
         kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", plan.softcap > 0, plan.slopes is not None, split,
                                          stages)
-        args = (qd.view(np.uint32), kc.view(np.uint32), vc.view(np.uint32), table, start, end) + args_tail
+        args = ((qd.view(np.uint32), kc.view(np.uint32), vc.view(np.uint32), table, start, end) + args_tail +
+                (final, lse_final, _counters(B * plan.Hk * n_rt)))
     else:
         kern, nth, smem = make_decode_simt(kind, nw, mr, -(-D // 32), split)
         args = (qd, kc, vc, table, start, end) + args_tail
     _launch(kern, grid, nth, smem, args)
-    if not split:
-        out = o.view(np.uint16) if tc else o
-        return (out.view(np.float16) if kind == "f16" else out), lse
-    return combine_cuda(o, lse, np.dtype(ft), plan.dt)
+    if split and not tc:  # the tensor-core kernel merges its splits itself (last block per row group)
+        return combine_cuda(o, lse, np.dtype(ft), plan.dt)
+    out = final.view(np.uint16) if tc else final
+    return (out.view(np.float16) if kind == "f16" else out), lse_final
 
 
 def combine_cuda(o_p, lse_p, in_dt, out_dt):
@@ -218,7 +230,8 @@ def ptx_signatures(head_dims=(64, 128, 256)):
             kern = make_decode_tc(*TC_TILES["gpu"][:1], DP, bf16, cap, alibi, split, TC_TILES["gpu"][1])[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
-                        f"{'_split' if split else ''}_D{D}", kern.py_func, sig(u32, u32, o_el, o_nd, f32)))
+                        f"{'_split' if split else ''}_D{D}", kern.py_func,
+                        sig(u32, u32, o_el, o_nd, f32) + (types.Array(u32, 4, "C"), types.Array(f32, 3, "C"), i32_1)))
         nw, mr = SIMT_TILES["gpu"]
         for kind, el, ft in (("f32", f32, f32), ("f64", f64, f64), ("bf16", types.uint16, f32)):
             for split in (False, True):
