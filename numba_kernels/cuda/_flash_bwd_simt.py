@@ -21,6 +21,7 @@ from numba import cuda, float32, float64
 
 from numba_kernels.cuda._attn_common import (LN2, LOG2E, col_hash, dev, jit_kernel, key_range, query_range, row_key,
                                              seq_bounds, visible)
+from numba_kernels.cuda._flash_fwd_simt import load_kv_tile
 from numba_kernels.cuda._intrinsics import ex2
 
 
@@ -78,21 +79,6 @@ def make_simt_bwd_kernels(NW, BR, DD, f64):
             smem[DI_OFF + r] = dd
 
     @dev
-    def load_keys(smem, k, v, ks, j0, Sk, hk, tid):
-        """K and V rows [j0, j0 + 32) of k/v head hk into shared (zero-filled)."""
-        D = k.shape[2]
-        for idx in range(tid, 32 * DP, NTH):
-            r = idx // DP
-            d = idx - r * DP
-            a = ZERO
-            c = ZERO
-            if j0 + r < Sk and d < D:
-                a = k[ks + j0 + r, hk, d]
-                c = v[ks + j0 + r, hk, d]
-            smem[K_OFF + r * KSTR + d] = a
-            smem[V_OFF + r * KSTR + d] = c
-
-    @dev
     def scores(smem, warp, lane, D, b, h, i0, j0, Sk, off, left, right, slope, scale_log2, softcap, cap_in,
                seed, thresh, inv_keep):
         """P~ and dS of the RW rows of this warp x key j0 + lane into shared."""
@@ -145,7 +131,7 @@ def make_simt_bwd_kernels(NW, BR, DD, f64):
         D = q.shape[2]
         off = Sk - Sq
         smem = cuda.shared.array(0, ft)
-        load_keys(smem, k, v, ks, j0, Sk, hk, tid)
+        load_kv_tile(smem, K_OFF, V_OFF, KSTR, KSTR, DP, NTH, k, v, ks, j0, Sk, hk, tid, ZERO)
         acc = cuda.local.array(ACC2, ft)
         for c in range(ACC2):
             acc[c] = ZERO
@@ -209,7 +195,7 @@ def make_simt_bwd_kernels(NW, BR, DD, f64):
         lo, hi = key_range(i0, i0 + BR, Sq, Sk, left, right)
         for j0 in range((lo // 32) * 32, hi, 32):
             cuda.syncthreads()
-            load_keys(smem, k, v, ks, j0, Sk, hk, tid)
+            load_kv_tile(smem, K_OFF, V_OFF, KSTR, KSTR, DP, NTH, k, v, ks, j0, Sk, hk, tid, ZERO)
             cuda.syncthreads()
             scores(smem, warp, lane, D, b, h, i0, j0, Sk, off, left, right, slope, scale_log2, softcap, cap_in,
                    seed, thresh, inv_keep)

@@ -119,7 +119,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
     LS2 = 2 * BR
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows, stage_kv = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     @dev
@@ -228,14 +228,8 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
             # ---- dV += P~^T dO, dK += dS^T Q
             for kk in range(NB2):
                 s0 = 8 * kk
-                a0 = pack(sacc[s0], sacc[s0 + 1])
-                a1 = pack(sacc[s0 + 2], sacc[s0 + 3])
-                a2 = pack(sacc[s0 + 4], sacc[s0 + 5])
-                a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
-                c0 = pack(pacc[s0], pacc[s0 + 1])
-                c1 = pack(pacc[s0 + 2], pacc[s0 + 3])
-                c2 = pack(pacc[s0 + 4], pacc[s0 + 5])
-                c3 = pack(pacc[s0 + 6], pacc[s0 + 7])
+                a0, a1, a2, a3 = pack_a(sacc, s0)
+                c0, c1, c2, c3 = pack_a(pacc, s0)
                 if HAS_DQ:  # dS^T (keys x query rows) to shared for the dQ product
                     w0 = DS_OFF + (warp * 16 + g) * DSTR + kk * 8 + t
                     smem[w0] = c0
@@ -301,7 +295,7 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     SMEM = 4 * (KV_OFF + 4 * KT)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows, stage_kv = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     def kernel(q, k, v, dout, lse, di, dq, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
@@ -371,10 +365,7 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
             # ---- dQ += dS K
             for kk in range(NB2):
                 s0 = 8 * kk
-                c0 = pack(pacc[s0], pacc[s0 + 1])
-                c1 = pack(pacc[s0 + 2], pacc[s0 + 3])
-                c2 = pack(pacc[s0 + 4], pacc[s0 + 5])
-                c3 = pack(pacc[s0 + 6], pacc[s0 + 7])
+                c0, c1, c2, c3 = pack_a(pacc, s0)
                 for np2 in range(NO2):
                     b0, b1, b2, b3 = ldsm_t(smem, kv0 + t_lane + kk * 16 * STR + np2 * 8)
                     mma_acc(qacc, np2 * 8, c0, c1, c2, c3, b0, b1)

@@ -8,9 +8,26 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from numba_kernels.cuda._attn_common import (LN2, LOG2E, col_hash, jit_kernel, key_range, row_key, seq_bounds,
+from numba_kernels.cuda._attn_common import (LN2, LOG2E, col_hash, dev, jit_kernel, key_range, row_key, seq_bounds,
                                              visible)
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
+
+
+@dev
+def load_kv_tile(smem, k_off, v_off, kstr, vstr, dp, nth, k, v, ks, j0, Sk, hk, tid, zero):
+    """Rows [j0, j0 + 32) of k / v head hk (dp columns, zero-filled past the ends) into shared memory at
+    k_off / v_off with row strides kstr / vstr; nth threads share the copy."""
+    D = k.shape[2]
+    for idx in range(tid, 32 * dp, nth):
+        r = idx // dp
+        d = idx - r * dp
+        kv = zero
+        vv = zero
+        if j0 + r < Sk and d < D:
+            kv = k[ks + j0 + r, hk, d]
+            vv = v[ks + j0 + r, hk, d]
+        smem[k_off + r * kstr + d] = kv
+        smem[v_off + r * vstr + d] = vv
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,16 +90,7 @@ def make_simt_kernel(NW, RW, DD, f64):
             acc[x] = ZERO
         for j0 in range(lo, hi, 32):
             cuda.syncthreads()
-            for idx in range(tid, 32 * DP, NTH):
-                r = idx // DP
-                d = idx - r * DP
-                kv = ZERO
-                vv = ZERO
-                if j0 + r < Sk and d < D:
-                    kv = k[ks + j0 + r, hk, d]
-                    vv = v[ks + j0 + r, hk, d]
-                Ks[r * KSTR + d] = kv
-                Vs[idx] = vv
+            load_kv_tile(smem, K_OFF, V_OFF, KSTR, DP, DP, NTH, k, v, ks, j0, Sk, hk, tid, ZERO)
             cuda.syncthreads()
             col = j0 + lane
             for r in range(RW):

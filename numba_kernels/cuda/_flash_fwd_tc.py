@@ -44,7 +44,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     SMEM = 4 * (KV_OFF + 4 * TILE)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows, stage_kv = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
 
     @dev
     def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
@@ -214,15 +214,9 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
             # ---- O += P V: P straight from the S accumulators, each V fragment feeds both m-tiles
             for kk in range(KS_P):
                 s0 = 8 * kk
-                a0 = pack(sacc[s0], sacc[s0 + 1])
-                a1 = pack(sacc[s0 + 2], sacc[s0 + 3])
-                a2 = pack(sacc[s0 + 4], sacc[s0 + 5])
-                a3 = pack(sacc[s0 + 6], sacc[s0 + 7])
+                a0, a1, a2, a3 = pack_a(sacc, s0)
                 if MT == 2:
-                    c0 = pack(sacc[S_LEN + s0], sacc[S_LEN + s0 + 1])
-                    c1 = pack(sacc[S_LEN + s0 + 2], sacc[S_LEN + s0 + 3])
-                    c2 = pack(sacc[S_LEN + s0 + 4], sacc[S_LEN + s0 + 5])
-                    c3 = pack(sacc[S_LEN + s0 + 6], sacc[S_LEN + s0 + 7])
+                    c0, c1, c2, c3 = pack_a(sacc, S_LEN + s0)
                 for np2 in range(NT_O // 2):
                     b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + kk * 16 * STR + np2 * 8)
                     mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
