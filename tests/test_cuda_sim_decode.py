@@ -31,6 +31,7 @@ CASES = [  # (dtype, head dim, page size (0 = contiguous), Sq, new tokens, num_s
     (np.float32, 40, 7, 2, 2, 3, False, dict(window_size=(6, 0))),
     (np.float64, 24, 0, 1, 0, 2, None, dict(cache_leftpad=np.array([2, 0], np.int32))),
     (np.float16, 20, 4, 2, 1, 0, True, dict(causal=True)),  # head dim not a multiple of 8: CUDA cores
+    (bfloat16, 16, 4, 1, 1, 10, None, {}),  # more splits than the kernel merges itself: the merge kernel
 ]
 
 

@@ -60,13 +60,15 @@ def packed_row(R, Sq, hk, G):
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
+def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True):
     """Tensor-core decode kernel: NW warps, 16 packed rows, 16-key tiles per warp streamed through STAGES
     shared buffers per warp, head dim padded to DP. Returns (kernel, threads per block, dynamic shared bytes).
 
     SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
     (nsplit, B, H, Sq) float32), then counts itself done in ``counter``; the last block of a (sequence, head,
-    m-tile) merges the splits into ``out`` / ``lse_out`` and resets the counter (no second launch)."""
+    m-tile) merges the splits into ``out`` / ``lse_out`` and resets the counter (no second launch). With
+    MERGE=False the partials are left for ``make_combine`` (better for many splits: one block per row group
+    merging 30+ splits is a serial tail, while the merge kernel spreads it over B x H x Sq blocks)."""
     BC = 16
     STR = DP // 2 + 4                   # shared row stride in uint32 words
     CH = DP // 8                        # 16-byte chunks per padded row
@@ -80,7 +82,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
     EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
     MAXS = MAX_SPLITS
     SPLIT_W = 16 * MAXS + 32            # float32 words of the split merge (weights, then max and sum per row)
-    SMEM = 4 * max(Q_W + NW * WARP_W, EPI, SPLIT_W if SPLIT else 0)
+    SMEM = 4 * max(Q_W + NW * WARP_W, EPI, SPLIT_W if SPLIT and MERGE else 0)
     MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
     HALF_DP = DP // 2
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
@@ -377,7 +379,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2):
                         lse[sp, b, h, i] = val
                     else:
                         lse[b, h, i] = val
-        if SPLIT:
+        if SPLIT and MERGE:
             merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid)
 
     return jit_kernel(kernel), NTH, SMEM

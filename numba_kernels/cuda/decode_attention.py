@@ -21,6 +21,9 @@ TC_TILES = {"gpu": (4, 3), "sim": (2, 2)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256
+#: the tensor-core kernel merges up to this many splits itself (last block per row group); more go to the
+#: merge kernel (H100: B8 4 splits fused 393 us vs 398 two launches; B1 33 splits fused 58 us vs 51)
+FUSED_MERGE_MAX = 8
 #: resident blocks per SM of the tensor-core kernel (shared memory: ~109 KB per block at D=128)
 TC_BLOCKS_PER_SM = 2
 
@@ -169,14 +172,19 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         n_rt = -(-M // mr)
     ns = choose_splits(plan, n_rt)
     split = ns > 1
-    final = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
-        (B, Sq, H, D), dtype=ELEM[kind])
-    lse_final = cuda.device_array((B, H, Sq), dtype=np.float32)
+    fused = tc and split and ns <= FUSED_MERGE_MAX
+    final = lse_final = None
+    if fused or not split:
+        final = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
+            (B, Sq, H, D), dtype=ELEM[kind])
+        lse_final = cuda.device_array((B, H, Sq), dtype=np.float32)
     if split:
         o = _scratch((ns, B, Sq, H, D), ft)
         lse = _scratch((ns, B, H, Sq), ft)
     else:
         o, lse = final, lse_final
+    if tc and final is None:  # unused arguments of the unfused kernel
+        final, lse_final = o, lse
     grid = (ns * n_rt, plan.Hk, B)
     args_tail = (o, lse, sl, ft(plan.scale * LOG2E), ft(plan.softcap), ft(cap_in), np.int32(plan.left),
                  np.int32(plan.right), np.int32(ns))
@@ -184,14 +192,14 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         DP = -(-D // 16) * 16
         nw, stages = TC_TILES[_mode()] if tc_tiles is None else tc_tiles
         kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", plan.softcap > 0, plan.slopes is not None, split,
-                                         stages)
+                                         stages, fused)
         args = ((qd.view(np.uint32), kc.view(np.uint32), vc.view(np.uint32), table, start, end) + args_tail +
                 (final, lse_final, _counters(B * plan.Hk * n_rt)))
     else:
         kern, nth, smem = make_decode_simt(kind, nw, mr, -(-D // 32), split)
         args = (qd, kc, vc, table, start, end) + args_tail
     _launch(kern, grid, nth, smem, args)
-    if split and not tc:  # the tensor-core kernel merges its splits itself (last block per row group)
+    if split and not fused:  # else the tensor-core kernel merged its splits itself
         return combine_cuda(o, lse, np.dtype(ft), plan.dt)
     out = final.view(np.uint16) if tc else final
     return (out.view(np.float16) if kind == "f16" else out), lse_final
