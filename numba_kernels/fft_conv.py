@@ -13,6 +13,7 @@ from numba_kernels import _dispatch as dsp
 from numba_kernels.causal_conv1d import _cast_back, _host_compute
 
 MODES = ("causal", "same", "full")
+METHODS = ("auto", "fft", "direct", "overlap_add")
 #: filter transforms kept (least recently used dropped first)
 CACHE_SIZE = 16
 _cache = collections.OrderedDict()
@@ -120,8 +121,15 @@ def _check(u, k, mode, bias, pregate, postgate, fft_size, dout=None):
     return dt, B, H, L, Lk, Lout, start, N, True
 
 
+def _check_method(method, be):
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "direct" and be == "cuda":
+        raise ValueError("method='direct' is CPU only (the CUDA backend has 'auto', 'fft' and 'overlap_add')")
+
+
 def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft_size=None, backend=None,
-             fft_lib=None):
+             fft_lib=None, method="auto"):
     """Long depthwise convolution of every (b, h) row of u with k[h], via FFT (FlashFFTConv layout).
 
     With v = u * pregate: ``full[t] = sum_s k[h, s] v[t - s]`` (``numpy.convolve(v, k[h], "full")``), and
@@ -134,7 +142,10 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
 
     FFT size: the smallest fast composite size (``scipy.fft.next_fast_len``) >= L + Lk - 1 (L + min(Lk, L) - 1
     for "causal"); any L and Lk. On the CPU, filters with min(Lk, L) <= 64 take a direct njit path when the
-    cost model (``numba_kernels.cpu.fft_conv.use_direct``) says it is cheaper; giving ``fft_size`` forces FFT.
+    cost model (``numba_kernels.cpu.fft_conv.use_direct``) says it is cheaper, and inputs much longer than the
+    filter take overlap-add (blocks of a few x Lk transformed as one batched rfft; the block tails are added
+    while cropping) when ``numba_kernels.cpu.fft_conv.choose`` says it is cheaper. Giving ``fft_size``
+    forces the single FFT of that size.
     k's transform is cached (:func:`clear_fft_conv_cache`) for the same k object with the same checksum
     (host: float64 sum + strided sample; device: identity); after editing k in place, clear the cache.
 
@@ -155,6 +166,8 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
     backend : {"auto", "cpu", "cuda", "reference"}, optional
     fft_lib : {"auto", "scipy", "pyfftw"}, optional
         CPU FFT library; default ``$NUMBA_KERNELS_FFT_LIB``, else "auto" (pyfftw when installed, else scipy).
+    method : {"auto", "fft", "direct", "overlap_add"}, optional
+        "auto" (the cost models), or force one path ("direct" is CPU only; ignored when fft_size is given).
 
     Returns
     -------
@@ -164,6 +177,7 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
     dt, B, H, L, Lk, Lout, start, N, forced = _check(u, k, mode, bias, pregate, postgate, fft_size)
     arrays = (u, k, bias, pregate, postgate)
     be = dsp.resolve_backend(backend, *arrays)
+    _check_method(method, be)
     on_dev = dsp.any_on_device(*arrays)
     cdt = dsp.compute_dtype(dt)
     Lke = min(Lk, L) if mode == "causal" else Lk  # causal taps beyond L never reach the output
@@ -176,10 +190,10 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
 
         lib = cf.fft_lib(fft_lib)
         kc = np.ascontiguousarray(_host_compute(k, cdt, 2)[:, :Lke])  # (H, Lke)
-        direct = not forced and cf.use_direct(L, Lke, Lout, N)
+        meth, Nm, M = cf.choose(L, Lke, Lout, N, forced, method)
         out = cf.fwd_cpu(_host_compute(u, cdt, 3), kc, _host_compute(bias, cdt, 1), _host_compute(pregate, cdt, 3),
-                         _host_compute(postgate, cdt, 3), start, Lout, N, direct, lib,
-                         lambda: cached_filter(k, Lke, N, cdt, "cpu", lambda: lib.rfft(kc, N)))
+                         _host_compute(postgate, cdt, 3), start, Lout, Nm, meth, lib,
+                         lambda: cached_filter(k, Lke, Nm, cdt, "cpu", lambda: lib.rfft(kc, Nm)), M)
     else:
         from numba_kernels.cuda.fft_conv import fwd_cuda
 
@@ -188,15 +202,15 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
 
 
 def fft_conv_backward(dout, u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft_size=None,
-                      backend=None, fft_lib=None):
+                      backend=None, fft_lib=None, method="auto"):
     """Gradients of :func:`fft_conv` (recomputes what it needs from the inputs).
 
     Parameters
     ----------
     dout : ndarray, shape (B, H, Lout)
         Upstream gradient of y; u's dtype.
-    u, k, mode, bias, pregate, postgate, fft_size, backend, fft_lib
-        As given to :func:`fft_conv`.
+    u, k, mode, bias, pregate, postgate, fft_size, backend, fft_lib, method
+        As given to :func:`fft_conv` (the backward has no overlap-add path: "overlap_add" runs the single FFT).
 
     Returns
     -------
@@ -212,6 +226,7 @@ def fft_conv_backward(dout, u, k, *, mode="causal", bias=None, pregate=None, pos
     dt, B, H, L, Lk, Lout, start, N, forced = _check(u, k, mode, bias, pregate, postgate, fft_size, dout)
     arrays = (dout, u, k, bias, pregate, postgate)
     be = dsp.resolve_backend(backend, *arrays)
+    _check_method(method, be)
     on_dev = dsp.any_on_device(*arrays)
     cdt = dsp.compute_dtype(dt)
     Lke = min(Lk, L) if mode == "causal" else Lk
@@ -225,7 +240,7 @@ def fft_conv_backward(dout, u, k, *, mode="causal", bias=None, pregate=None, pos
 
         lib = cf.fft_lib(fft_lib)
         kc = np.ascontiguousarray(_host_compute(k, cdt, 2)[:, :Lke])  # (H, Lke): causal taps beyond L get zero gradient
-        direct = not forced and cf.use_direct(L, Lke, Lout, N)
+        direct = cf.choose(L, Lke, Lout, N, forced, method)[0] == "direct"
         du, dkc, db, dpre, dpost = cf.bwd_cpu(
             _host_compute(dout, cdt, 3), _host_compute(u, cdt, 3), kc, _host_compute(bias, cdt, 1),
             _host_compute(pregate, cdt, 3), _host_compute(postgate, cdt, 3), start, N, direct, lib,

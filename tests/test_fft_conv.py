@@ -62,6 +62,56 @@ def test_forward_backward_vs_reference(rng, L, Lk, mode, forced):
         _check(g, e, np.float64, name)
 
 
+OLA_SIZES = [(1009, 13), (2003, 97), (997, 1), (1000, 300), (64, 64)]
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("L,Lk", OLA_SIZES, ids=[f"L{a}-Lk{b}" for a, b in OLA_SIZES])
+def test_overlap_add_vs_reference(rng, L, Lk, mode):
+    # method="overlap_add" forces the block path (the smallest block when the cost model would not pick it)
+    u, k, kw, _ = _inputs(rng, np.float64, 2, 3, L, Lk, mode)
+    y = nk.fft_conv(u, k, mode=mode, backend="cpu", method="overlap_add", **kw)
+    _check(y, fft_conv_ref(u, k, mode, **kw), np.float64, "y (overlap-add, gated, bias)")
+    y0 = nk.fft_conv(u, k, mode=mode, backend="cpu", method="overlap_add")
+    _check(y0, _scipy(u, k, mode), np.float64, "y (overlap-add) vs scipy.signal.fftconvolve")
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("factors", [(2,), (8,)], ids=["P2Lk", "P8Lk"])
+def test_overlap_add_float32_blocks(rng, monkeypatch, factors):
+    from numba_kernels.cpu import fft_conv as cf
+
+    monkeypatch.setattr(cf, "OLA_FACTORS", factors)
+    monkeypatch.setattr(cf, "OLA_CHUNK", 4096)  # many row chunks
+    u, k, kw, _ = _inputs(rng, np.float32, 2, 5, 3001, 41, "same")
+    y = nk.fft_conv(u, k, mode="same", backend="cpu", method="overlap_add", **kw)
+    _check(y, fft_conv_ref(u, k, "same", **kw), np.float32, "y")
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+def test_chooser_picks_overlap_add_where_cheaper(rng):
+    from numba_kernels.cpu.fft_conv import choose
+
+    def auto(L, Lk):
+        import scipy.fft
+
+        return choose(L, Lk, L, scipy.fft.next_fast_len(L + Lk - 1, real=True))
+
+    assert auto(1 << 20, 256)[0] == "overlap_add"  # measured 2.0x faster (BENCHMARKS.md)
+    assert auto(1 << 20, 4096)[0] == "overlap_add"
+    meth, P, M = auto(1 << 20, 256)
+    assert M == P - 256 + 1 and M >= 255 and P < 1 << 15
+    assert auto(16384, 256)[0] == "fft" and auto(65536, 4096)[0] == "fft" and auto(1 << 20, 1 << 16)[0] == "fft"
+    assert auto(1 << 20, 16)[0] == "direct"
+    assert choose(1 << 20, 256, 1 << 20, 1 << 21, forced=True)[0] == "fft"  # a given fft_size wins
+    # the auto path really takes overlap-add at such a size (one row), and is exact
+    L, Lk = 300_000, 1024
+    assert auto(L, Lk)[0] == "overlap_add"
+    u, k, kw, _ = _inputs(rng, np.float64, 1, 1, L, Lk, "causal")
+    _check(nk.fft_conv(u, k, backend="cpu", **kw), fft_conv_ref(u, k, "causal", **kw), np.float64, "y")
+
+
 @pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
 @pytest.mark.parametrize("dt", [np.float32, np.float16, bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("L,Lk", [(1009, 97), (257, 31)], ids=["fft", "direct"])
@@ -161,6 +211,7 @@ BAD = [
     ("fft-frac", dict(fft_size=64.5), ValueError, "fft_size must be a finite integer"),
     ("fft-str", dict(fft_size="64"), TypeError, "fft_size must be an integer"),
     ("backend", dict(backend="gpu"), ValueError, "backend must be one of"),
+    ("method", dict(method="ola"), ValueError, "method must be one of"),
 ]
 
 

@@ -10,6 +10,13 @@ Backward: G = rfft(dout * postgate, N); dk = crop(irfft(sum_b G conj(V)), -start
 mod N; N >= L + Lk - 1 (Lk -> min(Lk, L) for "causal") guarantees no wrap-around.
 
 Direct path: the same crop kernel on a directly computed convolution (one vectorizable pass per tap).
+
+Overlap-add path (forward, L >> Lk): v is cut into nb blocks of M samples (pregate fused into the cut), each
+block transformed at a small size P >= M + Lk - 1 as one batched rfft (B, H, nb, P), multiplied by K = rfft(k, P)
+and inverted; ``ola_crop`` adds each block's tail (P - M <= M values) onto the next block's head while it crops,
+adds the skip term and applies the postgate, so the overlap-add costs no extra pass. Chosen by ``choose``:
+nb P (log2 P + c) against N (log2 N + c) of one full-length transform, with a penalty for full-length rows
+that fall out of the cache. The backward pass always uses the full-length FFT (or the direct path).
 Arrays arrive in the compute dtype (float32 / float64); absent optional inputs are empty arrays.
 """
 import os
@@ -26,6 +33,65 @@ ENV_FFT_LIB = "NUMBA_KERNELS_FFT_LIB"
 DIRECT_MAX_LK = 64
 #: direct when Lout * Lk <= DIRECT_FACTOR * N * log2(N) (taps per output vs FFT work per output)
 DIRECT_FACTOR = 3.0
+
+
+#: overlap-add block FFT sizes tried: next_fast_len(c * Lk_eff) for these c (c >= 2 keeps P - M <= M)
+OLA_FACTORS = (2, 4, 8, 16, 32, 64)
+#: cost per point and transform of size n: log2(n) + POINTWISE_UNITS (the memory-bound passes dominate)
+POINTWISE_UNITS = 12.0
+#: full-length rows longer than CACHE_ROW points leave the caches: their cost is CACHE_PENALTY x
+CACHE_ROW = 1 << 18
+CACHE_PENALTY = 1.5
+#: overlap-add must be this much cheaper than the single FFT to be chosen (its extra cut pass, chunk loop)
+OLA_MARGIN = 0.85
+#: overlap-add works on chunks of rows of about this many block samples (a few MB: fits the L3 share)
+OLA_CHUNK = 1 << 19
+
+
+def _units(n, big=False):
+    return n * (np.log2(n) + POINTWISE_UNITS) * (CACHE_PENALTY if big and n > CACHE_ROW else 1.0)
+
+
+def ola_sizes(L, Lk_eff, N):
+    """(P, M) of the cheapest overlap-add block FFT, or None when the single length-N FFT is cheaper.
+    Calibrated on the 2-core AVX-512 box, float32, scipy.fft (min of 3, machine shared): at L 1M, B1 H16,
+    Lk 256: single FFT 300 ms, blocks of P 2048 149 ms; Lk 4096: 259 vs 183 ms (P 32768); at L 262144 Lk 1024
+    both 40 ms; at L <= 64k, B8 H256, the single FFT is as fast or faster (every pass is memory-bound, so the
+    per-point cost barely depends on the size until a row falls out of the cache)."""
+    import scipy.fft
+
+    best, best_cost = None, OLA_MARGIN * _units(N, True)
+    for c in OLA_FACTORS:
+        P = scipy.fft.next_fast_len(c * Lk_eff, real=True)
+        M = P - Lk_eff + 1
+        if M < max(Lk_eff - 1, 1) or M >= L:
+            continue
+        cost = -(-L // M) * _units(P)
+        if cost < best_cost:
+            best, best_cost = (P, M), cost
+    return best
+
+
+def choose(L, Lk_eff, Lout, N, forced=False, method="auto"):
+    """("direct" | "fft" | "overlap_add", FFT size, block length M): the cost models below, or ``method``.
+    A user-given fft_size (``forced``) means the single FFT of that size."""
+    if method == "direct":
+        return "direct", N, 0
+    if method == "fft" or forced:
+        return "fft", N, 0
+    ola = ola_sizes(L, Lk_eff, N)
+    if method == "overlap_add":
+        if ola is None:  # forced: the smallest sensible block
+            import scipy.fft
+
+            P = scipy.fft.next_fast_len(2 * Lk_eff, real=True)
+            ola = (P, P - Lk_eff + 1)
+        return "overlap_add", ola[0], ola[1]
+    if use_direct(L, Lk_eff, Lout, N):
+        return "direct", N, 0
+    if ola is not None:
+        return "overlap_add", ola[0], ola[1]
+    return "fft", N, 0
 
 
 def use_direct(L, Lk_eff, Lout, N):
@@ -213,11 +279,83 @@ def row_dot(g, v, L):
     return out
 
 
-def fwd_cpu(u, k, bias, pre, post, start, Lout, N, direct, lib, kf):
-    """y (B, H, Lout) in the compute dtype. ``kf()`` returns k's cached transform (H, N // 2 + 1)."""
+@njit_parallel
+def cut_blocks(u, g, M, nb):
+    """(u * g) (B, H, L) (g may be empty = 1) cut into blocks -> (B, H, nb, M), zero past L."""
     B, H, L = u.shape
+    out = np.empty((B, H, nb, M), dtype=u.dtype)
+    for r in prange(B * H):
+        b, h = r // H, r % H
+        for j in range(nb):
+            for i in range(M):
+                t = j * M + i
+                if t < L:
+                    out[b, h, j, i] = u[b, h, t] * g[b, h, t] if g.shape[0] > 0 else u[b, h, t]
+                else:
+                    out[b, h, j, i] = 0.0
+    return out
+
+
+@njit_parallel
+def cmul_blocks(X, K):
+    """X (B, H, nb, F) *= K (H, F), in place."""
+    B, H, nb, F = X.shape
+    for r in prange(B * H):
+        b, h = r // H, r % H
+        for j in range(nb):
+            for f in range(F):
+                X[b, h, j, f] *= K[h, f]
+
+
+@njit_parallel
+def ola_crop(Y, M, off, sx, sg, bias, L, g1, out):
+    """Overlap-add + crop: full[p] = Y[p // M, p % M] + Y[p // M - 1, p % M + M] (the previous block's tail,
+    P - M <= M), out[b, h, t] = (full[t + off] + bias[h] * sx * sg (t < L)) * g1; Y (B, H, nb, P)."""
+    B, H, nb, P = Y.shape
+    Lout = out.shape[2]
+    for r in prange(B * H):
+        b, h = r // H, r % H
+        for j in range(nb + 1):
+            p0 = j * M
+            if p0 + M <= off:
+                continue
+            if p0 - off >= Lout:
+                break
+            for i in range(M):
+                t = p0 + i - off
+                if t < 0 or t >= Lout:
+                    continue
+                val = Y[b, h, j, i] if j < nb else 0.0
+                if j > 0 and i + M < P:
+                    val += Y[b, h, j - 1, i + M]
+                if bias.shape[0] > 0 and t < L:
+                    s = sx[b, h, t] * bias[h]
+                    if sg.shape[0] > 0:
+                        s *= sg[b, h, t]
+                    val += s
+                out[b, h, t] = val * g1[b, h, t] if g1.shape[0] > 0 else val
+
+
+def fwd_cpu(u, k, bias, pre, post, start, Lout, N, method, lib, kf, M=0):
+    """y (B, H, Lout) in the compute dtype. ``kf()`` returns k's cached transform (H, N // 2 + 1); for
+    "overlap_add" N is the block FFT size P and M the block length."""
+    B, H, L = u.shape
+    out = np.empty((B, H, Lout), dtype=u.dtype)
+    if method == "overlap_add":
+        nb = -(-L // M)
+        K = kf()
+        hs = max(1, min(H, OLA_CHUNK // (nb * N)))  # rows per chunk: its blocks stay in cache through every pass
+        for b in range(B):
+            for h0 in range(0, H, hs):
+                h1 = min(H, h0 + hs)
+                sl = (slice(b, b + 1), slice(h0, h1))
+                V = lib.rfft(cut_blocks(u[sl], pre[sl] if pre.shape[0] else pre, M, nb), N)  # (1, hs, nb, F)
+                cmul_blocks(V, K[h0:h1])
+                ola_crop(lib.irfft(V, N), M, start, u[sl], pre[sl] if pre.shape[0] else pre,
+                         bias[h0:h1] if bias.shape[0] else bias, L, post[sl] if post.shape[0] else post, out[sl])
+        return out
     v = mul(u, pre) if pre.shape[0] else u
-    if direct:
+    if method == "direct":
         full = direct_conv(v, k, start, Lout)
         off = 0
     else:
@@ -225,7 +363,6 @@ def fwd_cpu(u, k, bias, pre, post, start, Lout, N, direct, lib, kf):
         cmul(V, kf(), False)
         full = lib.irfft(V, N)  # (B, H, N)
         off = start
-    out = np.empty((B, H, Lout), dtype=u.dtype)
     e3 = np.zeros((0, 0, 0), u.dtype)
     crop(full, off, u, pre, bias, L, post, e3, out, e3)
     return out
