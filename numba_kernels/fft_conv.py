@@ -63,6 +63,9 @@ def clear_fft_conv_cache():
     cufft = sys.modules.get("numba_kernels.cuda.cufft")
     if cufft is not None:
         cufft.clear_plans()
+    cf = sys.modules.get("numba_kernels.cuda.fft_conv")
+    if cf is not None:
+        cf.clear_scratch()
 
 
 def cache_info():
@@ -197,7 +200,7 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
     else:
         from numba_kernels.cuda.fft_conv import fwd_cuda
 
-        out = fwd_cuda(u, k, bias, pregate, postgate, start, Lout, Lke, N, dt)
+        out = fwd_cuda(u, k, bias, pregate, postgate, start, Lout, Lke, N, dt, method, forced)
     return _cast_back(out, dt, on_dev)
 
 

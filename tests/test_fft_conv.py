@@ -249,6 +249,29 @@ def test_sim_forward_backward(rng, mode, L, Lk, dt):
         _check(g, e, dt, name)
 
 
+OLA_SIM = [("causal", 13, 3, np.float32), ("same", 11, 4, np.float16), ("full", 9, 2, bfloat16)]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("mode,L,Lk,dt", OLA_SIM, ids=[f"{m}-L{a}-Lk{b}-{dtype_id(d)}" for m, a, b, d in OLA_SIM])
+def test_sim_overlap_add(rng, mode, L, Lk, dt):
+    # blocks of M = P - Lk + 1 samples: several blocks per row, the tail of each added by the crop kernel
+    u, k, kw, _ = _inputs(rng, dt, 2, 2, L, Lk, mode)
+    y = nk.fft_conv(u, k, mode=mode, backend="cuda", method="overlap_add", **kw)
+    _check(y, fft_conv_ref(u, k, mode, **kw), dt, "y (overlap-add)")
+    u2 = u[:, :, ::-1].copy()  # the reused scratch buffer must not leak the previous call's data
+    y2 = nk.fft_conv(u2, k, mode=mode, backend="cuda", method="overlap_add")
+    _check(y2, fft_conv_ref(u2, k, mode), dt, "y (second call, reused buffer)")
+
+
+@pytest.mark.sim
+def test_sim_auto_overlap_add_rule():
+    from numba_kernels.cuda.fft_conv import use_overlap_add
+
+    assert use_overlap_add(1 << 21, 256, 1 << 21 + 1) is not None
+    assert use_overlap_add(65536, 256, 67500) is None  # single FFTs up to 1M points stay single
+
+
 @pytest.mark.sim
 def test_sim_device_arrays_and_cache(rng):
     from numba import cuda

@@ -1,4 +1,4 @@
-"""Every real fft_conv CUDA kernel (padding + pregate, complex multiply, filter-gradient spectrum sum, crop +
+"""Every real fft_conv CUDA kernel (padding + pregate, complex multiply, overlap-add block padding / block multiply / tail-add crop, filter-gradient spectrum sum, crop +
 bias + gates, bias-gradient reduction) compiles to PTX for cc 9.0 for every element kind (no GPU needed).
 The cuFFT transforms themselves are library calls, checked on the GPU by benchmarks/gpu/check_fft_conv.py."""
 import pytest
@@ -6,8 +6,8 @@ import pytest
 pytestmark = pytest.mark.ptx
 
 # the kernel names, fixed here so collection needs no numba-cuda target
-NAMES = [f"{k}_{kind}" for kind in ("f32", "f64", "f16", "bf16") for k in ("pad", "crop", "dbias")] + \
-        [f"{k}_{kind}" for kind in ("f32", "f64") for k in ("cmul", "conj_sum")]
+NAMES = [f"{k}_{kind}" for kind in ("f32", "f64", "f16", "bf16") for k in ("pad", "crop", "dbias", "pad_blocks", "ola_crop")] + \
+        [f"{k}_{kind}" for kind in ("f32", "f64") for k in ("cmul", "conj_sum", "cmul_blocks")]
 
 
 def _configs():

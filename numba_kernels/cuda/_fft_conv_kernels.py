@@ -153,3 +153,83 @@ def make_dbias_kernel(kind, NT):
             dbias[h] = red[0]
 
     return jit_kernel(kernel)
+
+
+# ---- overlap-add: blocks of M samples, block FFT size P, buffer (B, H * nb, 2F) with row h * nb + j ----------
+@functools.lru_cache(maxsize=None)
+def make_pad_blocks_kernel(kind, NT):
+    """buf[b, h * nb + j, i] = (x * g)[b, h, j * M + i] for i < M (and j * M + i < Lx), else 0, i < 2F;
+    one thread per i, looping over the nb blocks."""
+    cin, _, ft = _converters(kind)
+    ZERO = ft(0.0)
+
+    def kernel(x, g, M, nb, buf):
+        i = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        Lx = x.shape[2]
+        if i < buf.shape[2]:
+            for j in range(nb):
+                t = j * M + i
+                v = ZERO
+                if i < M and t < Lx:
+                    v = cin(x[b, h, t])
+                    if g.shape[0] > 0:
+                        v *= cin(g[b, h, t])
+                buf[b, h * nb + j, i] = v
+
+    return jit_kernel(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def make_cmul_blocks_kernel(double, NT):
+    """X[b, h * nb + j, f] *= K[0, h, f] for every block j, complex values interleaved, in place."""
+
+    def kernel(X, K, nb):
+        f = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        if 2 * f + 1 < X.shape[2]:
+            kr = K[0, h, 2 * f]
+            ki = K[0, h, 2 * f + 1]
+            for j in range(nb):
+                r = h * nb + j
+                xr = X[b, r, 2 * f]
+                xi = X[b, r, 2 * f + 1]
+                X[b, r, 2 * f] = xr * kr - xi * ki
+                X[b, r, 2 * f + 1] = xr * ki + xi * kr
+
+    return jit_kernel(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def make_ola_crop_kernel(kind, NT):
+    """Overlap-add + crop: with p = t + off, j = p // M, i = p % M:
+    full[p] = Y[b, h * nb + j, i] (j < nb) + Y[b, h * nb + j - 1, i + M] (j > 0, i + M < P; P - M <= M), then
+    out[b, h, t] = (full * scale + bias[h] * sx * sg (t < L)) * g1 (empty = absent)."""
+    cin, cout, ft = _converters(kind)
+
+    def kernel(Y, scale, off, M, P, nb, sx, sg, bias, L, g1, out):
+        t = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        if t < out.shape[2]:
+            p = t + off
+            j = p // M
+            i = p - j * M
+            val = ft(0.0)
+            if j < nb:
+                val = Y[b, h * nb + j, i]
+            if j > 0 and i + M < P:
+                val += Y[b, h * nb + j - 1, i + M]
+            val *= scale
+            if bias.shape[0] > 0 and t < L:
+                s = bias[h] * cin(sx[b, h, t])
+                if sg.shape[0] > 0:
+                    s *= cin(sg[b, h, t])
+                val += s
+            if g1.shape[0] > 0:
+                val *= cin(g1[b, h, t])
+            out[b, h, t] = cout(val)
+
+    return jit_kernel(kernel)

@@ -10,17 +10,54 @@ Backward (buffers vbuf, gbuf of that shape, plus S (1, H, 2F)):
   [postgate] vbuf *= K -> C2R -> crop at start (skip from u, pregate) -> dpostgate = ypre * dout;
   gbuf *= conj(K) -> C2R -> crop at -start (+ bias * dout * postgate) -> du = dv * pregate, dpregate = dv * u;
   dbias: one block per h reduces (dout * postgate) * (u * pregate).
+Overlap-add (forward, ``method="overlap_add"``, or auto for very long inputs, see ``use_overlap_add``): buf
+(B, H * nb, 2F_P) holds nb blocks of M samples per row (pad_blocks, pregate fused) -> one batched R2C of size P
+over B * H * nb rows -> every block *= K_P -> C2R -> ola_crop adds each block's tail to the next block's head
+while cropping (scale, bias, postgate fused).
+The forward's spectrum buffer is reused between calls of the same shape (one per thread, dropped by
+``clear_fft_conv_cache``): every launch and transform runs on the default stream, in order.
 The transforms go through :func:`fft_inplace`; under the CUDA simulator it runs numpy.fft on a host copy
 (same layout, same unnormalized inverse), so every numba kernel here is tested in CI.
 """
+import threading
+
 import numpy as np
 from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
-from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_kernel, make_conj_sum_kernel,
-                                                  make_crop_kernel, make_dbias_kernel, make_pad_kernel)
+from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_blocks_kernel, make_cmul_kernel,
+                                                  make_conj_sum_kernel, make_crop_kernel, make_dbias_kernel,
+                                                  make_ola_crop_kernel, make_pad_blocks_kernel, make_pad_kernel)
+
+_local = threading.local()
+#: auto overlap-add on CUDA only past this single-FFT size (cuFFT needs several global-memory passes there)
+OLA_MIN_N = 1 << 20
+
+
+def scratch(shape, ft):
+    """A device buffer of this shape and dtype, reused between calls (one per thread, the latest shape only)."""
+    key = (tuple(int(s) for s in shape), np.dtype(ft).str, _device_key())
+    cur = getattr(_local, "buf", None)
+    if cur is None or cur[0] != key:
+        _local.buf = None  # drop the old buffer before allocating the new one
+        _local.buf = cur = (key, cuda.device_array(key[0], dtype=ft))
+    return cur[1]
+
+
+def clear_scratch():
+    _local.buf = None
+
+
+def use_overlap_add(L, Lke, N):
+    """(P, M) when auto should take overlap-add on CUDA: the CPU cost model's choice, and only for single
+    FFTs longer than OLA_MIN_N (not measured on the GPU yet: a conservative rule)."""
+    if N <= OLA_MIN_N:
+        return None
+    from numba_kernels.cpu.fft_conv import ola_sizes
+
+    return ola_sizes(L, Lke, N)
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty
 
 
@@ -107,14 +144,47 @@ def _crop(kind, full, N, off, sx, sg, bias, L, g1, g2, out1, out2):
     intr.launch(make_crop_kernel(kind, nt), grid, nt, 0, args)
 
 
-def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt):
-    """Device y (B, H, Lout) in the element type of ``dt``."""
+def _fwd_ola(ud, pred, postd, biasd, K, start, Lout, P, M, kind, ft):
+    B, H, L = ud.shape
+    nb = -(-L // M)
+    F2 = 2 * (P // 2 + 1)
+    buf = scratch((B, H * nb, F2), ft)  # (B, H * nb, 2F): block j of row h at h * nb + j
+    grid, nt = _grid(F2, B, H)
+    intr.launch(make_pad_blocks_kernel(kind, nt), grid, nt, 0, (ud, pred, np.int64(M), np.int64(nb), buf))
+    fft_inplace(buf, P, False)
+    grid, nt = _grid(F2 // 2, B, H)
+    intr.launch(make_cmul_blocks_kernel(kind == "f64", nt), grid, nt, 0, (buf, K, np.int64(nb)))
+    fft_inplace(buf, P, True)
+    out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+    grid, nt = _grid(Lout, B, H)
+    args = (buf, ft.type(1.0 / P), np.int64(start), np.int64(M), np.int64(P), np.int64(nb), ud, pred, biasd,
+            np.int64(L), postd, out)
+    intr.launch(make_ola_crop_kernel(kind, nt), grid, nt, 0, args)
+    return out
+
+
+def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forced=False):
+    """Device y (B, H, Lout) in the element type of ``dt``; ``method`` "fft" | "overlap_add" | "auto"."""
     kind, ft, _ = _kinds(dt)
     B, H, L = u.shape
     ud, pred, postd = _elem(u, kind, 3), _elem(pre, kind, 3), _elem(post, kind, 3)
     e3 = _empty((0, 0, 0), ELEM[kind])
+    ola = None
+    if not forced and method == "overlap_add":
+        from numba_kernels.cpu.fft_conv import choose
+
+        ola = choose(L, Lke, Lout, N, False, "overlap_add")[1:]
+    elif not forced and method == "auto":
+        ola = use_overlap_add(L, Lke, N)
+    if ola is not None:
+        P, M = ola
+        return _fwd_ola(ud, pred, postd, _compute(bias, ft, 1), _filter_spectrum(k, Lke, P, ft), start, Lout,
+                        P, M, kind, ft)
     K = _filter_spectrum(k, Lke, N, ft)
-    buf = _spectrum(ud, pred, N, ft, kind)
+    buf = scratch((B, H, 2 * (N // 2 + 1)), ft)
+    grid, nt = _grid(buf.shape[2], B, H)
+    intr.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
+    fft_inplace(buf, N, False)
     _mul_inverse(buf, K, False, N, kind == "f64")
     out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
     _crop(kind, buf, N, start, ud, pred, _compute(bias, ft, 1), L, postd, e3, out, e3)
@@ -173,7 +243,11 @@ def ptx_signatures():
         out.append((f"crop_{kind}", make_crop_kernel(kind, nt).py_func,
                     (f3, ft, i64, i64, a, a, f1, i64, a, a, a, a)))
         out.append((f"dbias_{kind}", make_dbias_kernel(kind, nt).py_func, (a, a, a, a, f1)))
+        out.append((f"pad_blocks_{kind}", make_pad_blocks_kernel(kind, nt).py_func, (a, a, i64, i64, f3)))
+        out.append((f"ola_crop_{kind}", make_ola_crop_kernel(kind, nt).py_func,
+                    (f3, ft, i64, i64, i64, i64, a, a, f1, i64, a, a)))
         if kind in ("f32", "f64"):
+            out.append((f"cmul_blocks_{kind}", make_cmul_blocks_kernel(kind == "f64", nt).py_func, (f3, f3, i64)))
             out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
             out.append((f"conj_sum_{kind}", make_conj_sum_kernel(kind == "f64", nt).py_func, (f3, f3, f3)))
     return out
