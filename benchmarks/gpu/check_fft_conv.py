@@ -3,12 +3,17 @@ the float64 direct reference and scipy.signal.fftconvolve, every mode and option
 cuFFT error names and plan cache; then float32 B64 H768 causal timing (Lk = L, FlashFFTConv's setting) next
 to a torch.fft implementation of the same conv and a same-run device copy. Prints a table last.
 
-``--sim``: correctness only, tiny shapes, under the CUDA simulator (numpy FFT fallback; no GPU needed)."""
+Also overlap-add (``method="overlap_add"``) against the reference, and timings at L 256 and 1M, in float16, and
+for a long input with a short filter (auto overlap-add vs the single FFT vs torch.fft).
+
+``--sim``: correctness only, tiny shapes, under the CUDA simulator (numpy FFT fallback; no GPU needed).
+``--quick``: a smaller correctness sweep (float32 / float16, two sizes) to fit a short device slot."""
 import os
 import sys
 import time
 
 SIM = "--sim" in sys.argv
+QUICK = "--quick" in sys.argv
 if SIM:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
 
@@ -32,6 +37,20 @@ def correctness():
     B, H = (1, 2) if SIM else (2, 8)
     sizes = [(7, 3), (5, 9)] if SIM else [(1, 3), (97, 300), (1009, 97), (1024, 1024)]
     dts = (np.float32, bfloat16) if SIM else (np.float32, np.float64, np.float16, bfloat16)
+    if QUICK:
+        sizes, dts = sizes[-2:], (np.float32, np.float16)
+    ola_sizes = [(13, 3)] if SIM else [(5003, 97), (20000, 301)]
+    for dt in dts:
+        for L, Lk in ola_sizes:
+            for mode in ("causal", "same", "full"):
+                Lout = L + Lk - 1 if mode == "full" else L
+                u = rng.standard_normal((B, H, L)).astype(dt)
+                pdt = np.float64 if dt == np.float64 else np.float32
+                k = (rng.standard_normal((H, Lk)) / np.sqrt(Lk)).astype(pdt)
+                opt = dict(bias=rng.standard_normal(H).astype(pdt), pregate=rng.standard_normal((B, H, L)).astype(dt),
+                           postgate=rng.standard_normal((B, H, Lout)).astype(dt))
+                y = nk.fft_conv(u, k, mode=mode, backend="cuda", method="overlap_add", **opt)
+                report(f"fwd overlap-add {mode} bias+gates L{L} Lk{Lk}", dt, err(y, fft_conv_ref(u, k, mode, **opt)))
     for dt in dts:
         for L, Lk in sizes:
             for mode in ("causal", "same", "full"):
@@ -103,40 +122,52 @@ def bench():
     copy_bw = 2 * x.numel() * 4 / tbench(lambda: y.copy_(x), 10) / 1e9
     del x, y
     rows = [f"device copy (torch, 1 GiB): {copy_bw:.0f} GB/s (read + write)",
-            f"{'B':>3} {'H':>4} {'L':>6} {'N':>7} | {'ours ms':>8} {'GB/s':>6} {'%copy':>5} | {'torch ms':>8} "
-            f"{'ours/torch':>10} | max rel diff"]
+            f"{'dtype':>7} {'B':>3} {'H':>4} {'L':>7} {'Lk':>7} {'path':>10} | {'ours ms':>8} {'GB/s':>6} {'%copy':>5} | "
+            f"{'torch ms':>8} {'ours/torch':>10} | {'single-FFT ms':>13} | max rel diff"]
     print(rows[0], flush=True)
-    B, H = 64, 768
-    for L in (1024, 8192, 65536):
-        for b in (B, B // 4):
+    tdt = {np.float32: torch.float32, np.float16: torch.float16}
+    # (dtype, [(B, H) tried in order], L, Lk); Lk = L is FlashFFTConv's setting
+    cases = [(np.float32, [(64, 768)], 256, 256), (np.float32, [(64, 768)], 1024, 1024),
+             (np.float32, [(64, 768)], 8192, 8192), (np.float32, [(16, 768)], 65536, 65536),
+             (np.float16, [(64, 768)], 1024, 1024), (np.float16, [(64, 768)], 8192, 8192),
+             (np.float32, [(1, 768), (1, 256)], 1 << 20, 1 << 20), (np.float32, [(1, 768), (1, 256)], 1 << 20, 4096),
+             (np.float16, [(1, 768), (1, 256)], 1 << 20, 1 << 20)]
+    from numba_kernels.cuda.fft_conv import use_overlap_add
+    for dt, bhs, L, Lk in cases:
+        for b, H in bhs:
             try:
                 torch.cuda.empty_cache()
-                ut = torch.randn(b, H, L, device="cuda")
-                kt = torch.randn(H, L, device="cuda") / L ** 0.5
+                ut = torch.randn(b, H, L, device="cuda").to(tdt[dt])
+                kt = (torch.randn(H, Lk, device="cuda") / Lk ** 0.5).to(tdt[dt])
                 ud, kd = cuda.as_cuda_array(ut), cuda.as_cuda_array(kt)
-                N = 2 * L
-                out = nk.fft_conv(ud, kd, backend="cuda")  # compile + plan + filter spectrum
-                t_ours = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda"))
-                ours = torch.as_tensor(out, device="cuda")
+                N = 1 << (L + Lk - 2).bit_length()  # power of two >= L + Lk - 1 (torch half FFTs need one)
+                ola = use_overlap_add(L, Lk, N)
+                path = f"ola P{ola[0]}" if ola else "fft"
+                out = nk.fft_conv(ud, kd, backend="cuda", fft_size=None if ola else N)  # compile, plan, spectrum
+                t_ours = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=None if ola else N))
+                t_single = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N)) if ola else float("nan")
+                ours = torch.as_tensor(out, device="cuda").float()
+                del out
                 kf = torch.fft.rfft(kt, n=N)  # the peer caches k's transform too
 
                 def peer():
                     return torch.fft.irfft(torch.fft.rfft(ut, n=N) * kf, n=N)[..., :L]
 
                 t_peer = tbench(peer)
-                ref = peer()
+                ref = peer().float()
                 diff = float((ours - ref).abs().max() / ref.abs().max())
-                del ref, ours, out
-                nbytes = 2 * b * H * L * 4
+                del ref, ours
+                nbytes = 2 * b * H * L * np.dtype(dt).itemsize
                 gbs = nbytes / t_ours / 1e9
-                rows.append(f"{b:>3} {H:>4} {L:>6} {N:>7} | {t_ours * 1e3:8.2f} {gbs:6.0f} {100 * gbs / copy_bw:5.1f} | "
-                            f"{t_peer * 1e3:8.2f} {t_peer / t_ours:10.2f} | {diff:.1e}")
+                rows.append(f"{np.dtype(dt).name:>7} {b:>3} {H:>4} {L:>7} {Lk:>7} {path:>10} | {t_ours * 1e3:8.2f} "
+                            f"{gbs:6.0f} {100 * gbs / copy_bw:5.1f} | {t_peer * 1e3:8.2f} {t_peer / t_ours:10.2f} | "
+                            f"{t_single * 1e3:13.2f} | {diff:.1e}")
                 print(rows[-1], flush=True)
                 nk.clear_fft_conv_cache()
                 del ut, kt, ud, kd, kf
                 break
             except Exception as ex:  # out of memory (torch or numba): try a smaller batch
-                print(f"B{b} L{L}: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+                print(f"{np.dtype(dt).name} B{b} H{H} L{L}: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
                 nk.clear_fft_conv_cache()
                 torch.cuda.empty_cache()
     return rows
