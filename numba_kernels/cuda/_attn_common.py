@@ -1,13 +1,15 @@
 """Device helpers shared by the CUDA attention kernels: constants, masks, the dropout hash, jit options,
 the tensor-core tile helpers."""
 import functools
+import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
 
 from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda._intrinsics import ex2, shfl_xor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -97,3 +99,69 @@ def make_tc_helpers(bf16, STR, CH, NTH):
                 pack(acc[x + 6], acc[x + 7]))
 
     return mma_acc, load_rows, stage_kv, pack_a
+
+
+@functools.lru_cache(maxsize=None)
+def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """The per-tile online softmax of the tensor-core forward kernels (prefill and decode) on the mma.sync
+    accumulator layout: S_LEN score and NT_O * 4 output accumulators per thread."""
+
+    @dev
+    def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
+                     left, right, slope_a, slope_b, scale_log2, softcap, cap_in, thresh, inv_keep):
+        """Online softmax of one m-tile's S accumulators sacc[sb:sb+S_LEN] (this thread's rows ra, rb; columns
+        j0 + (y >> 2) * 8 + 2 t + (y & 1)) in log2 units: softcap, ALiBi (slope per row), mask (columns >= Sk
+        are masked too), running max / sum update, dropout, P written back in place, O accumulators
+        oacc[ob:ob+O_LEN] rescaled. Returns the new (m_a, m_b, l_a, l_b); l is this lane's partial sum."""
+        mx_a = F32_NEG_INF
+        mx_b = F32_NEG_INF
+        for y in range(S_LEN):
+            s = sacc[sb + y]
+            if HAS_CAP:
+                s = softcap * math.tanh(s * cap_in) * F32_LOG2E
+            else:
+                s = s * scale_log2
+            col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
+            row = ra if (y & 2) == 0 else rb
+            if HAS_ALIBI:
+                s -= (slope_a if (y & 2) == 0 else slope_b) * float32(abs(row + off - col))
+            if need_mask:
+                if not visible(row, col, Sk, off, left, right):
+                    s = F32_NEG_INF
+            sacc[sb + y] = s
+            if (y & 2) == 0:
+                mx_a = max(mx_a, s)
+            else:
+                mx_b = max(mx_b, s)
+        mx_a = max(mx_a, shfl_xor(mx_a, 1))
+        mx_a = max(mx_a, shfl_xor(mx_a, 2))
+        mx_b = max(mx_b, shfl_xor(mx_b, 1))
+        mx_b = max(mx_b, shfl_xor(mx_b, 2))
+        mn_a = max(m_a, mx_a)
+        mn_b = max(m_b, mx_b)
+        mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
+        mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
+        alpha_a = ex2(m_a - mu_a)
+        alpha_b = ex2(m_b - mu_b)
+        sum_a = F32_ZERO
+        sum_b = F32_ZERO
+        for y in range(S_LEN):
+            if (y & 2) == 0:
+                p = ex2(sacc[sb + y] - mu_a)
+                sum_a += p
+            else:
+                p = ex2(sacc[sb + y] - mu_b)
+                sum_b += p
+            if HAS_DROP:  # dropout acts on P after the row sum, as in the math
+                col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
+                rk = rk_a if (y & 2) == 0 else rk_b
+                p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
+            sacc[sb + y] = p
+        for nt in range(NT_O):
+            oacc[ob + nt * 4] *= alpha_a
+            oacc[ob + nt * 4 + 1] *= alpha_a
+            oacc[ob + nt * 4 + 2] *= alpha_b
+            oacc[ob + nt * 4 + 3] *= alpha_b
+        return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
+
+    return softmax_tile

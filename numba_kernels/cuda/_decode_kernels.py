@@ -22,7 +22,8 @@ from numba import cuda, float32, float64, int32, int64, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, LN2, LOG2E, dev, jit_kernel,
-                                             key_range, make_tc_helpers, visible)
+                                             key_range, make_online_softmax, make_tc_helpers,
+                                             visible)
 from numba_kernels.cuda._conv1d_kernels import _converters
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
 
@@ -114,55 +115,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
         syncwarp()  # every lane has read rbase before the next issue rewrites it
 
-    @dev
-    def softmax_tile(sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, sl_a, sl_b, j0, t, k1, off, left, right,
-                     scale_log2, softcap, cap_in):
-        """Online softmax of one 16 x BC score tile (rows ia, ib of this thread) in log2 units; P replaces S."""
-        mx_a = F32_NEG_INF
-        mx_b = F32_NEG_INF
-        for y in range(S_LEN):
-            s = sacc[y]
-            if HAS_CAP:
-                s = softcap * math.tanh(s * cap_in) * F32_LOG2E
-            else:
-                s = s * scale_log2
-            col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
-            row = ia if (y & 2) == 0 else ib
-            if HAS_ALIBI:
-                s -= (sl_a if (y & 2) == 0 else sl_b) * float32(abs(row + off - col))
-            if not visible(row, col, k1, off, left, right):
-                s = F32_NEG_INF
-            sacc[y] = s
-            if (y & 2) == 0:
-                mx_a = max(mx_a, s)
-            else:
-                mx_b = max(mx_b, s)
-        mx_a = max(mx_a, shfl_xor(mx_a, 1))
-        mx_a = max(mx_a, shfl_xor(mx_a, 2))
-        mx_b = max(mx_b, shfl_xor(mx_b, 1))
-        mx_b = max(mx_b, shfl_xor(mx_b, 2))
-        mn_a = max(m_a, mx_a)
-        mn_b = max(m_b, mx_b)
-        mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
-        mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
-        alpha_a = ex2(m_a - mu_a)
-        alpha_b = ex2(m_b - mu_b)
-        sum_a = F32_ZERO
-        sum_b = F32_ZERO
-        for y in range(S_LEN):
-            if (y & 2) == 0:
-                p = ex2(sacc[y] - mu_a)
-                sum_a += p
-            else:
-                p = ex2(sacc[y] - mu_b)
-                sum_b += p
-            sacc[y] = p
-        for nt in range(NT_O):
-            oacc[nt * 4] *= alpha_a
-            oacc[nt * 4 + 1] *= alpha_a
-            oacc[nt * 4 + 2] *= alpha_b
-            oacc[nt * 4 + 3] *= alpha_b
-        return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
+    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False)
 
     @dev
     def merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid):
@@ -313,8 +266,8 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                     b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
                     mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                     mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
-            m_a, m_b, l_a, l_b = softmax_tile(sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, sl_a, sl_b, j0, t, k1, off,
-                                              left, right, scale_log2, softcap, cap_in)
+            m_a, m_b, l_a, l_b = softmax_tile(sacc, 0, oacc, 0, m_a, m_b, l_a, l_b, ia, ib, 0, 0, j0, t, True, k1,
+                                              off, left, right, sl_a, sl_b, scale_log2, softcap, cap_in, 0, F32_ZERO)
             a0 = pack(sacc[0], sacc[1])
             a1 = pack(sacc[2], sacc[3])
             a2 = pack(sacc[4], sacc[5])

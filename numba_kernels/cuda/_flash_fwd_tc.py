@@ -21,10 +21,10 @@ import math
 from numba import cuda, float32, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, col_hash, dev,
-                                             jit_kernel, key_range, lane_ids, make_tc_helpers,
-                                             row_key, seq_bounds, visible)
-from numba_kernels.cuda._intrinsics import ex2, shfl_xor
+from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, dev, jit_kernel,
+                                             key_range, lane_ids, make_online_softmax, make_tc_helpers, row_key,
+                                             seq_bounds)
+from numba_kernels.cuda._intrinsics import shfl_xor
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,61 +46,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
     mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
 
-    @dev
-    def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
-                     left, right, slope, scale_log2, softcap, cap_in, thresh, inv_keep):
-        """Online softmax of one m-tile's S accumulators sacc[sb:sb+S_LEN] (rows ra, rb) in log2 units:
-        mask, running max / sum update, P written back in place, O accumulators oacc[ob:ob+O_LEN] rescaled."""
-        mx_a = F32_NEG_INF
-        mx_b = F32_NEG_INF
-        for y in range(S_LEN):
-            s = sacc[sb + y]
-            if HAS_CAP:
-                s = softcap * math.tanh(s * cap_in) * F32_LOG2E
-            else:
-                s = s * scale_log2
-            col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
-            row = ra if (y & 2) == 0 else rb
-            if HAS_ALIBI:
-                s -= slope * float32(abs(row + off - col))
-            if need_mask:
-                if not visible(row, col, Sk, off, left, right):
-                    s = F32_NEG_INF
-            sacc[sb + y] = s
-            if (y & 2) == 0:
-                mx_a = max(mx_a, s)
-            else:
-                mx_b = max(mx_b, s)
-        mx_a = max(mx_a, shfl_xor(mx_a, 1))
-        mx_a = max(mx_a, shfl_xor(mx_a, 2))
-        mx_b = max(mx_b, shfl_xor(mx_b, 1))
-        mx_b = max(mx_b, shfl_xor(mx_b, 2))
-        mn_a = max(m_a, mx_a)
-        mn_b = max(m_b, mx_b)
-        mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
-        mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
-        alpha_a = ex2(m_a - mu_a)
-        alpha_b = ex2(m_b - mu_b)
-        sum_a = F32_ZERO
-        sum_b = F32_ZERO
-        for y in range(S_LEN):
-            if (y & 2) == 0:
-                p = ex2(sacc[sb + y] - mu_a)
-                sum_a += p
-            else:
-                p = ex2(sacc[sb + y] - mu_b)
-                sum_b += p
-            if HAS_DROP:  # dropout acts on P after the row sum, as in the math
-                col = j0 + (y >> 2) * 8 + 2 * t + (y & 1)
-                rk = rk_a if (y & 2) == 0 else rk_b
-                p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
-            sacc[sb + y] = p
-        for nt in range(NT_O):
-            oacc[ob + nt * 4] *= alpha_a
-            oacc[ob + nt * 4 + 1] *= alpha_a
-            oacc[ob + nt * 4 + 2] *= alpha_b
-            oacc[ob + nt * 4 + 3] *= alpha_b
-        return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
+    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     @dev
     def write_rows(o, lse, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, qs, Sq, h, t, DW0, lse_a, lse_c):
@@ -205,12 +151,12 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
             if right >= 0:
                 need_mask = need_mask or j0 + BC - 1 > i0 + off + right
             m_a0, m_b0, l_a0, l_b0 = softmax_tile(sacc, 0, oacc, 0, m_a0, m_b0, l_a0, l_b0, ra0, rb0, rk_a0, rk_b0,
-                                                  j0, t, need_mask, Sk, off, left, right, slope, scale_log2,
-                                                  softcap, cap_in, thresh, inv_keep)
+                                                  j0, t, need_mask, Sk, off, left, right, slope, slope,
+                                                  scale_log2, softcap, cap_in, thresh, inv_keep)
             if MT == 2:
                 m_a1, m_b1, l_a1, l_b1 = softmax_tile(sacc, S_LEN, oacc, O_LEN, m_a1, m_b1, l_a1, l_b1, ra1, rb1,
                                                       rk_a1, rk_b1, j0, t, need_mask, Sk, off, left, right, slope,
-                                                      scale_log2, softcap, cap_in, thresh, inv_keep)
+                                                      slope, scale_log2, softcap, cap_in, thresh, inv_keep)
             # ---- O += P V: P straight from the S accumulators, each V fragment feeds both m-tiles
             for kk in range(KS_P):
                 s0 = 8 * kk
