@@ -56,7 +56,8 @@ def cached_filter(k, ntaps, N, cdt, device, compute):
 
 
 def clear_fft_conv_cache():
-    """Drop every cached filter transform and destroy every cached cuFFT plan."""
+    """Drop every cached filter transform, destroy every cached cuFFT plan, and free this thread's reused
+    CUDA spectrum buffer."""
     with _cache_lock:
         _cache.clear()
         _stats["hits"] = _stats["misses"] = 0
@@ -151,6 +152,8 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
     forces the single FFT of that size.
     k's transform is cached (:func:`clear_fft_conv_cache`) for the same k object with the same checksum
     (host: float64 sum + strided sample; device: identity); after editing k in place, clear the cache.
+    On CUDA the forward keeps its spectrum buffer (per thread, the latest shape) for the next call; the cache
+    clear frees it. Overlap-add is chosen automatically on CUDA only past single FFTs of 2^20 points.
 
     Parameters
     ----------

@@ -52,15 +52,16 @@ def _units(n, big=False):
     return n * (np.log2(n) + POINTWISE_UNITS) * (CACHE_PENALTY if big and n > CACHE_ROW else 1.0)
 
 
-def ola_sizes(L, Lk_eff, N):
-    """(P, M) of the cheapest overlap-add block FFT, or None when the single length-N FFT is cheaper.
+def ola_sizes(L, Lk_eff, N, force=False):
+    """(P, M) of the cheapest overlap-add block FFT, or None when the single length-N FFT is cheaper (with
+    ``force``: the cheapest block FFT regardless, or None when no block size fits).
     Calibrated on the 2-core AVX-512 box, float32, scipy.fft (min of 3, machine shared): at L 1M, B1 H16,
     Lk 256: single FFT 300 ms, blocks of P 2048 149 ms; Lk 4096: 259 vs 183 ms (P 32768); at L 262144 Lk 1024
     both 40 ms; at L <= 64k, B8 H256, the single FFT is as fast or faster (every pass is memory-bound, so the
     per-point cost barely depends on the size until a row falls out of the cache)."""
     import scipy.fft
 
-    best, best_cost = None, OLA_MARGIN * _units(N, True)
+    best, best_cost = None, (np.inf if force else OLA_MARGIN * _units(N, True))
     for c in OLA_FACTORS:
         P = scipy.fft.next_fast_len(c * Lk_eff, real=True)
         M = P - Lk_eff + 1
@@ -79,9 +80,9 @@ def choose(L, Lk_eff, Lout, N, forced=False, method="auto"):
         return "direct", N, 0
     if method == "fft" or forced:
         return "fft", N, 0
-    ola = ola_sizes(L, Lk_eff, N)
+    ola = ola_sizes(L, Lk_eff, N, force=method == "overlap_add")
     if method == "overlap_add":
-        if ola is None:  # forced: the smallest sensible block
+        if ola is None:  # forced, and no block shorter than L: one block of the smallest size
             import scipy.fft
 
             P = scipy.fft.next_fast_len(2 * Lk_eff, real=True)
