@@ -292,3 +292,26 @@ def test_sim_fft_size_override(rng):
     u, k, kw, _ = _inputs(rng, np.float32, 1, 2, 6, 3, "same")
     y = nk.fft_conv(u, k, mode="same", fft_size=13, backend="cuda", **kw)  # odd N: F = 7 spectrum slots
     _check(y, fft_conv_ref(u, k, "same", **kw), np.float32, "y")
+
+
+LTO_SIM = [("causal", 7, 3, 16, np.float32, True), ("same", 6, 4, 13, np.float16, True),
+           ("full", 5, 3, 8, bfloat16, False)]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("mode,L,Lk,N,dt,opts", LTO_SIM, ids=[f"{m}-L{a}-N{n}-{dtype_id(d)}" for m, a, _, n, d, _o in LTO_SIM])
+def test_sim_lto_callbacks(rng, mode, L, Lk, N, dt, opts):
+    # the cuFFT LTO callbacks (pad + pregate + cast, filter multiply, crop + bias + postgate + cast), run over
+    # every offset of cuFFT's dense real / complex rows around numpy FFTs (odd N: F = 7 spectrum slots)
+    from numba_kernels.cuda import _fft_conv_lto as lto
+    from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
+
+    B, H = 2, 3
+    u, k, kw, _ = _inputs(rng, dt, B, H, L, Lk, mode, opts=opts)
+    Lout, start = fc._out_len_start(mode, L, Lk)
+    kind = kind_of(dt)
+    el = lambda a: None if a is None else np.ascontiguousarray(a).view(ELEM[kind])  # noqa: E731
+    K = np.fft.rfft(k.astype(np.float32), n=N).astype(np.complex64)
+    bias = None if "bias" not in kw else kw["bias"].astype(np.float32)
+    y = lto.emulate(kind, el(u), K, el(kw.get("pregate")), el(kw.get("postgate")), bias, N, L, Lout, start, H)
+    _check(y.view(dt) if kind == "bf16" else y, fft_conv_ref(u, k, mode, **kw), dt, "y (LTO callbacks)")

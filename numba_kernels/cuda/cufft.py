@@ -20,6 +20,9 @@ STATUS = {0: "CUFFT_SUCCESS", 1: "CUFFT_INVALID_PLAN", 2: "CUFFT_ALLOC_FAILED", 
 R2C, C2R, D2Z, Z2D = 0x2A, 0x2C, 0x6A, 0x6C
 #: rows per plan: keep every plan's element count inside 32-bit ints (cufftPlanMany's parameters)
 MAX_ELEMS = 2 ** 31 - 1
+#: cufftXtCallbackType: load complex / double complex / real / double real, then the same four for stores
+CB_LD_COMPLEX, CB_LD_COMPLEX_DOUBLE, CB_LD_REAL, CB_LD_REAL_DOUBLE = 0, 1, 2, 3
+CB_ST_COMPLEX, CB_ST_COMPLEX_DOUBLE, CB_ST_REAL, CB_ST_REAL_DOUBLE = 4, 5, 6, 7
 
 _lib = None
 _plans = {}
@@ -60,8 +63,11 @@ def lib():
         getattr(L, name).argtypes = [h, p, p]
     L.cufftDestroy.argtypes = [h]
     L.cufftGetVersion.argtypes = [ip]
+    L.cufftCreate.argtypes = [ip]
+    lp, ll = ctypes.POINTER(ctypes.c_longlong), ctypes.c_longlong
+    L.cufftMakePlanMany64.argtypes = [h, i, lp, lp, ll, ll, lp, ll, ll, i, ll, ctypes.POINTER(ctypes.c_size_t)]
     for name in ("cufftPlanMany", "cufftSetStream", "cufftExecR2C", "cufftExecC2R", "cufftExecD2Z",
-                 "cufftExecZ2D", "cufftDestroy", "cufftGetVersion"):
+                 "cufftExecZ2D", "cufftDestroy", "cufftGetVersion", "cufftCreate", "cufftMakePlanMany64"):
         getattr(L, name).restype = ctypes.c_int
     _lib = L
     return L
@@ -105,6 +111,70 @@ def exec_inplace(ptr, N, rows, inverse, double, stream=0, device=0):
         _check("cufftSetStream", L.cufftSetStream(h, ctypes.c_void_p(int(stream) or None)))
         p = ctypes.c_void_p(int(ptr) + r0 * 2 * F * item)
         _check(fn, getattr(L, fn)(h, p, p))
+
+
+def jit_callback_entry():
+    """cuFFT's cufftXtSetJITCallback taking the callback's symbol name (cuFFT 12: ``cufftXtSetJITCallback``;
+    cuFFT 11.3-11.4: ``__cufftXtSetJITCallback_12_7``), or None when this cuFFT has no such entry."""
+    L, v = lib(), version()
+    from cuda.pathfinder import load_nvidia_dynamic_lib
+
+    for dep in ("nvJitLink", "nvrtc"):  # cuFFT links the callbacks with these; load them where pip put them
+        try:
+            load_nvidia_dynamic_lib(dep)
+        except Exception:  # the toolkit's copies on the loader path may still serve
+            pass
+    name = "cufftXtSetJITCallback" if v >= 12000 else "__cufftXtSetJITCallback_12_7" if v >= 11300 else None
+    fn = getattr(L, name, None) if name else None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                       ctypes.POINTER(ctypes.c_void_p)]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr):
+    """A cached batched 1-D out-of-place plan with LTO callbacks, keyed by ``key`` (any hashable naming the
+    callbacks' configuration): real side dense (distance N), complex side dense (distance N // 2 + 1).
+    ``callbacks``: (symbol name, LTO-IR bytes, CB_* type); each gets ``info_ptr`` (a device address) as
+    its callerInfo. Raises CufftError (e.g. CUFFT_NOT_SUPPORTED, CUFFT_NVJITLINK_FAILURE) or RuntimeError
+    when this cuFFT has no JIT callbacks."""
+    key = ("cb", key, int(N), int(rows), bool(inverse), bool(double))
+    with _lock:
+        if key in _plans:
+            return _plans[key]
+        setcb = jit_callback_entry()
+        if setcb is None:
+            raise RuntimeError(f"cuFFT {version()} has no JIT (LTO) callbacks (needs cuFFT >= 11.3)")
+        L = lib()
+        h = ctypes.c_int()
+        _check("cufftCreate", L.cufftCreate(ctypes.byref(h)))
+        try:
+            info = ctypes.c_void_p(int(info_ptr))
+            for name, ir, cbtype in callbacks:
+                _check("cufftXtSetJITCallback", setcb(h.value, name.encode(), ir, len(ir), cbtype,
+                                                      ctypes.byref(info)))
+            F = N // 2 + 1
+            arr = ctypes.c_longlong * 1
+            real, cplx = arr(N), arr(F)
+            kind = (Z2D if double else C2R) if inverse else (D2Z if double else R2C)
+            inem, idist, onem, odist = (cplx, F, real, N) if inverse else (real, N, cplx, F)
+            ws = ctypes.c_size_t()
+            _check("cufftMakePlanMany64", L.cufftMakePlanMany64(h.value, 1, arr(N), inem, 1, idist, onem, 1, odist,
+                                                                kind, int(rows), ctypes.byref(ws)))
+        except Exception:
+            L.cufftDestroy(h.value)
+            raise
+        _plans[key] = h.value
+        return h.value
+
+
+def exec_plan(h, inverse, double, src, dst, stream=0):
+    """Run plan ``h`` (from :func:`callback_plan`) from device address ``src`` to ``dst`` on ``stream``."""
+    L = lib()
+    fn = ("cufftExecZ2D" if double else "cufftExecC2R") if inverse else ("cufftExecD2Z" if double else "cufftExecR2C")
+    _check("cufftSetStream", L.cufftSetStream(h, ctypes.c_void_p(int(stream) or None)))
+    _check(fn, getattr(L, fn)(h, ctypes.c_void_p(int(src)), ctypes.c_void_p(int(dst))))
 
 
 def clear_plans():

@@ -19,6 +19,9 @@ The forward's spectrum buffer is reused between calls of the same shape (one per
 The transforms go through :func:`fft_inplace`; under the CUDA simulator it runs numpy.fft on a host copy
 (same layout, same unnormalized inverse), so every numba kernel here is tested in CI.
 """
+import functools
+import os
+import sys
 import threading
 
 import numpy as np
@@ -32,6 +35,9 @@ from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_bloc
                                                   make_ola_crop_kernel, make_pad_blocks_kernel, make_pad_kernel)
 
 _local = threading.local()
+#: single-FFT forward through cuFFT LTO callbacks (two cuFFT calls, ``_fft_conv_lto``) when cuFFT can link
+#: them; else (or with NUMBA_KERNELS_FFT_LTO=0) the pad / multiply / crop kernels around plain transforms
+USE_LTO = os.environ.get("NUMBA_KERNELS_FFT_LTO", "1") != "0"
 #: auto overlap-add on CUDA only past this single-FFT size (cuFFT needs several global-memory passes there)
 OLA_MIN_N = 1 << 20
 
@@ -48,6 +54,10 @@ def scratch(shape, ft):
 
 def clear_scratch():
     _local.buf = None
+    _none_on.cache_clear()
+    lto = sys.modules.get("numba_kernels.cuda._fft_conv_lto")
+    if lto is not None:
+        lto.clear()
 
 
 def use_overlap_add(L, Lke, N):
@@ -59,6 +69,20 @@ def use_overlap_add(L, Lke, N):
 
     return ola_sizes(L, Lke, N)
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty
+
+
+@functools.lru_cache(maxsize=None)
+def _none_on(ndim, dt, dev):
+    return _empty((0,) * ndim, dt)
+
+
+def _none(ndim, dt):
+    """An empty device array standing for an absent option (cached: empty arrays are never written)."""
+    return _none_on(ndim, np.dtype(dt), _device_key())
+
+
+def _opt(a, kind, ndim):
+    return _none(ndim, ELEM[kind]) if a is None else _elem(a, kind, ndim)
 
 
 def _nt():
@@ -167,8 +191,8 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
     """Device y (B, H, Lout) in the element type of ``dt``; ``method`` "fft" | "overlap_add" | "auto"."""
     kind, ft, _ = _kinds(dt)
     B, H, L = u.shape
-    ud, pred, postd = _elem(u, kind, 3), _elem(pre, kind, 3), _elem(post, kind, 3)
-    e3 = _empty((0, 0, 0), ELEM[kind])
+    ud, pred, postd = _elem(u, kind, 3), _opt(pre, kind, 3), _opt(post, kind, 3)
+    e3 = _none(3, ELEM[kind])
     ola = None
     if not forced and method == "overlap_add":
         from numba_kernels.cpu.fft_conv import choose
@@ -182,12 +206,20 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
                         P, M, kind, ft)
     K = _filter_spectrum(k, Lke, N, ft)
     buf = scratch((B, H, 2 * (N // 2 + 1)), ft)
+    biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
+    if USE_LTO and not intr.SIM and ud.is_c_contiguous():
+        from numba_kernels.cuda import _fft_conv_lto as lto
+
+        out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+        opt = [None if a is None else d for a, d in ((pre, pred), (post, postd), (bias, biasd))]
+        if lto.forward(kind, ud, K, buf, out, *opt, N, L, Lout, start):
+            return out
     grid, nt = _grid(buf.shape[2], B, H)
     intr.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
     fft_inplace(buf, N, False)
     _mul_inverse(buf, K, False, N, kind == "f64")
     out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
-    _crop(kind, buf, N, start, ud, pred, _compute(bias, ft, 1), L, postd, e3, out, e3)
+    _crop(kind, buf, N, start, ud, pred, biasd, L, postd, e3, out, e3)
     return out
 
 
