@@ -193,14 +193,20 @@ def clear():
         failed.clear()
 
 
+def _dev_id():
+    from numba import cuda
+
+    return int(cuda.get_current_device().id)
+
+
 def _ptr(a):
     return 0 if a is None else int(a.__cuda_array_interface__["data"][0])
 
 
-def forward(kind, ud, K, S, out, pre, post, bias, N, L, Lout, start):
-    """y (out, (B, H, Lout) element kind) from u (ud, (B, H, L)); K the cached filter spectrum (1, H, 2F);
-    S the scratch spectrum (B, H, 2F); pre / post / bias device arrays or None. Returns False (and records
-    why in ``failed``) when the callback plans cannot be made here, True when y was computed."""
+def forward(kind, ud, K, S, new_out, pre, post, bias, N, L, Lout, start):
+    """y ((B, H, Lout) element kind, from ``new_out()``) for u (ud, (B, H, L)); K the cached filter spectrum
+    (1, H, 2F); S the scratch spectrum (B, H, 2F); pre / post / bias device arrays or None. Returns None (and
+    records why in ``failed``) when the callback plans cannot be made here."""
     from numba import cuda
 
     from numba_kernels.cuda import cufft
@@ -208,23 +214,24 @@ def forward(kind, ud, K, S, out, pre, post, bias, N, L, Lout, start):
     B, H = ud.shape[0], ud.shape[1]
     cfg = (kind, int(N), int(L), int(Lout), int(start) % int(N), int(H), pre is not None, post is not None,
            bias is not None)
-    key = (cfg, B * H, int(cuda.get_current_device().id))
+    key = (cfg, B * H, _dev_id())
     pair = _pairs.get(key)
     if pair is None:
         if key in failed:
-            return False
+            return None
         with _lock:
             try:
                 cc = cuda.get_current_device().compute_capability
                 pair = _pairs[key] = _Pair(cfg, B * H, kind == "f64", cc)
             except Exception as e:  # no JIT callbacks, NVRTC / nvJitLink failure, compile error
                 failed[key] = f"{type(e).__name__}: {e}"
-                return False
+                return None
+    out = new_out()
     pair.set_info((_ptr(K), _ptr(pre), _ptr(post), _ptr(bias), _ptr(ud)))
     dbl = kind == "f64"
     cufft.exec_plan(pair.r2c, False, dbl, _ptr(ud), _ptr(S))
     cufft.exec_plan(pair.c2r, True, dbl, _ptr(S), _ptr(out))
-    return True
+    return out
 
 
 def emulate(kind, u, K, pre, post, bias, N, L, Lout, start, H):

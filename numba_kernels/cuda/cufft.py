@@ -26,6 +26,7 @@ CB_ST_COMPLEX, CB_ST_COMPLEX_DOUBLE, CB_ST_REAL, CB_ST_REAL_DOUBLE = 4, 5, 6, 7
 
 _lib = None
 _plans = {}
+_keep = {}
 _lock = threading.Lock()
 
 
@@ -149,11 +150,14 @@ def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr):
         L = lib()
         h = ctypes.c_int()
         _check("cufftCreate", L.cufftCreate(ctypes.byref(h)))
+        # cuFFT keeps the name, LTO-IR and callerInfo pointers and reads them when the plan is made (and
+        # maybe later): they live as long as the plan, in _keep
+        keep = [ctypes.c_void_p(int(info_ptr))]
         try:
-            info = ctypes.c_void_p(int(info_ptr))
             for name, ir, cbtype in callbacks:
-                _check("cufftXtSetJITCallback", setcb(h.value, name.encode(), ir, len(ir), cbtype,
-                                                      ctypes.byref(info)))
+                nb, irb = ctypes.create_string_buffer(name.encode()), ctypes.create_string_buffer(bytes(ir), len(ir))
+                keep += [nb, irb]
+                _check("cufftXtSetJITCallback", setcb(h.value, nb, irb, len(ir), cbtype, ctypes.byref(keep[0])))
             F = N // 2 + 1
             arr = ctypes.c_longlong * 1
             real, cplx = arr(N), arr(F)
@@ -166,6 +170,7 @@ def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr):
             L.cufftDestroy(h.value)
             raise
         _plans[key] = h.value
+        _keep[key] = keep
         return h.value
 
 
@@ -182,9 +187,12 @@ def clear_plans():
     with _lock:
         plans = list(_plans.values())
         _plans.clear()
+        keep = list(_keep.values())
+        _keep.clear()
     if plans and _lib is not None:
         for h in plans:
             _check("cufftDestroy", _lib.cufftDestroy(h))
+    del keep
 
 
 def plan_count():

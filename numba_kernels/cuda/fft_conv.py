@@ -52,8 +52,38 @@ def scratch(shape, ft):
     return cur[1]
 
 
+#: per thread and output (shape, dtype): at most this many cached output allocations
+OUT_POOL = 4
+
+
+def out_array(shape, dt):
+    """A device array for a result: the memory of an earlier result of this shape and dtype when nothing
+    references that result any more (no array, view or CUDA-array-interface consumer holding it), else a fresh
+    allocation. Skips cuMemAlloc / cuMemFree of a large buffer per call (a caching allocator for outputs)."""
+    shape = tuple(int(x) for x in shape)
+    if intr.SIM:
+        return cuda.device_array(shape, dtype=dt)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    key = (shape, np.dtype(dt).str, _device_key())
+    pool = getattr(_local, "outs", None)
+    if pool is None:
+        pool = _local.outs = {}
+    ents = pool.setdefault(key, [])
+    for master, root, base in ents:
+        if root.refct == base:  # only the master itself: every handed-out array and view is gone
+            return DeviceNDArray(master.shape, master.strides, master.dtype, gpu_data=master.gpu_data.view(0))
+    master = cuda.device_array(shape, dtype=dt)
+    if len(ents) >= OUT_POOL or master.size == 0:
+        return master
+    root = master.gpu_data.owner
+    ents.append((master, root, root.refct))
+    return DeviceNDArray(master.shape, master.strides, master.dtype, gpu_data=master.gpu_data.view(0))
+
+
 def clear_scratch():
     _local.buf = None
+    _local.outs = None
     _none_on.cache_clear()
     lto = sys.modules.get("numba_kernels.cuda._fft_conv_lto")
     if lto is not None:
@@ -179,7 +209,7 @@ def _fwd_ola(ud, pred, postd, biasd, K, start, Lout, P, M, kind, ft):
     grid, nt = _grid(F2 // 2, B, H)
     intr.launch(make_cmul_blocks_kernel(kind == "f64", nt), grid, nt, 0, (buf, K, np.int64(nb)))
     fft_inplace(buf, P, True)
-    out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+    out = out_array((B, H, Lout), ELEM[kind])
     grid, nt = _grid(Lout, B, H)
     args = (buf, ft.type(1.0 / P), np.int64(start), np.int64(M), np.int64(P), np.int64(nb), ud, pred, biasd,
             np.int64(L), postd, out)
@@ -210,15 +240,15 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
     if USE_LTO and not intr.SIM and ud.is_c_contiguous():
         from numba_kernels.cuda import _fft_conv_lto as lto
 
-        out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
         opt = [None if a is None else d for a, d in ((pre, pred), (post, postd), (bias, biasd))]
-        if lto.forward(kind, ud, K, buf, out, *opt, N, L, Lout, start):
+        out = lto.forward(kind, ud, K, buf, lambda: out_array((B, H, Lout), ELEM[kind]), *opt, N, L, Lout, start)
+        if out is not None:
             return out
     grid, nt = _grid(buf.shape[2], B, H)
     intr.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
     fft_inplace(buf, N, False)
     _mul_inverse(buf, K, False, N, kind == "f64")
-    out = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+    out = out_array((B, H, Lout), ELEM[kind])
     _crop(kind, buf, N, start, ud, pred, biasd, L, postd, e3, out, e3)
     return out
 
