@@ -87,3 +87,66 @@ def test_sim_attention_combine(rng):
     ref, rlse = attention_combine_ref(o, np.transpose(lp, (0, 1, 3, 2)))
     assert max_err(out.copy_to_host(), ref) < 1e-6
     np.testing.assert_allclose(lse.copy_to_host(), np.transpose(rlse, (0, 2, 1)), rtol=1e-6)
+
+
+def test_sim_decode_32_key_tiles(rng, monkeypatch):
+    """The 32-key-tile variant with Q fragments in registers and the prefetch-hinted copy (its simulator form)."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    monkeypatch.setitem(cda.TC_TILES, "sim", (2, 2, 32, True, True))
+    q = rng.standard_normal((2, 2, 4, 16)).astype(bfloat16)
+    kc, vc = (rng.standard_normal((9, 5, 2, 16)).astype(bfloat16) for _ in range(2))
+    bt = rng.permutation(9)[:8].reshape(2, 4).astype(np.int32)
+    seqlens = np.array([19, 7], np.int32)
+    for ns in (1, 2):
+        out = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, block_table=bt,
+                                              causal=True, num_splits=ns, backend="cuda")
+        ref = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt, causal=True)
+        assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
+
+
+def test_launch_param_format():
+    """The light launch path packs numba's flattened kernel ABI: 8-byte slots, an array is 5 + 2 * ndim of them."""
+    from numba.cuda import types
+
+    from numba_kernels.cuda._launch import param_format
+
+    fmt, kinds = param_format((types.Array(types.float32, 4, "C"), types.int32, types.float32, types.boolean,
+                               types.Array(types.uint32, 1, "C"), types.float64))
+    assert kinds == (0, 1, 1, 1, 0, 1)
+    assert fmt.size == 8 * ((5 + 8) + 1 + 1 + 1 + (5 + 2) + 1)
+    with pytest.raises(NotImplementedError):
+        param_format((types.complex64,))
+
+
+def test_pooled_results_reused_only_when_released(monkeypatch):
+    """_fresh hands out a pooled buffer again only once nothing outside the pool holds it (or a view of its memory)."""
+    from types import SimpleNamespace
+
+    from numba_kernels.cuda import decode_attention as cda
+
+    class FakeArr:
+        def __init__(self):
+            self.gpu_data = object()
+
+        def view(self):
+            v = FakeArr()
+            v.gpu_data = self.gpu_data
+            return v
+
+    fake = SimpleNamespace(device_array=lambda shape, dtype: FakeArr(),
+                           get_current_device=lambda: SimpleNamespace(id=0))
+    monkeypatch.setattr(cda, "cuda", fake)
+    monkeypatch.setattr(cda, "intr", SimpleNamespace(SIM=False))
+    monkeypatch.setattr(cda, "_pool", {})
+    a = cda._fresh((3,), np.float32)
+    b = cda._fresh((3,), np.float32)
+    assert b is not a  # a is still held
+    va = a.view()
+    del a
+    c = cda._fresh((3,), np.float32)
+    assert c is not va and c.gpu_data is not va.gpu_data  # a's memory is still seen through a view
+    del va, c
+    d = cda._fresh((3,), np.float32)
+    e = cda._fresh((3,), np.float32)
+    assert d is not e and {id(d), id(e)} <= {id(x[0]) for x in cda._pool[((3,), np.dtype(np.float32).str, 0)]}

@@ -184,16 +184,83 @@ def tiles_sweep():
         del c
 
 
+T0 = time.time()
+
+
+def poison():
+    """NaN/0xFF bytes into every pooled result buffer and split scratch of the CUDA decode path, so a variant
+    that leaves an element unwritten cannot pass on an earlier variant's values."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    arrs = [a for lst in cda._pool.values() for a, _, _ in lst]
+    arrs += [a for k, a in cda._workspace.items() if k[0] != "counters"]
+    for a in arrs:
+        a.copy_to_device(np.frombuffer(b"\xff" * a.nbytes, dtype=a.dtype).reshape(a.shape))
+
+
+def torch_ref(c, B, S, H=32, Hk=8, D=128):
+    """float64 decode attention of case c (its q, caches and block table) on the device with torch."""
+    import torch
+
+    bt = torch.as_tensor(c["bt"], device="cuda").long()
+    k = c["k_t"][bt].reshape(B, S, Hk, D).double()
+    v = c["v_t"][bt].reshape(B, S, Hk, D).double()
+    q = torch.as_tensor(c["q"].astype(np.float64), device="cuda").reshape(B, Hk, H // Hk, D)
+    s = torch.einsum("bhgd,bshd->bhgs", q, k) / np.sqrt(D)
+    p = torch.softmax(s, dim=-1)
+    o = torch.einsum("bhgs,bshd->bhgd", p, v)
+    del k, v
+    return o.reshape(B, 1, H, D).cpu().numpy()
+
+
+VARIANTS = [(4, 3, 16, False, False), (4, 2, 16, False, False), (4, 3, 16, True, False), (4, 3, 16, False, True),
+            (2, 3, 32, False, False), (2, 6, 16, False, False), (2, 3, 32, True, True), (2, 4, 16, False, False)]
+
+
+def variants_sweep(deadline):
+    """Each tensor-core configuration (warps, stages, keys per tile, L2 prefetch, Q in registers) with its own
+    occupancy-aware automatic split count: error against a float64 torch reference (poisoned outputs first)
+    and device time, at a few bf16 shapes (paged 16)."""
+    import torch
+
+    from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits, tc_blocks_per_sm
+
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    tc = dtime(lambda: y.copy_(x))
+    print(f"device copy: {2 * x.numel() / tc / 1e12:.2f} TB/s (read + write of 1 GiB)", flush=True)
+    del x, y
+    for B, S in ((32, 8192), (8, 32768), (1, 16384)):
+        c = _setup(B, S, "page16")
+        ref = torch_ref(c, B, S)
+        kv_bytes = 2 * B * S * 8 * 128 * 2
+        for cfg in (VARIANTS if B > 1 else VARIANTS[:3]):
+            if time.time() - T0 > deadline:
+                print(f"variants: deadline, skipping B{B} S{S} {cfg}", flush=True)
+                continue
+            t1 = time.time()
+            poison()
+            out, _ = attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16", cfg)
+            e = err(host(out, bfloat16), ref)
+            report(f"variant {cfg} B{B} S{S}", bfloat16, e)
+            t = dtime(lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16", cfg))
+            bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, cfg[1], cfg[2], cfg[3], cfg[4])
+            ns = choose_splits(c["plan"], 1, bps)
+            print(f"variant B{B:3d} S{S:7d} {str(cfg):32s} blocks/SM {bps} splits {ns:3d} {t * 1e6:8.1f} us "
+                  f"{kv_bytes / t / 1e12:5.2f} TB/s  (setup+compile {time.time() - t1:5.1f} s)", flush=True)
+        del c
+
+
 def splits_sweep():
     """Device time per num_splits at a few shapes (what the automatic choice is tuned on)."""
     from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits
 
-    for B, S in ((1, 1024), (1, 16384), (1, 131072), (8, 4096), (8, 32768), (32, 8192)):
+    for B, S in ((1, 16384), (1, 131072), (8, 4096)):
         c = _setup(B, S, "page16")
         kv_bytes = 2 * B * S * 8 * 128 * 2
-        auto = choose_splits(c["plan"], 1)
+        auto = choose_splits(c["plan"], 1, 2)
         line = []
-        for ns in (1, 2, 3, 4, 5, 8, 16, 17, 33, 64, 128):
+        for ns in (4, 8, 16, 24, 33, 48, 64):
             if ns * 256 > S and ns > 1:
                 continue
             c["plan"].num_splits = ns
@@ -318,6 +385,8 @@ if __name__ == "__main__":
         splits_sweep()
     if "layout" in args:
         layout_probe()
+    if "variants" in args:
+        variants_sweep(float(os.environ.get("DEADLINE", "1e9")))
     quick = "--quick" in args
     print(cuda.get_current_device().name, time.strftime("%Y-%m-%d %H:%M"), flush=True)
     if "check" in args:

@@ -30,9 +30,33 @@ from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
 if intr.SIM:
     def _cp_wait(n):
         return lambda: None
+
+    cp16_pf = intr.cp_async16
 else:
+    from llvmlite import ir
+    from numba.cuda import types as _nbt
+    from numba.cuda.extending import intrinsic
+
     def _cp_wait(n):
         return intr._make_void_asm(f"cp.async.wait_group {n};")
+
+    @intrinsic
+    def cp16_pf(typingctx, dst, dst_idx, src, src_idx, nbytes):
+        """``intr.cp_async16`` with an L2 prefetch hint of 256 bytes (the whole K/V row around the chunk)."""
+        sig = _nbt.void(dst, dst_idx, src, src_idx, nbytes)
+
+        def codegen(context, builder, signature, args):
+            dst_addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+            sptr = intr._data_ptr(context, builder, signature.args[2], args[2], args[3], signature.args[3])
+            n = context.cast(builder, args[4], signature.args[4], _nbt.int32)
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i32, ir.IntType(64), i32])
+            asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global.L2::256B [$0], [$1], 16, $2;", "r,l,r",
+                               side_effect=True)
+            builder.call(asm, [dst_addr, builder.ptrtoint(sptr, ir.IntType(64)), n])
+            return context.get_dummy_value()
+
+        return sig, codegen
 
 
 #: most key splits one call may use (the fused split merge keeps 16 x MAX_SPLITS weights in shared memory)
@@ -61,20 +85,23 @@ def packed_row(R, Sq, hk, G):
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True):
-    """Tensor-core decode kernel: NW warps, 16 packed rows, 16-key tiles per warp streamed through STAGES
-    shared buffers per warp, head dim padded to DP. Returns (kernel, threads per block, dynamic shared bytes).
+def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False):
+    """Tensor-core decode kernel: NW warps, 16 packed rows, BC-key tiles (16 or 32) per warp streamed through
+    STAGES shared buffers per warp, head dim padded to DP; PF: cp.async with an L2 256-byte prefetch hint;
+    QREG: the Q fragments are loaded once into registers (4 * DP / 16 words) instead of per tile.
+    Returns (kernel, threads per block, dynamic shared bytes).
 
     SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
     (nsplit, B, H, Sq) float32), then counts itself done in ``counter``; the last block of a (sequence, head,
     m-tile) merges the splits into ``out`` / ``lse_out`` and resets the counter (no second launch). With
     MERGE=False the partials are left for ``make_combine`` (better for many splits: one block per row group
     merging 30+ splits is a serial tail, while the merge kernel spreads it over B x H x Sq blocks)."""
-    BC = 16
+    assert BC in (16, 32)
     STR = DP // 2 + 4                   # shared row stride in uint32 words
     CH = DP // 8                        # 16-byte chunks per padded row
     NT_S, KS_D, NT_O = BC // 8, DP // 16, DP // 8
     O_LEN, S_LEN = NT_O * 4, NT_S * 4
+    QF_LEN = 4 * KS_D if QREG else 1    # Q fragment words kept in registers
     NTH = 32 * NW
     TILE = BC * STR
     Q_W = 16 * STR
@@ -87,7 +114,8 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
     HALF_DP = DP // 2
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ldsm, ldsm_t, cp16 = intr.ldsm_x4, intr.ldsm_x4_t, intr.cp_async16
+    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    cp16 = cp16_pf if PF else intr.cp_async16
     wait_tile = _cp_wait(STAGES - 1)  # the oldest of STAGES outstanding groups has landed
     mma_acc = make_tc_helpers(bf16, STR, CH, NTH)[0]
 
@@ -234,6 +262,10 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         for x in range(O_LEN):
             oacc[x] = F32_ZERO
         sacc = cuda.local.array(S_LEN, float32)
+        qf = cuda.local.array(QF_LEN, uint32)
+        if QREG:
+            for kk in range(KS_D):
+                qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3] = ldsm(smem, q_lane + kk * 8)
         wbase = Q_W + warp * WARP_W
         ntile = (k1 - k0 + BC - 1) // BC
         # warp-private ring of STAGES tiles: tiles warp, warp + NW, ...; one commit group per tile slot
@@ -261,21 +293,25 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             for x in range(S_LEN):
                 sacc[x] = F32_ZERO
             for kk in range(KS_D):
-                a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
+                if QREG:
+                    a0, a1, a2, a3 = qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3]
+                else:
+                    a0, a1, a2, a3 = ldsm(smem, q_lane + kk * 8)
                 for np2 in range(NT_S // 2):
                     b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
                     mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                     mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
             m_a, m_b, l_a, l_b = softmax_tile(sacc, 0, oacc, 0, m_a, m_b, l_a, l_b, ia, ib, 0, 0, j0, t, True, k1,
                                               off, left, right, sl_a, sl_b, scale_log2, softcap, cap_in, 0, F32_ZERO)
-            a0 = pack(sacc[0], sacc[1])
-            a1 = pack(sacc[2], sacc[3])
-            a2 = pack(sacc[4], sacc[5])
-            a3 = pack(sacc[6], sacc[7])
-            for np2 in range(NT_O // 2):
-                b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + np2 * 8)
-                mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
-                mma_acc(oacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+            for kp in range(BC // 16):  # P (16 rows x 16 keys per k-step) as the A operand of PV
+                a0 = pack(sacc[kp * 8], sacc[kp * 8 + 1])
+                a1 = pack(sacc[kp * 8 + 2], sacc[kp * 8 + 3])
+                a2 = pack(sacc[kp * 8 + 4], sacc[kp * 8 + 5])
+                a3 = pack(sacc[kp * 8 + 6], sacc[kp * 8 + 7])
+                for np2 in range(NT_O // 2):
+                    b0, b1, b2, b3 = ldsm_t(smem, kv0 + v_lane + kp * 16 * STR + np2 * 8)
+                    mma_acc(oacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                    mma_acc(oacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
             syncwarp()  # every lane is done with this stage before the next issue refills it
             stage += 1
             if stage == STAGES:

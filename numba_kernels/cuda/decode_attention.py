@@ -4,27 +4,29 @@ Kernels and the design notes are in ``_decode_kernels``. float16/bfloat16 with a
 multiple of 8 run on tensor cores; everything else on CUDA cores.
 """
 import functools
+import sys
 
 import numpy as np
 from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
 from numba_kernels.cuda._decode_kernels import MAX_SPLITS, make_combine, make_decode_simt, make_decode_tc, make_rotate
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
 
-#: tensor-core kernel (warps, shared-memory stages per warp) on the GPU / in the simulator;
-#: CUDA-core kernel (warps, max packed rows per block)
-TC_TILES = {"gpu": (4, 3), "sim": (2, 2)}
+#: tensor-core kernel (warps, shared-memory stages per warp, keys per warp tile, L2 prefetch hint, Q in
+#: registers) on the GPU / in the simulator; CUDA-core kernel (warps, max packed rows per block)
+TC_TILES = {"gpu": (4, 3, 16, False, False), "sim": (2, 2, 16, False, False)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256
 #: the tensor-core kernel merges up to this many splits itself (last block per row group); more go to the
 #: merge kernel (H100: B8 4 splits fused 393 us vs 398 two launches; B1 33 splits fused 58 us vs 51)
 FUSED_MERGE_MAX = 8
-#: resident blocks per SM of the tensor-core kernel (shared memory: ~109 KB per block at D=128)
+#: resident blocks per SM of the tensor-core kernel when the driver cannot tell (simulator)
 TC_BLOCKS_PER_SM = 2
 
 
@@ -77,25 +79,58 @@ def _elems(x, kind):
     return cuda.to_device(h.view(np.uint16) if kind == "bf16" else h)
 
 
-def _i32(x):
-    """Small int32 metadata on the device, cached by content (no upload when it did not change)."""
-    return _cached(np.asarray(x, dtype=np.int32))
+def _u32(x):
+    """x.view(np.uint32), cached on x (a numba device array's view never changes)."""
+    d = getattr(x, "__dict__", None)
+    if d is None or intr.SIM:
+        return x.view(np.uint32)
+    v = d.get("_nk_u32")
+    if v is None:
+        v = d["_nk_u32"] = x.view(np.uint32)
+    return v
 
 
-_smem_ready = set()
+_uploads = fl.Uploader()
+
+
+def _i32(x, role=None):
+    """Small int32 metadata on the device. With a ``role``: one device buffer per role and shape, refreshed
+    by an asynchronous upload from pinned memory when the values change (no host stall); without: cached by
+    content (no upload when it did not change)."""
+    x = np.asarray(x, dtype=np.int32)
+    if role is None or intr.SIM:
+        return _cached(x)
+    return _uploads.put((role, cuda.get_current_device().id), x)
+
+
+_pool = {}
+
+
+def _fresh(shape, dtype):
+    """A device array for a result handed to the caller: reuses a pooled buffer of this shape and dtype
+    once nothing outside the pool references it any more (else allocates). Reuse is safe: every launch and
+    copy here is on the default stream, so work that used the old contents has been ordered before."""
+    if intr.SIM:
+        return cuda.device_array(shape, dtype=dtype)
+    key = (tuple(shape), np.dtype(dtype).str, cuda.get_current_device().id)
+    lst = _pool.setdefault(key, [])
+    for arr, rc_arr, rc_mem in lst:
+        if sys.getrefcount(arr) == rc_arr and sys.getrefcount(arr.gpu_data) == rc_mem:
+            return arr
+    arr = cuda.device_array(shape, dtype=dtype)
+    if len(lst) < 8:
+        # baselines seen by the loop above: the pool's tuple + the loop's name + getrefcount's argument
+        # (here: this name + the argument, + 1 for the tuple), and the array's own reference to its memory
+        rc_arr = sys.getrefcount(arr) + 1
+        rc_mem = sys.getrefcount(arr.gpu_data)
+        lst.append((arr, rc_arr, rc_mem))
+    return arr
 
 
 def _launch(kern, grid, nth, smem, args):
-    """``intr.launch`` that raises the shared-memory limit once per kernel specialization, not per call."""
-    if intr.SIM or smem <= 48 * 1024:
-        kern[grid, nth, 0, smem](*args)
-        return
-    key = (id(kern), smem) + tuple((type(a), getattr(a, "dtype", None), getattr(a, "ndim", None)) for a in args)
-    if key not in _smem_ready:
-        intr.launch(kern, grid, nth, smem, args)
-        _smem_ready.add(key)
-        return
-    kern[grid, nth, 0, smem](*args)
+    """Launch through the cached cuLaunchKernel path (``_launch.launch``; it raises the shared-memory limit
+    on the first launch of a specialization)."""
+    fl.launch(kern, grid, nth, smem, args)
 
 
 def use_tensor_cores(dt, D):
@@ -110,17 +145,41 @@ def simt_rows(M):
     return nw, r
 
 
-def choose_splits(plan, blocks_per_split):
+def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM):
     """num_splits; 0 = automatic: as many splits as fit the resident block slots in one wave
-    (floor(slots / blocks)), each split >= MIN_SPLIT_KEYS keys. Measured on the H100
-    (benchmarks/results/decode_attention_gpu_h100_splits.txt): one full wave of long blocks beats both
-    fewer splits and more waves of short ones, and a wave and a bit (B8, 5 splits) costs 25%."""
+    (floor(slots / blocks), slots = resident blocks per SM x SMs), each split >= MIN_SPLIT_KEYS keys.
+    Measured on the H100 (benchmarks/results/decode_attention_gpu_h100_splits.txt): one full wave of long
+    blocks beats both fewer splits and more waves of short ones, and a wave and a bit (B8, 5 splits) costs 25%."""
     if plan.num_splits:
         return plan.num_splits
     blocks = plan.B * plan.Hk * blocks_per_split
-    slots = TC_BLOCKS_PER_SM * _num_sms()
+    slots = blocks_per_sm * _num_sms()
     longest = int((plan.end - plan.leftpad).max())
     return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, MAX_SPLITS)))
+
+
+@functools.lru_cache(maxsize=None)
+def tc_blocks_per_sm(nw, DP, bf16, cap, alibi, stages, bc, pf, qreg):
+    """Resident blocks per SM of the split tensor-core kernel of this configuration (the driver's occupancy
+    of its compiled code with its shared memory); TC_BLOCKS_PER_SM in the simulator."""
+    if intr.SIM:
+        return TC_BLOCKS_PER_SM
+    from numba_kernels.cuda._launch import blocks_per_sm_sig
+
+    kern, nth, smem = make_decode_tc(nw, DP, bf16, cap, alibi, True, stages, True, bc, pf, qreg)
+    return blocks_per_sm_sig(kern, nth, smem, _tc_signature(True))
+
+
+def _tc_signature(split):
+    from numba import types
+
+    i32_1, i32_2, f32, u32 = (types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C"), types.float32,
+                              types.uint32)
+    o = ((types.Array(f32, 5, "C"), types.Array(f32, 4, "C")) if split else
+         (types.Array(u32, 4, "C"), types.Array(f32, 3, "C")))
+    return ((types.Array(u32, 4, "C"),) * 3 + (i32_2, i32_1, i32_1) + o +
+            (types.Array(f32, 2, "C"), f32, f32, f32, types.int32, types.int32, types.int32,
+             types.Array(u32, 4, "C"), types.Array(f32, 3, "C"), i32_1))
 
 
 def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved):
@@ -130,7 +189,7 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
 
     kind = kind_of(plan.dt)
     ft = np.float64 if kind == "f64" else np.float32
-    table = _i32(plan.table)
+    table = _i32(plan.table, "table")
     if not dsp.is_device_array(k_cache):  # host caches: append there (in place), attend on uploaded copies
         append_host(plan, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved)
     kc, vc = _elems(k_cache, kind), _elems(v_cache, kind)
@@ -140,20 +199,22 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
         sin = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_sin), dtype=ft))
     if plan.snew and dsp.is_device_array(k_cache):
         kn, vn = _elems(k, kind), _elems(v, kind)
-        pos0 = _i32(plan.seqlens)
+        pos0 = _i32(plan.seqlens, "seqlens")
         grid = (plan.Hk, plan.snew, plan.B)
         if plan.rotary:
-            make_rotate(kind, True, True, 64)[grid, 64](kn, kc, table, pos0, 1, cos, sin, bool(rotary_interleaved))
+            fl.launch(make_rotate(kind, True, True, 64), grid, 64, 0,
+                      (kn, kc, table, pos0, 1, cos, sin, bool(rotary_interleaved)))
         else:
-            make_rotate(kind, True, False, 64)[grid, 64](kn, kc, table, pos0, 1, kn, kn, False)
-        make_rotate(kind, True, False, 64)[grid, 64](vn, vc, table, pos0, 1, kn, kn, False)
+            fl.launch(make_rotate(kind, True, False, 64), grid, 64, 0, (kn, kc, table, pos0, 1, kn, kn, False))
+        fl.launch(make_rotate(kind, True, False, 64), grid, 64, 0, (vn, vc, table, pos0, 1, kn, kn, False))
     qd = _elems(q, kind)
     if plan.rotary:
         qr = cuda.device_array(qd.shape, dtype=qd.dtype)
-        make_rotate(kind, False, True, 64)[(plan.H, plan.Sq, plan.B), 64](
-            qd, qr, table, _i32(plan.seqlens), 1 if plan.windowed else 0, cos, sin, bool(rotary_interleaved))
+        fl.launch(make_rotate(kind, False, True, 64), (plan.H, plan.Sq, plan.B), 64, 0,
+                  (qd, qr, table, _i32(plan.seqlens, "seqlens"), 1 if plan.windowed else 0, cos, sin,
+                   bool(rotary_interleaved)))
         qd = qr
-    return attend_cuda(plan, qd, kc, vc, table, _i32(plan.leftpad), _i32(plan.end), kind)
+    return attend_cuda(plan, qd, kc, vc, table, _i32(plan.leftpad, "leftpad"), _i32(plan.end, "end"), kind)
 
 
 def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
@@ -170,14 +231,21 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     else:
         nw, mr = simt_rows(M)
         n_rt = -(-M // mr)
-    ns = choose_splits(plan, n_rt)
+    if tc:
+        DP = -(-D // 16) * 16
+        cfg = tuple(TC_TILES[_mode()] if tc_tiles is None else tc_tiles)
+        cfg = cfg + TC_TILES[_mode()][len(cfg):]
+        nw, stages, bc, pf, qreg = cfg
+        cap, alibi = plan.softcap > 0, plan.slopes is not None
+        ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf, qreg))
+    else:
+        ns = choose_splits(plan, n_rt)
     split = ns > 1
     fused = tc and split and ns <= FUSED_MERGE_MAX
     final = lse_final = None
     if fused or not split:
-        final = cuda.device_array((B, Sq, H, D // 2), dtype=np.uint32) if tc else cuda.device_array(
-            (B, Sq, H, D), dtype=ELEM[kind])
-        lse_final = cuda.device_array((B, H, Sq), dtype=np.float32)
+        final = _fresh((B, Sq, H, D // 2), np.uint32) if tc else _fresh((B, Sq, H, D), ELEM[kind])
+        lse_final = _fresh((B, H, Sq), np.float32)
     if split:
         o = _scratch((ns, B, Sq, H, D), ft)
         lse = _scratch((ns, B, H, Sq), ft)
@@ -189,11 +257,8 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     args_tail = (o, lse, sl, ft(plan.scale * LOG2E), ft(plan.softcap), ft(cap_in), np.int32(plan.left),
                  np.int32(plan.right), np.int32(ns))
     if tc:
-        DP = -(-D // 16) * 16
-        nw, stages = TC_TILES[_mode()] if tc_tiles is None else tc_tiles
-        kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", plan.softcap > 0, plan.slopes is not None, split,
-                                         stages, fused)
-        args = ((qd.view(np.uint32), kc.view(np.uint32), vc.view(np.uint32), table, start, end) + args_tail +
+        kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", cap, alibi, split, stages, fused, bc, pf, qreg)
+        args = ((_u32(qd), _u32(kc), _u32(vc), table, start, end) + args_tail +
                 (final, lse_final, _counters(B * plan.Hk * n_rt)))
     else:
         kern, nth, smem = make_decode_simt(kind, nw, mr, -(-D // 32), split)
@@ -211,10 +276,10 @@ def combine_cuda(o_p, lse_p, in_dt, out_dt):
     in_kind, out_kind = kind_of(in_dt), kind_of(out_dt)
     o_p, lse_p = _elems(o_p, in_kind), dsp.to_device(lse_p)
     S, B, Sq, H, D = o_p.shape
-    out = cuda.device_array((B, Sq, H, D), dtype=ELEM[out_kind])
-    lse = cuda.device_array((B, H, Sq), dtype=np.float32)
+    out = _fresh((B, Sq, H, D), ELEM[out_kind])
+    lse = _fresh((B, H, Sq), np.float32)
     nth = 32 if intr.SIM else 128
-    make_combine(in_kind, out_kind, nth)[(H, Sq, B), nth](o_p, lse_p, out, lse)
+    fl.launch(make_combine(in_kind, out_kind, nth), (H, Sq, B), nth, 0, (o_p, lse_p, out, lse))
     return out, lse
 
 
@@ -235,7 +300,8 @@ def ptx_signatures(head_dims=(64, 128, 256)):
         DP = -(-D // 16) * 16
         for bf16, cap, alibi, split in ((False, False, False, False), (True, False, False, True),
                                         (True, True, True, False)):
-            kern = make_decode_tc(*TC_TILES["gpu"][:1], DP, bf16, cap, alibi, split, TC_TILES["gpu"][1])[0]
+            nw, stages, bc, pf, qreg = TC_TILES["gpu"]
+            kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, True, bc, pf, qreg)[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
                         f"{'_split' if split else ''}_D{D}", kern.py_func,
