@@ -14,6 +14,7 @@ import time
 
 SIM = "--sim" in sys.argv
 QUICK = "--quick" in sys.argv
+PROBE = "--probe" in sys.argv  # LTO plan probe, LTO checks and a short timing table only
 if SIM:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
 
@@ -102,6 +103,35 @@ def correctness():
               f" (cuFFT version {cufft.version()})")
 
 
+def lto_probe():
+    """Which cuFFT plan calls work here: a plain plan through cufftCreate + cufftMakePlanMany64, then the R2C
+    plan with only the LTO load callback under each naming / plan-API strategy."""
+    from numba import cuda
+
+    from numba_kernels.cuda import _fft_conv_lto as lto
+    from numba_kernels.cuda import cufft
+
+    info = cuda.device_array(8, np.uint64)
+    ptr = info.__cuda_array_interface__["data"][0]
+    for api64 in (True, False):
+        try:
+            cufft.callback_plan(("probe-plain",), 1024, 16, False, False, (), ptr, api64)
+            print(f"probe: plain plan, {'64' if api64 else '32'}-bit API: ok", flush=True)
+        except Exception as e:
+            print(f"probe: plain plan, {'64' if api64 else '32'}-bit API: {e}", flush=True)
+    for mangled, api64 in lto.STRATEGIES:
+        for which in (0, 1, 2):
+            fwd, inv = lto.ltoir("f32", 1024, 512, 512, 0, 8, False, False, False, (9, 0), mangled)
+            cb = (fwd + inv)[which]
+            try:
+                cufft.callback_plan(("probe", which, mangled), 1024, 16, which > 0, False, (cb,), ptr, api64)
+                res = "ok"
+            except Exception as e:
+                res = str(e)
+            print(f"probe: {cb[0]} alone, {'64' if api64 else '32'}-bit API: {res}", flush=True)
+    nk.clear_fft_conv_cache()
+
+
 def lto_checks():
     """The LTO-callback forward directly: fresh inputs, a NaN-poisoned output with a guard tail that must stay
     NaN (cuFFT must only write through the store callback), every mode, gates + bias, four dtypes."""
@@ -179,7 +209,7 @@ def bench():
     import torch
     from numba import cuda
 
-    def tbench(fn, iters=10):
+    def tbench(fn):
         fn()
         torch.cuda.synchronize()
         ts = []
@@ -201,11 +231,14 @@ def bench():
     print(rows[0], flush=True)
     tdt = {np.float32: torch.float32, np.float16: torch.float16}
     # (dtype, [(B, H) tried in order], L, Lk); Lk = L is FlashFFTConv's setting
+    iters = 5 if PROBE else 10
     cases = [(np.float32, [(64, 768)], 256, 256), (np.float32, [(64, 768)], 1024, 1024),
              (np.float32, [(64, 768)], 8192, 8192), (np.float32, [(16, 768)], 65536, 65536),
              (np.float16, [(64, 768)], 1024, 1024), (np.float16, [(64, 768)], 8192, 8192),
              (np.float32, [(1, 768), (1, 256)], 1 << 20, 1 << 20), (np.float32, [(1, 768), (1, 256)], 1 << 20, 4096),
              (np.float16, [(1, 768), (1, 256)], 1 << 20, 1 << 20)]
+    if PROBE:
+        cases = cases[:7]
     from numba_kernels.cuda import _fft_conv_lto as lto
     from numba_kernels.cuda import fft_conv as cfc
     from numba_kernels.cuda.fft_conv import use_overlap_add
@@ -270,9 +303,12 @@ def bench():
 
 if __name__ == "__main__":
     print(f"numba_kernels from {os.path.dirname(nk.__file__)}; simulator={SIM}", flush=True)
+    if PROBE:
+        lto_probe()
     if not SIM:
         lto_checks()
-    correctness()
+    if not PROBE:
+        correctness()
     rows = [] if SIM else bench()
     print("\n==== summary ====")
     for r in rows:

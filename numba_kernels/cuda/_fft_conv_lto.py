@@ -33,6 +33,15 @@ from numba_kernels.cuda._conv1d_kernels import _converters
 K_, PRE, POST, BIAS, U = 0, 1, 2, 3, 4
 NINFO = 8
 NAMES = ("nk_fftconv_load_r2c", "nk_fftconv_load_c2r", "nk_fftconv_store_c2r")
+#: cuFFT's default callback symbols (C++-mangled cufftJITCallback{Load,Store}{Real,Complex,...}, offset an
+#: unsigned long long), tried when the plain names fail
+MANGLED = {False: ("_Z24cufftJITCallbackLoadRealPvyS_S_", "_Z27cufftJITCallbackLoadComplexPvyS_S_",
+                   "_Z25cufftJITCallbackStoreRealPvyfS_S_"),
+           True: ("_Z30cufftJITCallbackLoadDoubleRealPvyS_S_", "_Z33cufftJITCallbackLoadDoubleComplexPvyS_S_",
+                  "_Z31cufftJITCallbackStoreDoubleRealPvydS_S_")}
+#: (mangled names, 64-bit plan API) in the order tried; the first that plans is kept for the process
+STRATEGIES = [(False, True), (True, True), (False, False), (True, False)]
+strategy = []
 _ELEM = {"f32": float32, "f64": float64, "f16": types.float16, "bf16": uint16}
 
 if not intr.SIM:
@@ -118,7 +127,7 @@ def signatures(kind):
 
 
 @functools.lru_cache(maxsize=64)
-def ltoir(kind, N, L, Lout, start, H, pre, post, bias, cc):
+def ltoir(kind, N, L, Lout, start, H, pre, post, bias, cc, mangled=False):
     """The three callbacks compiled to LTO-IR for compute capability ``cc``: ((name, bytes, cufft CB type), ...)."""
     from numba import cuda
 
@@ -130,7 +139,7 @@ def ltoir(kind, N, L, Lout, start, H, pre, post, bias, cc):
               (cufft.CB_ST_REAL_DOUBLE if dbl else cufft.CB_ST_REAL))
     out = []
     for fn, sig, name, cbt in zip(make_callbacks(kind, N, L, Lout, start, H, pre, post, bias), signatures(kind),
-                                  NAMES, types_):
+                                  MANGLED[dbl] if mangled else NAMES, types_):
         ir, _ = cuda.compile(fn, sig, device=True, abi="c", abi_info={"abi_name": name}, output="ltoir", cc=cc)
         out.append((name, bytes(ir), cbt))
     return tuple(out[:1]), tuple(out[1:])
@@ -148,10 +157,18 @@ class _Pair:
         self.info_ptr = self.info.__cuda_array_interface__["data"][0]
         self.last = None
         self.host = np.zeros(NINFO, np.uint64)
-        fwd, inv = ltoir(*cfg, cc)
-        N = cfg[1]
-        self.r2c = cufft.callback_plan(cfg, N, rows, False, dbl, fwd, self.info_ptr)
-        self.c2r = cufft.callback_plan(cfg, N, rows, True, dbl, inv, self.info_ptr)
+        N, errs = cfg[1], []
+        for mangled, api64 in (strategy or STRATEGIES):
+            try:
+                fwd, inv = ltoir(*cfg, cc, mangled)
+                self.r2c = cufft.callback_plan(cfg, N, rows, False, dbl, fwd, self.info_ptr, api64)
+                self.c2r = cufft.callback_plan(cfg, N, rows, True, dbl, inv, self.info_ptr, api64)
+            except cufft.CufftError as e:
+                errs.append(f"{'mangled' if mangled else 'plain'} names, {'64' if api64 else '32'}-bit plan: {e}")
+                continue
+            strategy[:] = [(mangled, api64)]
+            return
+        raise RuntimeError("; ".join(errs))
 
     def set_info(self, ptrs):
         if ptrs == self.last:

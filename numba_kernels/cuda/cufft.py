@@ -67,8 +67,9 @@ def lib():
     L.cufftCreate.argtypes = [ip]
     lp, ll = ctypes.POINTER(ctypes.c_longlong), ctypes.c_longlong
     L.cufftMakePlanMany64.argtypes = [h, i, lp, lp, ll, ll, lp, ll, ll, i, ll, ctypes.POINTER(ctypes.c_size_t)]
+    L.cufftMakePlanMany.argtypes = [h, i, ip, ip, i, i, ip, i, i, i, i, ctypes.POINTER(ctypes.c_size_t)]
     for name in ("cufftPlanMany", "cufftSetStream", "cufftExecR2C", "cufftExecC2R", "cufftExecD2Z",
-                 "cufftExecZ2D", "cufftDestroy", "cufftGetVersion", "cufftCreate", "cufftMakePlanMany64"):
+                 "cufftExecZ2D", "cufftDestroy", "cufftGetVersion", "cufftCreate", "cufftMakePlanMany64", "cufftMakePlanMany"):
         getattr(L, name).restype = ctypes.c_int
     _lib = L
     return L
@@ -134,13 +135,13 @@ def jit_callback_entry():
     return fn
 
 
-def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr):
+def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr, api64=True):
     """A cached batched 1-D out-of-place plan with LTO callbacks, keyed by ``key`` (any hashable naming the
     callbacks' configuration): real side dense (distance N), complex side dense (distance N // 2 + 1).
     ``callbacks``: (symbol name, LTO-IR bytes, CB_* type); each gets ``info_ptr`` (a device address) as
     its callerInfo. Raises CufftError (e.g. CUFFT_NOT_SUPPORTED, CUFFT_NVJITLINK_FAILURE) or RuntimeError
     when this cuFFT has no JIT callbacks."""
-    key = ("cb", key, int(N), int(rows), bool(inverse), bool(double))
+    key = ("cb", key, int(N), int(rows), bool(inverse), bool(double), bool(api64))
     with _lock:
         if key in _plans:
             return _plans[key]
@@ -159,13 +160,14 @@ def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr):
                 keep += [nb, irb]
                 _check("cufftXtSetJITCallback", setcb(h.value, nb, irb, len(ir), cbtype, ctypes.byref(keep[0])))
             F = N // 2 + 1
-            arr = ctypes.c_longlong * 1
+            arr = (ctypes.c_longlong if api64 else ctypes.c_int) * 1
             real, cplx = arr(N), arr(F)
             kind = (Z2D if double else C2R) if inverse else (D2Z if double else R2C)
             inem, idist, onem, odist = (cplx, F, real, N) if inverse else (real, N, cplx, F)
             ws = ctypes.c_size_t()
-            _check("cufftMakePlanMany64", L.cufftMakePlanMany64(h.value, 1, arr(N), inem, 1, idist, onem, 1, odist,
-                                                                kind, int(rows), ctypes.byref(ws)))
+            fn = "cufftMakePlanMany64" if api64 else "cufftMakePlanMany"
+            _check(fn, getattr(L, fn)(h.value, 1, arr(N), inem, 1, idist, onem, 1, odist, kind, int(rows),
+                                      ctypes.byref(ws)))
         except Exception:
             L.cufftDestroy(h.value)
             raise

@@ -52,8 +52,10 @@ def scratch(shape, ft):
     return cur[1]
 
 
-#: per thread and output (shape, dtype): at most this many cached output allocations
-OUT_POOL = 4
+#: per thread and output (shape, dtype): at most this many cached output allocations; 0 (the default) turns
+#: the pool off: it was not faster on the H200 (2026-12-01 try 2: L256 0.83 ms vs 0.57 without it in try 1)
+#: and its aliasing check has not run on a GPU yet
+OUT_POOL = int(os.environ.get("NUMBA_KERNELS_FFT_OUT_POOL", "0"))
 
 
 def out_array(shape, dt):
@@ -61,7 +63,7 @@ def out_array(shape, dt):
     references that result any more (no array, view or CUDA-array-interface consumer holding it), else a fresh
     allocation. Skips cuMemAlloc / cuMemFree of a large buffer per call (a caching allocator for outputs)."""
     shape = tuple(int(x) for x in shape)
-    if intr.SIM:
+    if intr.SIM or OUT_POOL <= 0:
         return cuda.device_array(shape, dtype=dt)
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
