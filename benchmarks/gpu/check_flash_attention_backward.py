@@ -82,132 +82,137 @@ def correctness():
         chk.report("varlen causal", dt, grads_err(got, ref))
 
 
-SWEEP = {64: [((4, 64), (4, 64)), ((8, 64), (4, 32)), ((8, 32), (8, 64))],
-         128: [((4, 32), (4, 32)), ((8, 32), (4, 64)), ((8, 64), (8, 32))]}
+T0 = time.time()
 
 
-def sweep():
-    """Tile candidates ((dK/dV warps, query rows), (dQ warps, keys)) x dQ by atomics or by its own pass at S4096
-    (causal and not); each candidate's gradients are checked against SDPA's. Keeps the fastest per head dim."""
+def _torch_case(B, S, H, D, causal):
+    """bf16 inputs as torch tensors and device words, SDPA's flash forward (out, LSE) as the saved values."""
+    import torch
+    from numba import cuda
+
+    def words(t):
+        w = cuda.as_cuda_array(t.contiguous().view(torch.int16).view(torch.int32).view(B * S, H, D // 2))
+        return w.view(np.uint32) if w.dtype != np.uint32 else w
+
+    qt, kt, vt, gt = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    res = torch.ops.aten._scaled_dot_product_flash_attention(qt.transpose(1, 2), kt.transpose(1, 2),
+                                                             vt.transpose(1, 2), is_causal=causal)
+    o, lse = res[0].transpose(1, 2).contiguous(), res[1].contiguous()
+    assert tuple(lse.shape) == (B, H, S), lse.shape
+    lse_d = cuda.as_cuda_array(lse.view(-1))
+    cu = np.arange(B + 1, dtype=np.int32) * S
+    return dict(t=(qt, kt, vt, gt), w=tuple(words(x) for x in (gt, qt, kt, vt, o)), lse=lse_d, cu=cu)
+
+
+def _ours(c, S, D, causal, det=False):
+    from numba_kernels.cuda import flash_attention_backward as cfb
+    H = c["w"][1].shape[1]
+    return cfb.flash_bwd_tc_words(*c["w"], c["lse"], c["cu"], c["cu"], S, S, True, D ** -0.5, -1, 0 if causal else -1,
+                                  lse_a=H, lse_c=S, deterministic=det)
+
+
+def _sdpa_grads(c, causal):
     import torch
     import torch.nn.functional as F
-    from numba import cuda
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt, gt = c["t"]
+    qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qt, kt, vt))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+    return o, (qh, kh, vh), gt.transpose(1, 2)
 
-    from numba_kernels.cuda import flash_attention as cfa
+
+def _err_vs(res, ref, shape):
+    es = []
+    for w, r in zip(res, ref):
+        x = w.copy_to_host().view(np.uint16).view(bfloat16).astype(np.float32).reshape(shape)
+        r = r.transpose(1, 2).float().cpu().numpy()
+        es.append(float(np.linalg.norm(x - r) / np.linalg.norm(r)))
+    return es
+
+
+#: candidates ((dK/dV warps, query rows), (dQ warps, keys), dQ by reductions, kernel options) per head dim
+SWEEP = {64: [((8, 64), (4, 32), True, {}), ((8, 64), (4, 32), True, {"WSKIP": False}),
+              ((8, 64), (4, 32), True, {"VRED": False}), ((8, 32), (4, 32), True, {}),
+              ((8, 64), (4, 32), False, {})],
+         128: [((4, 32), (4, 32), False, {}), ((4, 32), (4, 32), True, {}), ((8, 32), (4, 32), True, {})]}
+
+
+def sweep(limit_s):
+    """Each candidate at S4096 (causal and not), gradients checked against SDPA's; the fastest per head dim."""
+    import torch
     from numba_kernels.cuda import flash_attention_backward as cfb
-
     H, S, B = 16, 4096, 4
     best = {}
     for D, cands in SWEEP.items():
-        data = []
-        for causal in (False, True):
-            qt, kt, vt, gt = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-            qw, kw, vw, gw = (cuda.as_cuda_array(t.view(torch.int16).view(torch.int32).view(B * S, H, D // 2))
-                              for t in (qt, kt, vt, gt))
-            cu = np.arange(B + 1, dtype=np.int32) * S
-            ow, lse = cfa.flash_fwd_cuda_words(qw, kw, vw, cu, cu, S, True, D ** -0.5, -1, 0 if causal else -1)
-            qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qt, kt, vt))
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
-                ref = [r.transpose(1, 2).float().cpu().numpy()
-                       for r in torch.autograd.grad(o, (qh, kh, vh), gt.transpose(1, 2))]
-            data.append((causal, qw, kw, vw, gw, ow, lse, cu, ref))
+        data = [(causal, _torch_case(B, S, H, D, causal)) for causal in (False, True)]
+        refs = []
+        for causal, c in data:
+            o, ins, g = _sdpa_grads(c, causal)
+            refs.append(torch.autograd.grad(o, ins, g))
         score = {}
-        for tiles in cands:
-            for atomic in (True, False):
-                cfb.TC_BWD_TILES[D] = tiles + (atomic,)
-                tot, errs = 0.0, []
-                try:
-                    for causal, qw, kw, vw, gw, ow, lse, cu, ref in data:
-                        def run():
-                            return cfb.flash_bwd_tc_words(gw, qw, kw, vw, ow, lse, cu, cu, S, S, True, D ** -0.5, -1,
-                                                          0 if causal else -1)
-                        res = run()
-                        for w, r in zip(res, ref):
-                            x = w.copy_to_host().view(np.uint16).view(bfloat16).astype(np.float32).reshape(r.shape)
-                            errs.append(float(np.linalg.norm(x - r) / np.linalg.norm(r)))
-                        tot += 2.5 * 4 * B * H * S * S * D / (2 if causal else 1) / tbench(run, 5) / 1e12
-                    ok = max(errs) < 1e-2
-                    score[(tiles, atomic)] = tot / 2 if ok else 0.0
-                    print(f"sweep D{D} tiles={tiles} dq_atomic={int(atomic)}: mean(non-causal, causal) "
-                          f"{tot / 2:6.1f} TFLOP/s  max rel err vs sdpa {max(errs):.1e}", flush=True)
-                except Exception as ex:  # noqa: BLE001
-                    print(f"sweep D{D} tiles={tiles} dq_atomic={int(atomic)}: failed {type(ex).__name__}: "
-                          f"{str(ex)[:200]}", flush=True)
-        best[D] = max(score, key=score.get)
-        print(f"sweep D{D} best: tiles={best[D][0]} dq_atomic={int(best[D][1])}", flush=True)
-        del data
+        for ci, (tiles, dqt, atomic, opts) in enumerate(cands):
+            if ci > 0 and time.time() - T0 > limit_s:
+                print(f"sweep D{D} {tiles} {atomic} {opts}: skipped (time)", flush=True)
+                continue
+            cfb.TC_BWD_TILES[D] = (tiles, dqt, atomic)
+            cfb.TC_BWD_OPTS.clear()
+            cfb.TC_BWD_OPTS.update(opts)
+            tf, errs = [], []
+            for (causal, c), ref in zip(data, refs):
+                errs += _err_vs(_ours(c, S, D, causal), ref, (B, S, H, D))
+                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+                tf.append(fl / tbench(lambda: _ours(c, S, D, causal), 5) / 1e12)
+            ok = max(errs) < 1e-2
+            score[ci] = sum(tf) / 2 if ok else 0.0
+            print(f"sweep D{D} tiles={tiles} dq={dqt} dq_reduce={int(atomic)} opts={opts}: TFLOP/s non-causal "
+                  f"{tf[0]:6.1f} causal {tf[1]:6.1f}  max rel err vs sdpa {max(errs):.1e} {'ok' if ok else 'BAD'}",
+                  flush=True)
+        best[D] = cands[max(score, key=score.get)]
+        print(f"sweep D{D} best: {best[D]}", flush=True)
+        del data, refs
+    cfb.TC_BWD_OPTS.clear()
     return best
 
 
 def bench(best=None):
     import torch
-    import torch.nn.functional as F
-    from numba import cuda
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from numba_kernels.cuda import flash_attention as cfa
     from numba_kernels.cuda import flash_attention_backward as cfb
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = 2 * 8192 ** 3 / tbench(lambda: a @ a, 10) / 1e12
     rows = [f"peak bf16 matmul (torch 8192^3) {mm:.0f} TFLOP/s"]
     print(rows[0], flush=True)
-
-    def words(t, B, S, H, D):
-        w = cuda.as_cuda_array(t.view(torch.int16).view(torch.int32).view(B * S, H, D // 2))
-        return w.view(np.uint32) if w.dtype != np.uint32 else w
-
     H = 16
     for D in (64, 128):
         if best:
-            cfb.TC_BWD_TILES[D] = best[D][0] + (best[D][1],)
-        rows.append(f"D{D}: (dK/dV tiles, dQ tiles, dQ by atomics) = {cfb.TC_BWD_TILES[D]}")
+            cfb.TC_BWD_TILES[D] = best[D][:3]
+            cfb.TC_BWD_OPTS.clear()
+            cfb.TC_BWD_OPTS.update(best[D][3])
+        rows.append(f"D{D}: (dK/dV tiles, dQ tiles, dQ by reductions) = {cfb.TC_BWD_TILES[D]} opts {cfb.TC_BWD_OPTS}")
         for S in (1024, 2048, 4096, 8192, 16384):
             B = 16384 // S
             for causal in (False, True):
-                right = 0 if causal else -1
-                qt, kt, vt, gt = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-                qw, kw, vw, gw = (words(t, B, S, H, D) for t in (qt, kt, vt, gt))
-                cu = np.arange(B + 1, dtype=np.int32) * S
-                ow, lse = cfa.flash_fwd_cuda_words(qw, kw, vw, cu, cu, S, True, D ** -0.5, -1, right)
-
-                def ours(det=False):
-                    return cfb.flash_bwd_tc_words(gw, qw, kw, vw, ow, lse, cu, cu, S, S, True, D ** -0.5, -1, right,
-                                                  deterministic=det)
+                c = _torch_case(B, S, H, D, causal)
                 fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
-                t_ours = tbench(ours, 10)
-                t_det = tbench(lambda: ours(True), 5) if S == 4096 else None
-                qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_(True) for t in (qt, kt, vt))
-                gh = gt.transpose(1, 2)
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
-                    t_sdpa = tbench(lambda: torch.autograd.grad(o, (qh, kh, vh), gh, retain_graph=True), 10)
-                    tg = torch.autograd.grad(o, (qh, kh, vh), gh, retain_graph=True)
+                t_ours = tbench(lambda: _ours(c, S, D, causal), 10)
+                # GPU throughput with the host's launch cost hidden: 4 calls queued back to back
+                t_pipe = tbench(lambda: [_ours(c, S, D, causal) for _ in range(4)], 5) / 4
+                t_det = tbench(lambda: _ours(c, S, D, causal, True), 5) if S == 4096 else None
+                o, ins, g = _sdpa_grads(c, causal)
+                t_sdpa = tbench(lambda: torch.autograd.grad(o, ins, g, retain_graph=True), 10)
                 err = ""
                 if S <= 2048:  # same gradients as SDPA's for this exact config
-                    res = ours()
-                    es = []
-                    for w, r in zip(res, tg):
-                        x = w.copy_to_host().view(np.uint16).view(bfloat16).astype(np.float32).reshape(B, S, H, D)
-                        r = r.transpose(1, 2).float().cpu().numpy()
-                        es.append(float(np.linalg.norm(x - r) / np.linalg.norm(r)))
+                    es = _err_vs(_ours(c, S, D, causal), torch.autograd.grad(o, ins, g), (B, S, H, D))
                     err = f" rel_err_vs_sdpa dq/dk/dv {es[0]:.1e}/{es[1]:.1e}/{es[2]:.1e}"
-                det = f" deterministic {fl / t_det / 1e12:6.1f}" if t_det else ""
+                det = f" det {fl / t_det / 1e12:6.1f}" if t_det else ""
                 r = (f"bwd D{D:3d} S{S:5d} B{B:2d} H{H} causal={int(causal)}  ours {fl / t_ours / 1e12:6.1f} TFLOP/s "
-                     f"({t_ours * 1e3:7.3f} ms)  sdpa-flash {fl / t_sdpa / 1e12:6.1f}  ratio {t_sdpa / t_ours:5.2f}  "
-                     f"frac-of-matmul {fl / t_ours / 1e12 / mm:4.2f}{det}{err}")
+                     f"({t_ours * 1e3:7.3f} ms; queued {fl / t_pipe / 1e12:6.1f})  sdpa-flash {fl / t_sdpa / 1e12:6.1f}"
+                     f"  ratio {t_sdpa / t_ours:5.2f}  frac-of-matmul {fl / t_ours / 1e12 / mm:4.2f}{det}{err}")
                 print(r, flush=True)
                 rows.append(r)
-                del qt, kt, vt, gt, o, tg
-    # fp32 CUDA-core backward, one size, through the public call
-    q, k, v, g = (torch.randn(1, 4096, 16, 64, device="cuda", dtype=torch.float32) for _ in range(4))
-    o, lse = nk.flash_attention(q, k, v, causal=True, return_lse=True)
-    t32 = tbench(lambda: nk.flash_attention_backward(g, q, k, v, o, lse, causal=True), 3)
-    fl = 2.5 * 4 * 16 * 4096 * 4096 * 64 / 2
-    rows.append(f"fp32 CUDA-core bwd D64 S4096 H16 causal (public call): {fl / t32 / 1e12:.2f} TFLOP/s "
-                f"({t32 * 1e3:.1f} ms)")
+                del c, o, ins, g
     print("\n".join(rows))
     with open(os.path.join(OUT, "bench_gpu_backward.txt"), "w") as f:
         f.write("\n".join(rows) + "\n")
@@ -216,8 +221,8 @@ def bench(best=None):
 if __name__ == "__main__":
     best = None
     for step in sys.argv[1:] or ["check", "bench"]:  # in the order given
-        if step == "sweep":
-            best = sweep()
+        if step.startswith("sweep"):  # sweep[=seconds]: later candidates are skipped past that many seconds
+            best = sweep(float(step.split("=")[1]) if "=" in step else 1e9)
         elif step == "check":
             correctness()
             print("FAILURES:", chk.fails if chk.fails else "none", flush=True)

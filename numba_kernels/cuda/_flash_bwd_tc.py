@@ -8,10 +8,16 @@ of the GQA group and their query tiles of BR rows (Q, dO double-buffered by cp.a
   P~, dS                            elementwise on the accumulators (``grad_elem``; rows = keys here)
   dV += P~^T dO, dK += dS^T Q       A packed straight from the accumulators, B by ldmatrix.trans
   dQ += dS K (HAS_DQ)               dS^T through shared memory, A by ldmatrix.trans of it, B = K by
-                                    ldmatrix.trans; added to an fp32 buffer with atomics
+                                    ldmatrix.trans; added to an fp32 buffer with (vector) fp32 reductions
 
 ``dq`` (deterministic dQ; one block per (query tile of 16 NW rows, head, sequence), warp w owns 16 rows):
 the forward's data path with dP and dS in place of the softmax: S = Q K^T, dP = dO V^T, dQ += dS K.
+
+Per-tile overhead is kept off the tensor-core loop (an H100 SASS count of the first version had ~3,000
+instructions per 160 mma per warp and tile, most of them 64-bit index arithmetic): tiles are walked with
+running indices instead of divisions, cp.async copies have a trip count fixed at compile time, tiles that
+need no mask take an unmasked elementwise path, and (``WSKIP``) a warp whose 16 keys (query rows) the
+causal / window mask hides from the whole tile skips its products.
 """
 import functools
 import math
@@ -21,7 +27,7 @@ from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, col_hash, dev, jit_kernel, key_range, lane_ids,
-                                             make_tc_helpers, query_range, row_key, seq_bounds, visible)
+                                             make_tc_helpers, query_range, row_key, seq_bounds)
 from numba_kernels.cuda._intrinsics import ex2
 
 F32_ONE = float32(1.0)
@@ -30,11 +36,12 @@ F32_INF = float32(np.inf)
 
 @functools.lru_cache(maxsize=None)
 def make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP):
-    """(P~, dS) of one (query row, key col) element from s = q.k and dp = dO.v (fp32)."""
+    """(P~, dS) of one (query row, key col) element from s = q.k and dp = dO.v (fp32). ``rel`` = col - row - off
+    as float32 (exact below 2^24 tokens a sequence): the key is visible iff lo <= rel <= hi (checked when ``mask``),
+    and the ALiBi bias is slope |rel|."""
 
     @dev
-    def grad_elem(s, dp, row, col, l2, di, rk, need_mask, Sk, off, left, right, slope, scale_log2, softcap, cap_in,
-                  thresh, inv_keep):
+    def grad_elem(s, dp, rel, col, l2, di, rk, mask, lo, hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep):
         g = F32_ONE
         if HAS_CAP:
             th = math.tanh(s * cap_in)
@@ -43,10 +50,10 @@ def make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP):
         else:
             x = s * scale_log2
         if HAS_ALIBI:
-            x -= slope * float32(abs(row + off - col))
+            x -= slope * abs(rel)
         p = ex2(x - l2)  # l2 = +inf (row past the end or fully masked): p = 0
-        if need_mask:
-            if not visible(row, col, Sk, off, left, right):
+        if mask:
+            if rel < lo or rel > hi:
                 p = F32_ZERO
         pd = p
         if HAS_DROP:
@@ -62,6 +69,18 @@ def make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP):
 
 
 @dev
+def _rel_bounds(left, right):
+    """(lo, hi) of the visible col - row - off as float32 (+-inf when unbounded)."""
+    lo = -F32_INF
+    hi = F32_INF
+    if left >= 0:
+        lo = float32(-left)
+    if right >= 0:
+        hi = float32(right)
+    return lo, hi
+
+
+@dev
 def _tile_needs_mask(i0, i1, j0, j1, off, left, right):
     """Whether some query row of [i0, i1) does not see some key of [j0, j1) (window / causal)."""
     m = False
@@ -69,6 +88,17 @@ def _tile_needs_mask(i0, i1, j0, j1, off, left, right):
         m = j1 - 1 > i0 + off + right
     if left >= 0:
         m = m or j0 < i1 - 1 + off - left
+    return m
+
+
+@dev
+def _tile_hidden(i0, i1, j0, j1, off, left, right):
+    """Whether no query row of [i0, i1) sees any key of [j0, j1) (window / causal)."""
+    m = False
+    if right >= 0:
+        m = j0 > i1 - 1 + off + right
+    if left >= 0:
+        m = m or j1 - 1 < i0 + off - left
     return m
 
 
@@ -97,9 +127,47 @@ _lanes = dev(_lanes)
 
 
 @functools.lru_cache(maxsize=None)
-def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
-    """dK/dV kernel (and atomic dQ when HAS_DQ): NW warps (BC = 16 NW keys), BR query rows per tile, head dim
-    padded to DP. Returns (kernel, keys per block, threads, dynamic shared bytes)."""
+def make_row_loader(NR, STR, CH, NTH):
+    """cp.async of an NR-row tile (CH 16-byte chunks per row) of src[row0 + r, head, :] into shared rows of STR
+    words, zero-filled past ``nvalid`` rows and past the row's end: each thread copies one fixed chunk column of
+    every (NTH / CH)-th row, a trip count fixed at compile time (the generic loader when CH does not divide NTH)."""
+    if NTH % CH:
+        load_rows = make_tc_helpers(False, STR, CH, NTH)[1]
+
+        @dev
+        def load_generic(smem, dst0, src, row0, nvalid, head, tid):
+            load_rows(smem, dst0, src, row0, NR, nvalid, head, tid)
+
+        return load_generic
+    RPI = NTH // CH
+    NPASS = -(-NR // RPI)
+    EVEN = NR % RPI == 0
+    cp16 = intr.cp_async16
+
+    @dev
+    def load(smem, dst0, src, row0, nvalid, head, tid):
+        W = src.shape[2]
+        HS = src.shape[1]
+        r = tid // CH
+        ch = tid - r * CH
+        okc = ch * 4 < W
+        base = ((row0 + r) * HS + head) * W + ch * 4
+        step = RPI * HS * W
+        dst = dst0 + r * STR + ch * 4
+        for i in range(NPASS):
+            rr = r + i * RPI
+            if EVEN or rr < NR:
+                ok = okc and rr < nvalid
+                cp16(smem, dst + i * RPI * STR, src, base + i * step if ok else 0, 16 if ok else 0)
+
+    return load
+
+
+@functools.lru_cache(maxsize=None)
+def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, WSKIP=True, VRED=True):
+    """dK/dV kernel (and dQ by fp32 reductions when HAS_DQ; VRED: two columns per reduction): NW warps
+    (BC = 16 NW keys), BR query rows per tile, head dim padded to DP. Returns (kernel, keys per block, threads,
+    dynamic shared bytes)."""
     BC = 16 * NW
     MQ = BR // 16
     assert NW % MQ == 0 and DP % (16 * (NW // MQ)) == 0
@@ -119,22 +187,40 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
     LS2 = 2 * BR
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    red2 = intr.red_add_v2_f32
+    mma_acc, _, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    load_q = make_row_loader(BR, STR, CH, NTH)
+    load_k = make_row_loader(BC, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     @dev
     def load_tile(smem, lse_s, di_s, rk_s, st, q, dout, lse, di, qs, i0, Sq, b, h, lse_a, lse_c, seed, tid):
         """Query tile [i0, i0 + BR) of head h into stage st: Q, dO by cp.async; LSE, D_i, dropout row keys."""
         base = Q_OFF + st * 2 * QT
-        load_rows(smem, base, q, qs + i0, BR, Sq - i0, h, tid)
-        load_rows(smem, base + QT, dout, qs + i0, BR, Sq - i0, h, tid)
+        load_q(smem, base, q, qs + i0, Sq - i0, h, tid)
+        load_q(smem, base + QT, dout, qs + i0, Sq - i0, h, tid)
         intr.cp_async_commit()
-        for r in range(tid, BR, NTH):
-            l2, d = _row_stats(lse, di, qs, i0 + r, Sq, h, lse_a, lse_c)
-            lse_s[st * BR + r] = l2
-            di_s[st * BR + r] = d
+        if tid < BR:
+            l2, d = _row_stats(lse, di, qs, i0 + tid, Sq, h, lse_a, lse_c)
+            lse_s[st * BR + tid] = l2
+            di_s[st * BR + tid] = d
             if HAS_DROP:
-                rk_s[st * BR + r] = uint32(row_key(seed, b, h, i0 + r))
+                rk_s[st * BR + tid] = uint32(row_key(seed, b, h, i0 + tid))
+
+    @dev
+    def elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, mask, lo, hi, slope, scale_log2, softcap,
+                    cap_in, thresh, inv_keep):
+        """P~ -> sacc, dS -> pacc (accumulator rows are keys ka / kb, columns query rows i0 + cl); rel0 = ka - i0
+        - 2 t - off as float32."""
+        for y in range(S_LEN):
+            cl = (y >> 2) * 8 + 2 * t + (y & 1)
+            top = (y & 2) == 0
+            rk = uint64(rk_s[sb + cl]) if HAS_DROP else uint64(0)
+            rel = rel0 + float32((0 if top else 8) - (y >> 2) * 8 - (y & 1))
+            pd, ds = grad_elem(sacc[y], pacc[y], rel, ka if top else kb, lse_s[sb + cl], di_s[sb + cl], rk, mask, lo,
+                               hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
+            sacc[y] = pd
+            pacc[y] = ds
 
     def kernel(q, k, v, dout, lse, di, dq_acc, dk, dv, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):
@@ -147,6 +233,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
         if j0 >= Sk:
             return
         G = q.shape[1] // k.shape[1]
+        H = q.shape[1]
         off = Sk - Sq
         smem = cuda.shared.array(0, uint32)
         lse_s = cuda.shared.array(LS2, float32)
@@ -155,22 +242,26 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
         qlo, qhi = query_range(j0, j0 + BC, Sq, Sk, left, right)
         nqt = (qhi - qlo + BR - 1) // BR if qhi > qlo else 0
         total = G * nqt
-        load_rows(smem, 0, k, ks + j0, BC, Sk - j0, hk, tid)
-        load_rows(smem, V_OFF, v, ks + j0, BC, Sk - j0, hk, tid)
+        load_k(smem, 0, k, ks + j0, Sk - j0, hk, tid)
+        load_k(smem, V_OFF, v, ks + j0, Sk - j0, hk, tid)
+        # with dQ by reductions, neighbouring key tiles start at different query tiles (less contention on dQ rows)
+        r0 = cuda.blockIdx.x % nqt if HAS_DQ and nqt > 0 else 0
         if total > 0:
-            r0 = cuda.blockIdx.x % total if HAS_DQ else 0
-            h0 = r0 // nqt
-            load_tile(smem, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo + (r0 - h0 * nqt) * BR, Sq, b, hk * G + h0,
-                      lse_a, lse_c, seed, tid)
+            load_tile(smem, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo + r0 * BR, Sq, b, hk * G, lse_a, lse_c,
+                      seed, tid)
         else:
             intr.cp_async_commit()
         a_lane, b_lane, t_lane = _lanes(lane, STR)
         a_lane += warp * 16 * STR
-        ka = j0 + warp * 16 + g
+        kw0 = j0 + warp * 16
+        ka = kw0 + g
         kb = ka + 8
         mq = warp % MQ
         cs = warp // MQ
         ds_lane = DS_OFF + ((lane & 7) + 8 * (lane >> 4)) * DSTR + mq * 8 + 4 * ((lane >> 3) & 1)
+        ds_w = DS_OFF + (warp * 16 + g) * DSTR + t
+        lo, hi = _rel_bounds(left, right)
+        DQW = dq_acc.shape[2]
         dkacc = cuda.local.array(O_LEN, float32)
         dvacc = cuda.local.array(O_LEN, float32)
         for x in range(O_LEN):
@@ -179,20 +270,20 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
         sacc = cuda.local.array(S_LEN, float32)
         pacc = cuda.local.array(S_LEN, float32)
         qacc = cuda.local.array(Q_LEN, float32)
-        # with atomic dQ, neighbouring key tiles start at different query tiles (less contention on dQ rows)
-        rot = cuda.blockIdx.x % total if HAS_DQ and total > 0 else 0
         stage = 0
+        ti = r0       # running (head, query tile) of this step: no divisions in the loop
+        hh = 0
         for it in range(total):
-            itr = it + rot - (total if it + rot >= total else 0)
-            hh = itr // nqt
             h = hk * G + hh
-            i0 = qlo + (itr - hh * nqt) * BR
+            i0 = qlo + ti * BR
+            tn = ti + 1
+            if tn == nqt:
+                tn = 0
+            hn = hh + 1 if tn == r0 else hh
             q0 = Q_OFF + stage * 2 * QT
             if it + 1 < total:  # prefetch the next query tile into the other stage
-                itn = it + 1 + rot - (total if it + 1 + rot >= total else 0)
-                hn = itn // nqt
-                load_tile(smem, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs, qlo + (itn - hn * nqt) * BR,
-                          Sq, b, hk * G + hn, lse_a, lse_c, seed, tid)
+                load_tile(smem, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs, qlo + tn * BR, Sq, b, hk * G + hn,
+                          lse_a, lse_c, seed, tid)
                 intr.cp_async_wait1()
             else:
                 intr.cp_async_wait0()
@@ -200,50 +291,59 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
             slope = F32_ZERO
             if HAS_ALIBI:
                 slope = float32(slopes[b, h]) * F32_LOG2E
-            # ---- S^T = K_w Q^T, dP^T = V_w dO^T
-            for x in range(S_LEN):
-                sacc[x] = F32_ZERO
-                pacc[x] = F32_ZERO
-            for kk in range(KS_D):
-                a0, a1, a2, a3 = ldsm(smem, a_lane + kk * 8)
-                c0, c1, c2, c3 = ldsm(smem, V_OFF + a_lane + kk * 8)
-                for np2 in range(NB2):
-                    b0, b1, b2, b3 = ldsm(smem, q0 + b_lane + np2 * 16 * STR + kk * 8)
-                    mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
-                    mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
-                    e0, e1, e2, e3 = ldsm(smem, q0 + QT + b_lane + np2 * 16 * STR + kk * 8)
-                    mma_acc(pacc, np2 * 8, c0, c1, c2, c3, e0, e1)
-                    mma_acc(pacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
-            # ---- P~ -> sacc, dS -> pacc (accumulator rows are keys, columns are query rows)
-            need_mask = _tile_needs_mask(i0, i0 + BR, j0, j0 + BC, off, left, right)
-            sb = stage * BR
-            for y in range(S_LEN):
-                cl = (y >> 2) * 8 + 2 * t + (y & 1)
-                rk = uint64(rk_s[sb + cl]) if HAS_DROP else uint64(0)
-                pd, ds = grad_elem(sacc[y], pacc[y], i0 + cl, ka if (y & 2) == 0 else kb, lse_s[sb + cl],
-                                   di_s[sb + cl], rk, need_mask, Sk, off, left, right, slope, scale_log2, softcap,
-                                   cap_in, thresh, inv_keep)
-                sacc[y] = pd
-                pacc[y] = ds
-            # ---- dV += P~^T dO, dK += dS^T Q
-            for kk in range(NB2):
-                s0 = 8 * kk
-                a0, a1, a2, a3 = pack_a(sacc, s0)
-                c0, c1, c2, c3 = pack_a(pacc, s0)
-                if HAS_DQ:  # dS^T (keys x query rows) to shared for the dQ product
-                    w0 = DS_OFF + (warp * 16 + g) * DSTR + kk * 8 + t
-                    smem[w0] = c0
-                    smem[w0 + 8 * DSTR] = c1
-                    smem[w0 + 4] = c2
-                    smem[w0 + 8 * DSTR + 4] = c3
-                for np2 in range(NO2):
-                    b0, b1, b2, b3 = ldsm_t(smem, q0 + QT + t_lane + kk * 16 * STR + np2 * 8)
-                    mma_acc(dvacc, np2 * 8, a0, a1, a2, a3, b0, b1)
-                    mma_acc(dvacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
-                    e0, e1, e2, e3 = ldsm_t(smem, q0 + t_lane + kk * 16 * STR + np2 * 8)
-                    mma_acc(dkacc, np2 * 8, c0, c1, c2, c3, e0, e1)
-                    mma_acc(dkacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
-            if HAS_DQ:  # ---- dQ += dS K: m-tile mq, columns slice cs of this warp; fp32 atomics
+            skip = kw0 >= Sk
+            if WSKIP:  # this warp's 16 keys are hidden from every row of the tile: P~ = dS = 0
+                skip = skip or _tile_hidden(i0, i0 + BR, kw0, kw0 + 16, off, left, right)
+            if skip:
+                if HAS_DQ:
+                    for kk in range(NB2):
+                        w0 = ds_w + kk * 8
+                        smem[w0] = uint32(0)
+                        smem[w0 + 8 * DSTR] = uint32(0)
+                        smem[w0 + 4] = uint32(0)
+                        smem[w0 + 8 * DSTR + 4] = uint32(0)
+            else:
+                # ---- S^T = K_w Q^T, dP^T = V_w dO^T
+                for x in range(S_LEN):
+                    sacc[x] = F32_ZERO
+                    pacc[x] = F32_ZERO
+                for kk in range(KS_D):
+                    a0, a1, a2, a3 = ldsm(smem, a_lane + kk * 8)
+                    c0, c1, c2, c3 = ldsm(smem, V_OFF + a_lane + kk * 8)
+                    for np2 in range(NB2):
+                        b0, b1, b2, b3 = ldsm(smem, q0 + b_lane + np2 * 16 * STR + kk * 8)
+                        mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                        mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                        e0, e1, e2, e3 = ldsm(smem, q0 + QT + b_lane + np2 * 16 * STR + kk * 8)
+                        mma_acc(pacc, np2 * 8, c0, c1, c2, c3, e0, e1)
+                        mma_acc(pacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
+                sb = stage * BR
+                rel0 = float32(ka - i0 - 2 * t - off)
+                if _tile_needs_mask(i0, i0 + BR, kw0, kw0 + 16, off, left, right):
+                    elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, True, lo, hi, slope, scale_log2,
+                                softcap, cap_in, thresh, inv_keep)
+                else:
+                    elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, False, lo, hi, slope, scale_log2,
+                                softcap, cap_in, thresh, inv_keep)
+                # ---- dV += P~^T dO, dK += dS^T Q
+                for kk in range(NB2):
+                    s0 = 8 * kk
+                    a0, a1, a2, a3 = pack_a(sacc, s0)
+                    c0, c1, c2, c3 = pack_a(pacc, s0)
+                    if HAS_DQ:  # dS^T (keys x query rows) to shared for the dQ product
+                        w0 = ds_w + kk * 8
+                        smem[w0] = c0
+                        smem[w0 + 8 * DSTR] = c1
+                        smem[w0 + 4] = c2
+                        smem[w0 + 8 * DSTR + 4] = c3
+                    for np2 in range(NO2):
+                        b0, b1, b2, b3 = ldsm_t(smem, q0 + QT + t_lane + kk * 16 * STR + np2 * 8)
+                        mma_acc(dvacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                        mma_acc(dvacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                        e0, e1, e2, e3 = ldsm_t(smem, q0 + t_lane + kk * 16 * STR + np2 * 8)
+                        mma_acc(dkacc, np2 * 8, c0, c1, c2, c3, e0, e1)
+                        mma_acc(dkacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
+            if HAS_DQ:  # ---- dQ += dS K: m-tile mq, columns slice cs of this warp; fp32 reductions
                 cuda.syncthreads()
                 for x in range(Q_LEN):
                     qacc[x] = F32_ZERO
@@ -254,17 +354,26 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
                         mma_acc(qacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                         mma_acc(qacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
                 ra = i0 + mq * 16 + g
-                DQW = dq_acc.shape[2]
+                fa = ((qs + ra) * H + h) * DQW  # flat index of dq_acc[qs + ra, h, 0]; row ra + 8 is 8 H DQW on
+                fb = fa + 8 * H * DQW
                 for nt in range(2 * NQ2):
                     col = (cs * 2 * NQ2 + nt) * 8 + 2 * t
                     if col < DQW:
-                        if ra < Sq:
-                            cuda.atomic.add(dq_acc, (qs + ra, h, col), qacc[nt * 4])
-                            cuda.atomic.add(dq_acc, (qs + ra, h, col + 1), qacc[nt * 4 + 1])
-                        if ra + 8 < Sq:
-                            cuda.atomic.add(dq_acc, (qs + ra + 8, h, col), qacc[nt * 4 + 2])
-                            cuda.atomic.add(dq_acc, (qs + ra + 8, h, col + 1), qacc[nt * 4 + 3])
+                        if VRED:
+                            if ra < Sq:
+                                red2(dq_acc, fa + col, qacc[nt * 4], qacc[nt * 4 + 1])
+                            if ra + 8 < Sq:
+                                red2(dq_acc, fb + col, qacc[nt * 4 + 2], qacc[nt * 4 + 3])
+                        else:
+                            if ra < Sq:
+                                cuda.atomic.add(dq_acc, (qs + ra, h, col), qacc[nt * 4])
+                                cuda.atomic.add(dq_acc, (qs + ra, h, col + 1), qacc[nt * 4 + 1])
+                            if ra + 8 < Sq:
+                                cuda.atomic.add(dq_acc, (qs + ra + 8, h, col), qacc[nt * 4 + 2])
+                                cuda.atomic.add(dq_acc, (qs + ra + 8, h, col + 1), qacc[nt * 4 + 3])
             stage = 1 - stage
+            ti = tn
+            hh = hn
             cuda.syncthreads()  # every warp is done with this stage (and dS) before they are refilled
         intr.cp_async_wait0()
         DW = dk.shape[2]
@@ -282,7 +391,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ):
 
 
 @functools.lru_cache(maxsize=None)
-def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, WSKIP=True):
     """Deterministic dQ kernel: NW warps x 16 query rows, BC keys per tile (K / V double-buffered).
     Returns (kernel, query rows per block, threads, dynamic shared bytes)."""
     BRQ = 16 * NW
@@ -295,8 +404,23 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     SMEM = 4 * (KV_OFF + 4 * KT)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
-    mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, _, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    load_q = make_row_loader(BRQ, STR, CH, NTH)
+    load_k = make_row_loader(BC, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    @dev
+    def elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, mask, lo, hi, slope, scale_log2, softcap,
+                    cap_in, thresh, inv_keep):
+        """dS -> pacc (accumulator rows are query rows ra / rb, columns keys j0 + ...); rel0 = j0 + 2 t - ra - off
+        as float32."""
+        for y in range(S_LEN):
+            top = (y & 2) == 0
+            rel = rel0 + float32((y >> 2) * 8 + (y & 1) - (0 if top else 8))
+            pd, ds = grad_elem(sacc[y], pacc[y], rel, j0 + (y >> 2) * 8 + 2 * t + (y & 1), l2a if top else l2b,
+                               dia if top else dib, rka if top else rkb, mask, lo, hi, slope, scale_log2, softcap,
+                               cap_in, thresh, inv_keep)
+            pacc[y] = ds
 
     def kernel(q, k, v, dout, lse, di, dq, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):
@@ -314,15 +438,16 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         smem = cuda.shared.array(0, uint32)
         lo, hi = key_range(i0, i0 + BRQ, Sq, Sk, left, right)
         lo = (lo // BC) * BC
-        load_rows(smem, 0, q, qs + i0, BRQ, Sq - i0, h, tid)
-        load_rows(smem, BRQ * STR, dout, qs + i0, BRQ, Sq - i0, h, tid)
+        load_q(smem, 0, q, qs + i0, Sq - i0, h, tid)
+        load_q(smem, BRQ * STR, dout, qs + i0, Sq - i0, h, tid)
         if lo < hi:
-            load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
-            load_rows(smem, KV_OFF + KT, v, ks + lo, BC, Sk - lo, hk, tid)
+            load_k(smem, KV_OFF, k, ks + lo, Sk - lo, hk, tid)
+            load_k(smem, KV_OFF + KT, v, ks + lo, Sk - lo, hk, tid)
         intr.cp_async_commit()
         a_lane, b_lane, t_lane = _lanes(lane, STR)
         a_lane += warp * 16 * STR
-        ra = i0 + warp * 16 + g
+        rw0 = i0 + warp * 16
+        ra = rw0 + g
         rb = ra + 8
         l2a, dia = _row_stats(lse, di, qs, ra, Sq, h, lse_a, lse_c)
         l2b, dib = _row_stats(lse, di, qs, rb, Sq, h, lse_a, lse_c)
@@ -337,39 +462,52 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         sacc = cuda.local.array(S_LEN, float32)
         pacc = cuda.local.array(S_LEN, float32)
         stage = 0
+        flo, fhi = _rel_bounds(left, right)
+        wrows = rw0 < Sq  # rows past the end (the whole warp) only wait and sync
         for j0 in range(lo, hi, BC):
             kv0 = KV_OFF + stage * 2 * KT
-            stage_kv(smem, KV_OFF + (1 - stage) * 2 * KT, BC, k, v, ks + j0 + BC, Sk - j0 - BC, hk, tid, j0 + BC < hi)
+            if j0 + BC < hi:  # prefetch the next K / V tile into the other stage
+                nxt = KV_OFF + (1 - stage) * 2 * KT
+                load_k(smem, nxt, k, ks + j0 + BC, Sk - j0 - BC, hk, tid)
+                load_k(smem, nxt + KT, v, ks + j0 + BC, Sk - j0 - BC, hk, tid)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
             cuda.syncthreads()
-            # ---- S = Q_w K^T, dP = dO_w V^T
-            for x in range(S_LEN):
-                sacc[x] = F32_ZERO
-                pacc[x] = F32_ZERO
-            for kk in range(KS_D):
-                a0, a1, a2, a3 = ldsm(smem, a_lane + kk * 8)
-                c0, c1, c2, c3 = ldsm(smem, BRQ * STR + a_lane + kk * 8)
-                for np2 in range(NB2):
-                    b0, b1, b2, b3 = ldsm(smem, kv0 + b_lane + np2 * 16 * STR + kk * 8)
-                    mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
-                    mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
-                    e0, e1, e2, e3 = ldsm(smem, kv0 + KT + b_lane + np2 * 16 * STR + kk * 8)
-                    mma_acc(pacc, np2 * 8, c0, c1, c2, c3, e0, e1)
-                    mma_acc(pacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
-            need_mask = _tile_needs_mask(i0, i0 + BRQ, j0, j0 + BC, off, left, right)
-            for y in range(S_LEN):
-                top = (y & 2) == 0
-                pd, ds = grad_elem(sacc[y], pacc[y], ra if top else rb, j0 + (y >> 2) * 8 + 2 * t + (y & 1),
-                                   l2a if top else l2b, dia if top else dib, rka if top else rkb, need_mask, Sk, off,
-                                   left, right, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
-                pacc[y] = ds
-            # ---- dQ += dS K
-            for kk in range(NB2):
-                s0 = 8 * kk
-                c0, c1, c2, c3 = pack_a(pacc, s0)
-                for np2 in range(NO2):
-                    b0, b1, b2, b3 = ldsm_t(smem, kv0 + t_lane + kk * 16 * STR + np2 * 8)
-                    mma_acc(qacc, np2 * 8, c0, c1, c2, c3, b0, b1)
-                    mma_acc(qacc, np2 * 8 + 4, c0, c1, c2, c3, b2, b3)
+            run = wrows
+            if WSKIP:  # this warp's 16 rows see no key of the tile: dS = 0
+                run = run and not _tile_hidden(rw0, rw0 + 16, j0, j0 + BC, off, left, right)
+            if run:
+                # ---- S = Q_w K^T, dP = dO_w V^T
+                for x in range(S_LEN):
+                    sacc[x] = F32_ZERO
+                    pacc[x] = F32_ZERO
+                for kk in range(KS_D):
+                    a0, a1, a2, a3 = ldsm(smem, a_lane + kk * 8)
+                    c0, c1, c2, c3 = ldsm(smem, BRQ * STR + a_lane + kk * 8)
+                    for np2 in range(NB2):
+                        b0, b1, b2, b3 = ldsm(smem, kv0 + b_lane + np2 * 16 * STR + kk * 8)
+                        mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
+                        mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
+                        e0, e1, e2, e3 = ldsm(smem, kv0 + KT + b_lane + np2 * 16 * STR + kk * 8)
+                        mma_acc(pacc, np2 * 8, c0, c1, c2, c3, e0, e1)
+                        mma_acc(pacc, np2 * 8 + 4, c0, c1, c2, c3, e2, e3)
+                rel0 = float32(j0 + 2 * t - ra - off)
+                if _tile_needs_mask(rw0, rw0 + 16, j0, j0 + BC, off, left, right):
+                    elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, True, flo, fhi, slope,
+                                scale_log2, softcap, cap_in, thresh, inv_keep)
+                else:
+                    elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, False, flo, fhi, slope,
+                                scale_log2, softcap, cap_in, thresh, inv_keep)
+                # ---- dQ += dS K
+                for kk in range(NB2):
+                    s0 = 8 * kk
+                    c0, c1, c2, c3 = pack_a(pacc, s0)
+                    for np2 in range(NO2):
+                        b0, b1, b2, b3 = ldsm_t(smem, kv0 + t_lane + kk * 16 * STR + np2 * 8)
+                        mma_acc(qacc, np2 * 8, c0, c1, c2, c3, b0, b1)
+                        mma_acc(qacc, np2 * 8 + 4, c0, c1, c2, c3, b2, b3)
             stage = 1 - stage
             cuda.syncthreads()
         intr.cp_async_wait0()

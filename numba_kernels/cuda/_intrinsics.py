@@ -182,6 +182,21 @@ if not SIM:
     cp_async_wait0 = _make_void_asm("cp.async.wait_group 0;")
     cp_async_wait1 = _make_void_asm("cp.async.wait_group 1;")
 
+    @intrinsic
+    def red_add_v2_f32(typingctx, arr, idx, a, b):
+        """arr[idx] += a, arr[idx + 1] += b as one vector reduction (red.global.add.v2.f32, sm_90) on a
+        C-contiguous float32 global array; idx (flat element index) must be even."""
+        sig = types.void(arr, idx, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            ptr = _data_ptr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64), _f32, _f32])
+            asm = ir.InlineAsm(fnty, "red.global.add.v2.f32 [$0], {$1, $2};", "l,f,f,~{memory}", side_effect=True)
+            builder.call(asm, [builder.ptrtoint(ptr, ir.IntType(64)), args[2], args[3]])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @cuda.jit(device=True, inline=True)
     def shfl_xor(val, lanemask):
         return cuda.shfl_xor_sync(FULL_MASK, val, lanemask)
@@ -252,6 +267,14 @@ else:
             if nbytes:
                 val = src[np.unravel_index(src_idx + w, src.shape)]
             dst[dst_idx + w] = val
+
+    _red_lock = threading.Lock()
+
+    def red_add_v2_f32(arr, idx, a, b):
+        with _red_lock:
+            for i, x in ((idx, a), (idx + 1, b)):
+                j = np.unravel_index(i, arr.shape)
+                arr[j] = arr[j] + np.float32(x)
 
     def cp_async_commit():
         pass

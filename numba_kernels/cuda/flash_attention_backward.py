@@ -32,6 +32,9 @@ SIMT_BWD_TILES = {"gpu": (4, 16), "sim": (1, 4)}
 #: separate dQ pass beat the atomics; tiny tiles for the simulator
 TC_BWD_TILES = {64: ((8, 64), (4, 32), True), 128: ((4, 32), (4, 32), False)}
 TC_BWD_TILES_SIM = ((2, 16), (1, 16), True)
+#: kernel options of the tensor-core kernels (``make_tc_bwd_kernel`` / ``make_tc_dq_kernel`` keywords: WSKIP,
+#: VRED); empty = their defaults. For sweeps.
+TC_BWD_OPTS = {}
 TC_BWD_MAX_D = 128
 
 
@@ -60,11 +63,47 @@ def _args(ft, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a,
 
 def _zeros(shape, dtype):
     x = cuda.device_array(shape, dtype=dtype)
-    _fill_kernel()[max(1, -(-x.size // 256)), 256](x.reshape(x.size), 0)
+    if intr.SIM:
+        _fill_kernel()[max(1, -(-x.size // 256)), 256](x.reshape(x.size), 0)
+    else:  # one driver call (on the default stream, ordered with the launches) instead of a kernel launch
+        from numba.cuda.cudadrv.driver import device_memset
+        device_memset(x, 0, x.size * x.dtype.itemsize)
     return x
 
 
+_SMEM_SET = {}
+
+
+def _launch(kern, grid, block, smem, args):
+    """``intr.launch`` that raises the dynamic shared-memory limit once per compiled overload instead of typing
+    the arguments and calling the driver on every launch (a new overload compiled by the dispatcher during a
+    launch fails that launch, which then goes through ``intr.launch``)."""
+    if intr.SIM or smem <= 48 * 1024:
+        kern[grid, block, 0, smem](*args)
+        return
+    key = (id(kern), smem)
+    n = len(kern.overloads)
+    if n and _SMEM_SET.get(key) == n:
+        try:
+            kern[grid, block, 0, smem](*args)
+            return
+        except Exception:  # noqa: BLE001 -- a new overload without the attribute: retry below
+            if len(kern.overloads) == n:
+                raise
+    intr.launch(kern, grid, block, smem, args)
+    for ov in kern.overloads.values():
+        intr.set_dynamic_shared(ov, smem)
+    _SMEM_SET[key] = len(kern.overloads)
+
+
 _FILL = {}
+
+
+def _dummy_acc():
+    """The (unused) dQ buffer argument of a dK/dV-only launch, allocated once."""
+    if "acc" not in _FILL:
+        _FILL["acc"] = cuda.device_array((1, 1, 2), dtype=np.float32)
+    return _FILL["acc"]
 
 
 def _fill_kernel():
@@ -126,16 +165,18 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     B = len(cu_q) - 1
     tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
     deterministic = deterministic or not atomic
-    kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic)
+    opts = dict(TC_BWD_OPTS)
+    kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
-        intr.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _zeros((1, 1, 2), np.float32), dkw, dvw) + tail)
-        dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags)
+        _launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
+        opts.pop("VRED", None)
+        dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **opts)
         dqw = cuda.device_array(qw.shape, dtype=np.uint32)
-        intr.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+        _launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
     else:
         acc = _zeros((Tq, H, 2 * W), np.float32)
-        intr.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
+        _launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
         dqw = cuda.device_array(qw.shape, dtype=np.uint32)
         dq_pack[max(1, -(-(Tq * H * W) // 256)), 256](acc, dqw, np.float32(scale))
     return dqw, dkw, dvw
