@@ -81,12 +81,35 @@ def test_overlap_add_vs_reference(rng, L, Lk, mode):
 @pytest.mark.parametrize("factors", [(2,), (8,)], ids=["P2Lk", "P8Lk"])
 def test_overlap_add_float32_blocks(rng, monkeypatch, factors):
     from numba_kernels.cpu import fft_conv as cf
+    from numba_kernels.cpu import fft_conv_rows as fr
 
     monkeypatch.setattr(cf, "OLA_FACTORS", factors)
-    monkeypatch.setattr(cf, "OLA_CHUNK", 4096)  # many row chunks
+    monkeypatch.setattr(fr, "CHUNK_POINTS", 1)  # one (b, h) row per chunk: many chunks over both threads
+    monkeypatch.setattr(fr, "MIN_BLOCK_ROWS", {"scipy": 1, "pyfftw": 1})
     u, k, kw, _ = _inputs(rng, np.float32, 2, 5, 3001, 41, "same")
     y = nk.fft_conv(u, k, mode="same", backend="cpu", method="overlap_add", **kw)
     _check(y, fft_conv_ref(u, k, "same", **kw), np.float32, "y")
+
+
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("lib", ["scipy", "pyfftw"])
+@pytest.mark.parametrize("method", ["fft", "overlap_add"])
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=dtype_id)
+def test_row_pipeline_each_fft_lib(rng, monkeypatch, lib, method, dt):
+    # both FFT engines of the row-chunked forward, with many small chunks handed to both threads
+    if lib == "pyfftw":
+        pytest.importorskip("pyfftw")
+    from numba_kernels.cpu import fft_conv_rows as fr
+
+    monkeypatch.setattr(fr, "CHUNK_POINTS", 64)
+    monkeypatch.setattr(fr, "MIN_BLOCK_ROWS", {"scipy": 1, "pyfftw": 1})
+    for mode in MODES:
+        u, k, kw, _ = _inputs(rng, dt, 3, 5, 517, 29, mode)
+        y = nk.fft_conv(u, k, mode=mode, backend="cpu", fft_lib=lib, method=method, **kw)
+        _check(y, fft_conv_ref(u, k, mode, **kw), dt, f"y ({lib}, {method}, {mode})")
+        y1 = fr.fwd_rows(u, *[np.zeros((0,) * n, dt) for n in (3, 1, 3)], np.fft.rfft(k, 1024).astype(
+            np.result_type(dt, np.complex64)), 0, 517, 1024, 1024, 1, lib, workers=1)  # one thread, plain conv
+        _check(y1, _scipy(u, k, "causal"), dt, f"y ({lib}, one thread)")
 
 
 @pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")

@@ -1,9 +1,9 @@
 """Long convolution on the CPU: FFT (scipy.fft or pyFFTW, multithreaded) plus njit-parallel pointwise
 kernels, and a direct njit path for short filters.
 
-FFT path, forward (per row (b, h), N the FFT size, F = N // 2 + 1):
-  v = u * pregate (njit) -> V = rfft(v, N) -> V *= K (njit, K = rfft(k, N) cached by the caller)
-  -> full = irfft(V, N) -> crop (njit): y[t] = full[(t + start) % N] + bias * v[t] (t < L), * postgate.
+FFT path, forward (per row (b, h), N the FFT size): y = crop(irfft(rfft(u * pregate, N) * K, N)) + bias * v,
+* postgate, with K = rfft(k, N) cached by the caller; run on the row-chunked pipeline of ``fft_conv_rows``
+(each thread pads, transforms, multiplies, inverts and crops a few rows in buffers that stay in its cache).
 Backward: G = rfft(dout * postgate, N); dk = crop(irfft(sum_b G conj(V)), -start); dv = crop(irfft(G conj(K)),
 -start) + bias * g; du = dv * pregate, dpregate = dv * u (the crop writes both); dpostgate = dout * ypre
 (one more forward irfft, only with a postgate). Correlations come out of circular FFTs at offset -start
@@ -11,12 +11,11 @@ mod N; N >= L + Lk - 1 (Lk -> min(Lk, L) for "causal") guarantees no wrap-around
 
 Direct path: the same crop kernel on a directly computed convolution (one vectorizable pass per tap).
 
-Overlap-add path (forward, L >> Lk): v is cut into nb blocks of M samples (pregate fused into the cut), each
-block transformed at a small size P >= M + Lk - 1 as one batched rfft (B, H, nb, P), multiplied by K = rfft(k, P)
-and inverted; ``ola_crop`` adds each block's tail (P - M <= M values) onto the next block's head while it crops,
-adds the skip term and applies the postgate, so the overlap-add costs no extra pass. Chosen by ``choose``:
-nb P (log2 P + c) against N (log2 N + c) of one full-length transform, with a penalty for full-length rows
-that fall out of the cache. The backward pass always uses the full-length FFT (or the direct path).
+Overlap-add path (forward, L >> Lk): v is cut into nb blocks of M samples, each transformed at a small size
+P >= M + Lk - 1 and multiplied by K = rfft(k, P); the crop adds each block's tail (P - M <= M values) onto the
+next block's head (the same pipeline, nb blocks per row). Chosen by ``choose``: nb P (log2 P + c) against
+N (log2 N + c) of one full-length transform, with a penalty for full-length rows that fall out of the cache.
+The backward pass always uses the full-length FFT (or the direct path).
 Arrays arrive in the compute dtype (float32 / float64); absent optional inputs are empty arrays.
 """
 import os
@@ -26,6 +25,7 @@ from numba import prange
 
 from numba_kernels._dispatch import BackendUnavailableError
 from numba_kernels._jit import njit_parallel
+from numba_kernels.cpu.fft_conv_rows import fwd_rows
 
 FFT_LIBS = ("auto", "scipy", "pyfftw")
 ENV_FFT_LIB = "NUMBA_KERNELS_FFT_LIB"
@@ -44,8 +44,6 @@ CACHE_ROW = 1 << 18
 CACHE_PENALTY = 1.5
 #: overlap-add must be this much cheaper than the single FFT to be chosen (its extra cut pass, chunk loop)
 OLA_MARGIN = 0.85
-#: overlap-add works on chunks of rows of about this many block samples (a few MB: fits the L3 share)
-OLA_CHUNK = 1 << 19
 
 
 def _units(n, big=False):
@@ -280,92 +278,19 @@ def row_dot(g, v, L):
     return out
 
 
-@njit_parallel
-def cut_blocks(u, g, M, nb):
-    """(u * g) (B, H, L) (g may be empty = 1) cut into blocks -> (B, H, nb, M), zero past L."""
-    B, H, L = u.shape
-    out = np.empty((B, H, nb, M), dtype=u.dtype)
-    for r in prange(B * H):
-        b, h = r // H, r % H
-        for j in range(nb):
-            for i in range(M):
-                t = j * M + i
-                if t < L:
-                    out[b, h, j, i] = u[b, h, t] * g[b, h, t] if g.shape[0] > 0 else u[b, h, t]
-                else:
-                    out[b, h, j, i] = 0.0
-    return out
-
-
-@njit_parallel
-def cmul_blocks(X, K):
-    """X (B, H, nb, F) *= K (H, F), in place."""
-    B, H, nb, F = X.shape
-    for r in prange(B * H):
-        b, h = r // H, r % H
-        for j in range(nb):
-            for f in range(F):
-                X[b, h, j, f] *= K[h, f]
-
-
-@njit_parallel
-def ola_crop(Y, M, off, sx, sg, bias, L, g1, out):
-    """Overlap-add + crop: full[p] = Y[p // M, p % M] + Y[p // M - 1, p % M + M] (the previous block's tail,
-    P - M <= M), out[b, h, t] = (full[t + off] + bias[h] * sx * sg (t < L)) * g1; Y (B, H, nb, P)."""
-    B, H, nb, P = Y.shape
-    Lout = out.shape[2]
-    for r in prange(B * H):
-        b, h = r // H, r % H
-        for j in range(nb + 1):
-            p0 = j * M
-            if p0 + M <= off:
-                continue
-            if p0 - off >= Lout:
-                break
-            for i in range(M):
-                t = p0 + i - off
-                if t < 0 or t >= Lout:
-                    continue
-                val = Y[b, h, j, i] if j < nb else 0.0
-                if j > 0 and i + M < P:
-                    val += Y[b, h, j - 1, i + M]
-                if bias.shape[0] > 0 and t < L:
-                    s = sx[b, h, t] * bias[h]
-                    if sg.shape[0] > 0:
-                        s *= sg[b, h, t]
-                    val += s
-                out[b, h, t] = val * g1[b, h, t] if g1.shape[0] > 0 else val
-
-
 def fwd_cpu(u, k, bias, pre, post, start, Lout, N, method, lib, kf, M=0):
     """y (B, H, Lout) in the compute dtype. ``kf()`` returns k's cached transform (H, N // 2 + 1); for
-    "overlap_add" N is the block FFT size P and M the block length."""
+    "overlap_add" N is the block FFT size P and M the block length. The FFT methods run on the row-chunked
+    pipeline of ``fft_conv_rows`` (single FFT: one block of M = N samples)."""
     B, H, L = u.shape
-    out = np.empty((B, H, Lout), dtype=u.dtype)
     if method == "overlap_add":
-        nb = -(-L // M)
-        K = kf()
-        hs = max(1, min(H, OLA_CHUNK // (nb * N)))  # rows per chunk: its blocks stay in cache through every pass
-        for b in range(B):
-            for h0 in range(0, H, hs):
-                h1 = min(H, h0 + hs)
-                sl = (slice(b, b + 1), slice(h0, h1))
-                V = lib.rfft(cut_blocks(u[sl], pre[sl] if pre.shape[0] else pre, M, nb), N)  # (1, hs, nb, F)
-                cmul_blocks(V, K[h0:h1])
-                ola_crop(lib.irfft(V, N), M, start, u[sl], pre[sl] if pre.shape[0] else pre,
-                         bias[h0:h1] if bias.shape[0] else bias, L, post[sl] if post.shape[0] else post, out[sl])
-        return out
+        return fwd_rows(u, pre, bias, post, kf(), start, Lout, N, M, -(-L // M), lib.name)
+    if method == "fft":
+        return fwd_rows(u, pre, bias, post, kf(), start, Lout, N, N, 1, lib.name)
+    out = np.empty((B, H, Lout), dtype=u.dtype)
     v = mul(u, pre) if pre.shape[0] else u
-    if method == "direct":
-        full = direct_conv(v, k, start, Lout)
-        off = 0
-    else:
-        V = lib.rfft(v, N)  # (B, H, F)
-        cmul(V, kf(), False)
-        full = lib.irfft(V, N)  # (B, H, N)
-        off = start
     e3 = np.zeros((0, 0, 0), u.dtype)
-    crop(full, off, u, pre, bias, L, post, e3, out, e3)
+    crop(direct_conv(v, k, start, Lout), 0, u, pre, bias, L, post, e3, out, e3)
     return out
 
 
