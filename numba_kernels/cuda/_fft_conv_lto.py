@@ -33,14 +33,12 @@ from numba_kernels.cuda._conv1d_kernels import _converters
 K_, PRE, POST, BIAS, U = 0, 1, 2, 3, 4
 NINFO = 8
 NAMES = ("nk_fftconv_load_r2c", "nk_fftconv_load_c2r", "nk_fftconv_store_c2r")
-#: cuFFT's default callback symbols (C++-mangled cufftJITCallback{Load,Store}{Real,Complex,...}, offset an
-#: unsigned long long), tried when the plain names fail
-MANGLED = {False: ("_Z24cufftJITCallbackLoadRealPvyS_S_", "_Z27cufftJITCallbackLoadComplexPvyS_S_",
-                   "_Z25cufftJITCallbackStoreRealPvyfS_S_"),
-           True: ("_Z30cufftJITCallbackLoadDoubleRealPvyS_S_", "_Z33cufftJITCallbackLoadDoubleComplexPvyS_S_",
-                  "_Z31cufftJITCallbackStoreDoubleRealPvydS_S_")}
-#: (mangled names, 64-bit plan API) in the order tried; the first that plans is kept for the process
-STRATEGIES = [(False, True), (True, True), (False, False), (True, False)]
+#: (symbol style, 64-bit plan API) in the order tried; the first that plans is kept for the process. cuFFT
+#: declares the callback it links as a C++ function of the given name (NVIDIA's samples pass the plain name of
+#: a C++ __device__ function), so "cxx" compiles it under that name's Itanium mangling, e.g.
+#: _Z19nk_fftconv_load_r2cPvyS_S_ for (void*, unsigned long long, void*, void*); "c" is the bare name (failed
+#: with CUFFT_INTERNAL_ERROR on cuFFT 12.0, H200, 2026-12-01)
+STRATEGIES = [("cxx", True), ("cxx", False), ("c", True)]
 strategy = []
 _ELEM = {"f32": float32, "f64": float64, "f16": types.float16, "bf16": uint16}
 
@@ -126,8 +124,15 @@ def signatures(kind):
             types.void(pe, types.uint64, ft, pi, pe))
 
 
+def symbol(name, store, dbl, style):
+    """The symbol cuFFT links for callback ``name``: C++-mangled (value type in a store's signature)."""
+    if style == "c":
+        return name
+    return f"_Z{len(name)}{name}Pvy{('d' if dbl else 'f') if store else ''}S_S_"
+
+
 @functools.lru_cache(maxsize=64)
-def ltoir(kind, N, L, Lout, start, H, pre, post, bias, cc, mangled=False):
+def ltoir(kind, N, L, Lout, start, H, pre, post, bias, cc, style="cxx"):
     """The three callbacks compiled to LTO-IR for compute capability ``cc``: ((name, bytes, cufft CB type), ...)."""
     from numba import cuda
 
@@ -138,9 +143,11 @@ def ltoir(kind, N, L, Lout, start, H, pre, post, bias, cc, mangled=False):
               (cufft.CB_LD_COMPLEX_DOUBLE if dbl else cufft.CB_LD_COMPLEX),
               (cufft.CB_ST_REAL_DOUBLE if dbl else cufft.CB_ST_REAL))
     out = []
-    for fn, sig, name, cbt in zip(make_callbacks(kind, N, L, Lout, start, H, pre, post, bias), signatures(kind),
-                                  MANGLED[dbl] if mangled else NAMES, types_):
-        ir, _ = cuda.compile(fn, sig, device=True, abi="c", abi_info={"abi_name": name}, output="ltoir", cc=cc)
+    for j, (fn, sig, name, cbt) in enumerate(zip(make_callbacks(kind, N, L, Lout, start, H, pre, post, bias),
+                                                signatures(kind), NAMES, types_)):
+        sym = symbol(name, j == 2, dbl, style)
+        ir, _ = cuda.compile(fn, sig, device=True, abi="c", abi_info={"abi_name": sym}, output="ltoir", cc=cc,
+                             forceinline=True)
         out.append((name, bytes(ir), cbt))
     return tuple(out[:1]), tuple(out[1:])
 
@@ -158,15 +165,15 @@ class _Pair:
         self.last = None
         self.host = np.zeros(NINFO, np.uint64)
         N, errs = cfg[1], []
-        for mangled, api64 in (strategy or STRATEGIES):
+        for style, api64 in (strategy or STRATEGIES):
             try:
-                fwd, inv = ltoir(*cfg, cc, mangled)
-                self.r2c = cufft.callback_plan(cfg, N, rows, False, dbl, fwd, self.info_ptr, api64)
-                self.c2r = cufft.callback_plan(cfg, N, rows, True, dbl, inv, self.info_ptr, api64)
+                fwd, inv = ltoir(*cfg, cc, style)
+                self.r2c = cufft.callback_plan((cfg, style), N, rows, False, dbl, fwd, self.info_ptr, api64)
+                self.c2r = cufft.callback_plan((cfg, style), N, rows, True, dbl, inv, self.info_ptr, api64)
             except cufft.CufftError as e:
-                errs.append(f"{'mangled' if mangled else 'plain'} names, {'64' if api64 else '32'}-bit plan: {e}")
+                errs.append(f"{style} symbols, {'64' if api64 else '32'}-bit plan: {e}")
                 continue
-            strategy[:] = [(mangled, api64)]
+            strategy[:] = [(style, api64)]
             return
         raise RuntimeError("; ".join(errs))
 
