@@ -10,9 +10,19 @@ from numba_kernels.flash_attention import MAX_HEAD_DIM, _check_options
 HALF_DTYPES = (np.dtype(np.float16), dsp.bfloat16)
 
 
+def _on_device(x):
+    """dsp.is_device_array, without evaluating a numba device array's ``__cuda_array_interface__``."""
+    if x is None or isinstance(x, np.ndarray):
+        return False
+    return bool(getattr(type(x), "__cuda_memory__", False)) or dsp.is_device_array(x)
+
+
 def dtype_of(x):
     """The dtype of an array argument; a uint16 *device* array holds bfloat16 bits (the library's
     convention: numba device arrays cannot carry bfloat16, so our ops return its bits as uint16)."""
+    if getattr(type(x), "__cuda_memory__", False):
+        dt = np.dtype(x.dtype)
+        return dsp.bfloat16 if dt == np.uint16 else dt
     dt = dsp.array_dtype(x)
     if dt == np.uint16 and dsp.is_device_array(x):
         return dsp.bfloat16
@@ -22,7 +32,7 @@ def dtype_of(x):
 def _check_array(name, x, ndim, dtype=None):
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
-    if not (isinstance(x, np.ndarray) or dsp.is_device_array(x)):
+    if not (isinstance(x, np.ndarray) or _on_device(x)):
         raise TypeError(f"{name} must be a numpy or CUDA device array, got {type(x).__name__}")
     dt = dtype_of(x)
     if dtype is None and dt not in dsp.FLOAT_DTYPES:
@@ -36,9 +46,8 @@ def _check_array(name, x, ndim, dtype=None):
 
 def _int_array(name, x, shape):
     """A small integer array argument as an int64 host copy, shape-checked."""
-    h = dsp.to_host(x)
-    h = np.asarray(h)
-    if not np.issubdtype(h.dtype, np.integer):
+    h = x if isinstance(x, np.ndarray) else np.asarray(dsp.to_host(x))
+    if h.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype (int32), got {h.dtype}")
     if h.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {h.shape}")
@@ -104,14 +113,15 @@ def _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cach
     else:
         seqlens = _int_array("cache_seqlens", cache_seqlens, (B,))
     leftpad = np.zeros(B, np.int64) if cache_leftpad is None else _int_array("cache_leftpad", cache_leftpad, (B,))
-    if np.any(seqlens < 0) or np.any(seqlens + snew > cap):
+    if seqlens.min() < 0 or seqlens.max() + snew > cap:
         raise ValueError(f"cache_seqlens + Snew must be in [0, {cap}] (the cache capacity{' of the block table' if paged else ''}),"
                          f" got cache_seqlens={seqlens.tolist()} with Snew={snew}")
-    if np.any(leftpad < 0) or np.any(leftpad > seqlens):
+    if cache_leftpad is not None and (leftpad.min() < 0 or np.any(leftpad > seqlens)):
         raise ValueError(f"cache_leftpad must be in [0, cache_seqlens], got {leftpad.tolist()} "
                          f"with cache_seqlens={seqlens.tolist()}")
     end = seqlens + snew
-    if paged:  # every page a sequence reads or writes must exist
+    if paged and not (table.size and table.min() >= 0 and table.max() < NB):
+        # every page a sequence reads or writes must exist (only checked in detail when some entry is out of range)
         j = np.arange(table.shape[1])[None, :]
         used = (j >= (leftpad // page)[:, None]) & (j < (-(-end // page))[:, None]) & (end > leftpad)[:, None]
         bad = used & ((table < 0) | (table >= NB))
@@ -119,6 +129,7 @@ def _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cach
             b = int(np.nonzero(bad.any(axis=1))[0][0])
             raise ValueError(f"block_table[{b}] points outside k_cache's {NB} pages for positions "
                              f"[{leftpad[b]}, {end[b]}): {table[b][used[b]].tolist()}")
+    if paged:
         if snew:  # two sequences must not append into the same page slot
             pos = seqlens[:, None] + np.arange(snew)[None, :]
             slots_used = table[np.arange(B)[:, None], pos // page] * page + pos % page
@@ -311,8 +322,10 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_
     """
     plan = _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                  block_table, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits)
-    be = dsp.resolve_backend(backend, q, k_cache, v_cache, k, v)
-    on_device = dsp.any_on_device(q, k_cache, v_cache)
+    on_dev = [_on_device(a) for a in (q, k_cache, v_cache, k, v)]
+    first_dev = next((a for a, d in zip((q, k_cache, v_cache, k, v), on_dev) if d), None)
+    be = dsp.resolve_backend(backend, *((first_dev,) if first_dev is not None else (q, k_cache, v_cache, k, v)))
+    on_device = any(on_dev[:3])
     if be == "cuda":
         from numba_kernels.cuda.decode_attention import decode_cuda
 
@@ -326,7 +339,8 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_
             dsp.to_device(k_cache).copy_to_device(np.ascontiguousarray(kc).view(np.uint16) if plan.dt == dsp.bfloat16 else kc)
             dsp.to_device(v_cache).copy_to_device(np.ascontiguousarray(vc).view(np.uint16) if plan.dt == dsp.bfloat16 else vc)
     if on_device:
-        out, lse = dsp.to_device(out), dsp.to_device(lse)
+        out = out if getattr(type(out), "__cuda_memory__", False) else dsp.to_device(out)
+        lse = lse if getattr(type(lse), "__cuda_memory__", False) else dsp.to_device(lse)
     else:
         out, lse = dsp.to_host(out, plan.dt), dsp.to_host(lse)
         out, lse = np.asarray(out).astype(plan.dt, copy=False), np.asarray(lse).astype(np.float32, copy=False)

@@ -129,7 +129,7 @@ def test_pooled_results_reused_only_when_released(monkeypatch):
         def __init__(self):
             self.gpu_data = object()
 
-        def view(self):
+        def view(self, dtype=None):
             v = FakeArr()
             v.gpu_data = self.gpu_data
             return v
@@ -149,4 +149,14 @@ def test_pooled_results_reused_only_when_released(monkeypatch):
     del va, c
     d = cda._fresh((3,), np.float32)
     e = cda._fresh((3,), np.float32)
-    assert d is not e and {id(d), id(e)} <= {id(x[0]) for x in cda._pool[((3,), np.dtype(np.float32).str, 0)]}
+    assert d is not e and {id(d), id(e)} <= {id(x[0]) for x in cda._pool[((3,), np.dtype(np.float32).str, None, 0)]}
+    del d, e
+    # with a cached view: the caller holds the view only; the buffer comes back once the view is dropped
+    f, fv = cda._fresh((5,), np.float32, np.uint16)
+    del f
+    g, gv = cda._fresh((5,), np.float32, np.uint16)
+    assert gv is not fv and g.gpu_data is not fv.gpu_data
+    del fv, g, gv
+    h, hv = cda._fresh((5,), np.float32, np.uint16)
+    assert h.gpu_data is hv.gpu_data
+    assert h is cda._pool[((5,), np.dtype(np.float32).str, np.dtype(np.uint16).str, 0)][0][0]

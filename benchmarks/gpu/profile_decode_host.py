@@ -58,6 +58,12 @@ def changing():
 
 
 print(f"_i32 by role, changed (async)   {per_call(changing):8.1f} us")
+bad = 0
+for i in range(50):  # the async uploads land: values read back equal what was put, buffers reused per role
+    x = rng.integers(0, 1000, size=int(rng.integers(1, 5)), dtype=np.int32)
+    d = cda._i32(x, "check")
+    bad += not np.array_equal(d.copy_to_host(), x)
+print(f"async upload read-back mismatches: {bad} of 50")
 print(f"cuda.to_device(seqlens) (sync)  {per_call(lambda: cuda.to_device(seqlens)):8.1f} us")
 print(f"cuda.device_array x2            {per_call(lambda: (cuda.device_array((4, 1, 1, H, D), np.float32), cuda.device_array((4, 1, H, 1), np.float32))):8.1f} us")
 print(f"_fresh x2 (pooled)              {per_call(lambda: (cda._fresh((4, 1, 1, H, D), np.float32), cda._fresh((4, 1, H, 1), np.float32))):8.1f} us")

@@ -53,23 +53,44 @@ def _driver():
     return _cu
 
 
+_ARRAY_TYPES = set()  # numba device-array classes seen so far (their instances take the cached path)
+
+
 def _info(a):
-    """(type key, (size, itemsize, data pointer, shape..., strides...)) of a numba device array, cached on the
-    array (shape, strides, layout and pointer of a numba device array never change)."""
+    """(type key, flattened ABI values (0, 0, size, itemsize, data pointer, shape..., strides...)) of a numba
+    device array, cached on the array (shape, strides, layout and pointer of a numba device array never change)."""
     d = a.__dict__.get("_nk_launch")
     if d is None:
         f = a.flags
         d = ((type(a), a.dtype, a.ndim, f["C_CONTIGUOUS"], f["F_CONTIGUOUS"]),
-             (a.size, a.dtype.itemsize, a.device_ctypes_pointer.value or 0) + tuple(a.shape) + tuple(a.strides))
+             (0, 0, a.size, a.dtype.itemsize, a.device_ctypes_pointer.value or 0) + tuple(a.shape) + tuple(a.strides))
         a.__dict__["_nk_launch"] = d
     return d
 
 
-def _arg_key(a):
-    """A cheap key that determines numba's type of argument a (device arrays: dtype, ndim, layout)."""
-    if getattr(a, "__cuda_memory__", False) and hasattr(a, "__dict__") and hasattr(a, "gpu_data"):
-        return _info(a)[0]
-    return type(a)
+def _is_numba_array(a):
+    t = type(a)
+    if t in _ARRAY_TYPES:
+        return True
+    if getattr(t, "__cuda_memory__", False) and hasattr(a, "__dict__") and hasattr(a, "gpu_data"):
+        _ARRAY_TYPES.add(t)
+        return True
+    return False
+
+
+def _key_values(kernel, smem, args):
+    """(cache key, flattened parameter values) of a launch: one pass over the arguments."""
+    key = [id(kernel), smem]
+    vals = []
+    for a in args:
+        if type(a) in _ARRAY_TYPES or _is_numba_array(a):
+            d = a.__dict__.get("_nk_launch") or _info(a)
+            key.append(d[0])
+            vals.extend(d[1])
+        else:
+            key.append(type(a))
+            vals.append(a)
+    return tuple(key), vals
 
 
 def param_format(argtypes):
@@ -113,15 +134,7 @@ class _Fast:
         self.func = int(cufunc.handle)  # a CUkernel: cuLaunchKernel takes it cast to CUfunction
 
     def values(self, args):
-        out = []
-        for kind, a in zip(self.kinds, args):
-            if kind == 0:
-                out.append(0)
-                out.append(0)
-                out.extend(_info(a)[1])
-            else:
-                out.append(a)
-        return out
+        return _key_values(None, 0, args)[1]
 
     def matches_numba(self, overload, argtypes, args):
         """Our packed bytes equal the values numba's own argument preparation produces for ``args``."""
@@ -134,8 +147,8 @@ class _Fast:
         except struct.error:
             return False
 
-    def __call__(self, grid, block, smem, args):
-        self.fmt.pack_into(self.buf, 0, *self.values(args))
+    def __call__(self, grid, block, smem, vals):
+        self.fmt.pack_into(self.buf, 0, *vals)
         gx, gy, gz = grid
         bx, by, bz = block
         rc = _cu(self.func, gx, gy, gz, bx, by, bz, smem, None, self.ptrs_addr, None)
@@ -173,10 +186,11 @@ def launch(kernel, grid, block, smem, args):
     if intr.SIM or not ENABLED:
         _numba_launch(kernel, grid, block, smem, args)
         return
-    key = (id(kernel), smem) + tuple(map(_arg_key, args))
+    key, vals = _key_values(kernel, smem, args)
     fast = _cache.get(key, _MISSING)
     if fast is not _MISSING and fast is not None:
-        fast(_dims(grid), _dims(block), smem, args)
+        fast(grid if type(grid) is tuple and len(grid) == 3 else _dims(grid),
+             block if type(block) is tuple and len(block) == 3 else _dims(block), smem, vals)
         return
     _numba_launch(kernel, grid, block, smem, args)
     if fast is _MISSING:
@@ -197,7 +211,7 @@ def _build(kernel, args):
 
 def is_fast(kernel, smem, args):
     """True when launches of (kernel, smem, argument types) take the cuLaunchKernel path (after a first one)."""
-    return bool(_cache.get((id(kernel), smem) + tuple(map(_arg_key, args))))
+    return bool(_cache.get(_key_values(kernel, smem, args)[0]))
 
 
 def blocks_per_sm(kernel, block, smem, args):
@@ -282,9 +296,36 @@ class Uploader:
             start = 0
         if n:
             self.ring[start:start + n] = host.view(np.uint8).reshape(-1)
-            rc = _memcpy(_info(dev)[1][2], self.base + start, n, None)
+            rc = _memcpy(_info(dev)[1][4], self.base + start, n, None)  # the data pointer
             if rc:
                 raise RuntimeError(f"cuMemcpyHtoDAsync failed with CUresult {rc}")
         self.pos = start + n
         self.bufs[k] = (dev, host.copy())
         return dev
+
+
+_ctx_fn = None
+
+
+def context_key():
+    """An int naming the current CUDA context (cuCtxGetCurrent through ctypes, ~1 us; numba's
+    ``cuda.get_current_device()`` costs several), for per-device caches; 0 in the simulator, and the
+    device id through numba when the driver library cannot be called directly."""
+    global _ctx_fn
+    if intr.SIM:
+        return 0
+    if _ctx_fn is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            _ctx_fn = (fn, ctypes.c_void_p())
+        except (OSError, AttributeError):
+            _ctx_fn = False
+    if _ctx_fn:
+        fn, out = _ctx_fn
+        if fn(ctypes.byref(out)) == 0 and out.value:
+            return out.value
+    from numba import cuda
+
+    return -1 - cuda.get_current_device().id

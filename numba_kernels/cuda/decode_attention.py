@@ -37,11 +37,11 @@ def _mode():
 def _num_sms():
     if intr.SIM:
         return 1
-    return _sm_count(cuda.get_current_device().id)
+    return _sm_count(fl.context_key())
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_id):
+def _sm_count(ctx):
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
@@ -50,7 +50,7 @@ _workspace = {}
 
 def _counters(n):
     """Zeroed int32 split counters, at least n, kept per device (every kernel resets the ones it used)."""
-    key = ("counters", cuda.get_current_device().id if not intr.SIM else 0)
+    key = ("counters", fl.context_key())
     buf = _workspace.get(key)
     if buf is None or buf.shape[0] < n:
         buf = _workspace[key] = cuda.to_device(np.zeros(max(n, 4096), np.int32))
@@ -60,7 +60,7 @@ def _counters(n):
 def _scratch(shape, dtype):
     """Split partials, reused across calls (one per shape/dtype and device; every launch is on the default
     stream, so a later call cannot overwrite them before the merge that reads them has run)."""
-    key = (tuple(shape), np.dtype(dtype).str, cuda.get_current_device().id if not intr.SIM else 0)
+    key = (tuple(shape), np.dtype(dtype).str, fl.context_key())
     buf = _workspace.get(key)
     if buf is None:
         if len(_workspace) > 32:
@@ -72,6 +72,8 @@ def _scratch(shape, dtype):
 
 def _elems(x, kind):
     """A device array of the cache/query elements (bfloat16 as uint16 bits, float16 as float16)."""
+    if getattr(type(x), "__cuda_memory__", False) and (kind != "bf16" or x.dtype == np.uint16):
+        return x  # a numba device array of the element type: as it is
     if dsp.is_device_array(x):
         x = dsp.to_device(x)
         return x.view(np.uint16) if kind == "bf16" and np.dtype(x.dtype) != np.uint16 else x
@@ -100,31 +102,37 @@ def _i32(x, role=None):
     x = np.asarray(x, dtype=np.int32)
     if role is None or intr.SIM:
         return _cached(x)
-    return _uploads.put((role, cuda.get_current_device().id), x)
+    return _uploads.put((role, fl.context_key()), x)
 
 
 _pool = {}
 
 
-def _fresh(shape, dtype):
-    """A device array for a result handed to the caller: reuses a pooled buffer of this shape and dtype
-    once nothing outside the pool references it any more (else allocates). Reuse is safe: every launch and
-    copy here is on the default stream, so work that used the old contents has been ordered before."""
+def _fresh(shape, dtype, view=None):
+    """A device array for a result handed to the caller (and, with ``view``, its view as that dtype, which is
+    what the caller gets): reuses a pooled buffer of this shape and dtype once nothing outside the pool
+    references it, its view or its memory any more (else allocates). Reuse is safe: every launch and copy here
+    is on the default stream, so work that used the old contents has been ordered before.
+    Returns the array, or (array, view) when ``view`` is given."""
     if intr.SIM:
-        return cuda.device_array(shape, dtype=dtype)
-    key = (tuple(shape), np.dtype(dtype).str, cuda.get_current_device().id)
+        arr = cuda.device_array(shape, dtype=dtype)
+        return arr if view is None else (arr, arr.view(view))
+    key = (tuple(shape), np.dtype(dtype).str, None if view is None else np.dtype(view).str, fl.context_key())
     lst = _pool.setdefault(key, [])
-    for arr, rc_arr, rc_mem in lst:
-        if sys.getrefcount(arr) == rc_arr and sys.getrefcount(arr.gpu_data) == rc_mem:
-            return arr
+    for arr, v, rc_arr, rc_v, rc_mem in lst:
+        if (sys.getrefcount(arr) == rc_arr and (v is None or sys.getrefcount(v) == rc_v) and
+                sys.getrefcount(arr.gpu_data) == rc_mem):
+            return arr if view is None else (arr, v)
     arr = cuda.device_array(shape, dtype=dtype)
+    v = None if view is None else arr.view(view)
     if len(lst) < 8:
         # baselines seen by the loop above: the pool's tuple + the loop's name + getrefcount's argument
-        # (here: this name + the argument, + 1 for the tuple), and the array's own reference to its memory
+        # (here: this name + the argument, + 1 for the tuple); the memory: the array's and the view's references
         rc_arr = sys.getrefcount(arr) + 1
+        rc_v = -1 if v is None else sys.getrefcount(v) + 1
         rc_mem = sys.getrefcount(arr.gpu_data)
-        lst.append((arr, rc_arr, rc_mem))
-    return arr
+        lst.append((arr, v, rc_arr, rc_v, rc_mem))
+    return arr if view is None else (arr, v)
 
 
 def _launch(kern, grid, nth, smem, args):
@@ -190,14 +198,15 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
     kind = kind_of(plan.dt)
     ft = np.float64 if kind == "f64" else np.float32
     table = _i32(plan.table, "table")
-    if not dsp.is_device_array(k_cache):  # host caches: append there (in place), attend on uploaded copies
+    dev_caches = bool(getattr(type(k_cache), "__cuda_memory__", False)) or dsp.is_device_array(k_cache)
+    if not dev_caches:  # host caches: append there (in place), attend on uploaded copies
         append_host(plan, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved)
     kc, vc = _elems(k_cache, kind), _elems(v_cache, kind)
     cos = sin = None
     if plan.rotary:
         cos = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_cos), dtype=ft))
         sin = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_sin), dtype=ft))
-    if plan.snew and dsp.is_device_array(k_cache):
+    if plan.snew and dev_caches:
         kn, vn = _elems(k, kind), _elems(v, kind)
         pos0 = _i32(plan.seqlens, "seqlens")
         grid = (plan.Hk, plan.snew, plan.B)
@@ -242,9 +251,12 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         ns = choose_splits(plan, n_rt)
     split = ns > 1
     fused = tc and split and ns <= FUSED_MERGE_MAX
-    final = lse_final = None
+    final = lse_final = final_view = None
     if fused or not split:
-        final = _fresh((B, Sq, H, D // 2), np.uint32) if tc else _fresh((B, Sq, H, D), ELEM[kind])
+        if tc:
+            final, final_view = _fresh((B, Sq, H, D // 2), np.uint32, np.float16 if kind == "f16" else np.uint16)
+        else:
+            final = final_view = _fresh((B, Sq, H, D), ELEM[kind])
         lse_final = _fresh((B, H, Sq), np.float32)
     if split:
         o = _scratch((ns, B, Sq, H, D), ft)
@@ -266,8 +278,7 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     _launch(kern, grid, nth, smem, args)
     if split and not fused:  # else the tensor-core kernel merged its splits itself
         return combine_cuda(o, lse, np.dtype(ft), plan.dt)
-    out = final.view(np.uint16) if tc else final
-    return (out.view(np.float16) if kind == "f16" else out), lse_final
+    return final_view, lse_final
 
 
 def combine_cuda(o_p, lse_p, in_dt, out_dt):
