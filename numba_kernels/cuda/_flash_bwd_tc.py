@@ -186,7 +186,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, W
     SMEM = 4 * (DS_OFF + (BC * DSTR if HAS_DQ else 0))
     LS2 = 2 * BR
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the waits
     red2 = intr.red_add_v2_f32
     mma_acc, _, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     load_q = make_row_loader(BR, STR, CH, NTH)
@@ -403,7 +403,7 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, WSKIP=True
     KV_OFF = 2 * BRQ * STR        # Q at 0, dO at BRQ STR; stage s: K at KV_OFF + 2 s KT, V right after it
     SMEM = 4 * (KV_OFF + 4 * KT)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the waits
     mma_acc, _, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     load_q = make_row_loader(BRQ, STR, CH, NTH)
     load_k = make_row_loader(BC, STR, CH, NTH)

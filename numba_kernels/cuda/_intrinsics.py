@@ -147,6 +147,31 @@ if not SIM:
     ldsm_x4 = _make_ldmatrix(False)
     ldsm_x4_t = _make_ldmatrix(True)
 
+    def _make_ldmatrix_ordered(trans):
+        text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "") +
+                ".shared.b16 {$0,$1,$2,$3}, [$4];")
+
+        @intrinsic
+        def ldsm(typingctx, arr, idx):
+            sig = types.UniTuple(types.uint32, 4)(arr, idx)
+
+            def codegen(context, builder, signature, args):
+                addr = _shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+                ret = ir.LiteralStructType([_i32] * 4)
+                fnty = ir.FunctionType(ret, [_i32])
+                res = builder.call(ir.InlineAsm(fnty, text, "=r,=r,=r,=r,r", side_effect=True), [addr])
+                vals = [builder.extract_value(res, i) for i in range(4)]
+                return context.make_tuple(builder, signature.return_type, vals)
+
+            return sig, codegen
+
+        return ldsm
+
+    # ldmatrix that LLVM keeps in program order with barriers and cp.async waits: the plain ones above are pure
+    # functions of their address to LLVM, which may hoist a loop-invariant one above the wait for its data
+    ldsm_x4_o = _make_ldmatrix_ordered(False)
+    ldsm_x4_t_o = _make_ldmatrix_ordered(True)
+
     @intrinsic
     def cp_async16(typingctx, dst, dst_idx, src, src_idx, nbytes):
         """Copy 16 bytes src[src_idx:] -> shared dst[dst_idx:] asynchronously; bytes past ``nbytes`` (0 or 16)
@@ -260,6 +285,9 @@ else:
 
     def ldsm_x4_t(arr, idx):
         return _warp_exchange((arr, idx), lambda reqs: _ldsm_warp(True, reqs))
+
+    ldsm_x4_o = ldsm_x4
+    ldsm_x4_t_o = ldsm_x4_t
 
     def cp_async16(dst, dst_idx, src, src_idx, nbytes):
         for w in range(4):
