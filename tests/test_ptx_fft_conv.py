@@ -1,6 +1,7 @@
 """Every real fft_conv CUDA kernel (padding + pregate, complex multiply, overlap-add block padding / block multiply / tail-add crop, filter-gradient spectrum sum, crop +
 bias + gates, bias-gradient reduction) compiles to PTX for cc 9.0 for every element kind (no GPU needed).
-The cuFFT transforms themselves are library calls, checked on the GPU by benchmarks/gpu/check_fft_conv.py."""
+The cuFFT transforms themselves are library calls, checked on the GPU by benchmarks/gpu/check_fft_conv.py.
+Also the cuFFT LTO callbacks (``_fft_conv_lto``): PTX and LTO-IR for cc 9.0, every element kind."""
 import pytest
 
 pytestmark = pytest.mark.ptx
@@ -30,3 +31,30 @@ def test_fft_conv_kernel_compiles_for_sm90(name):
     assert ".entry" in ptx
     if name.startswith("dbias"):
         assert "bar.sync" in ptx, "the block reduction must synchronize"
+
+
+LTO_KINDS = ("f32", "f64", "f16", "bf16")
+
+
+@pytest.mark.parametrize("opts", [False, True], ids=["plain", "bias+gates"])
+@pytest.mark.parametrize("kind", LTO_KINDS)
+def test_lto_callbacks_compile_for_sm90(kind, opts):
+    # the three cuFFT LTO callbacks: PTX under the C++-mangled symbol cuFFT links (its declaration of the
+    # name it is given), no local memory, no integer division (shape constants become multiply-shifts),
+    # and LTO-IR bytes for cufftXtSetJITCallback
+    from numba import cuda
+
+    from numba_kernels.cuda import _fft_conv_lto as lto
+
+    N, L, Lout, H = 1125, 1000, 1096, 768  # a composite N and H: real divisions unless folded
+    cbs = lto.make_callbacks(kind, N, L, Lout, 48, H, opts, opts, opts)
+    for j, (fn, sig, name) in enumerate(zip(cbs, lto.signatures(kind), lto.NAMES)):
+        sym = lto.symbol(name, j == 2, kind == "f64", "cxx")
+        assert sym.startswith(f"_Z{len(name)}{name}Pvy")
+        ptx, _ = cuda.compile(fn, sig, device=True, abi="c", abi_info={"abi_name": sym}, output="ptx", cc=(9, 0))
+        assert ".visible .func" in ptx and sym in ptx
+        assert ".local" not in ptx, f"{name}: local memory"
+        assert "div." not in ptx and "rem." not in ptx, f"{name}: integer division left in"
+    fwd, inv = lto.ltoir(kind, N, L, Lout, 48, H, opts, opts, opts, (9, 0), "cxx")
+    assert [c[0] for c in fwd + inv] == list(lto.NAMES)
+    assert all(isinstance(c[1], bytes) and len(c[1]) > 500 for c in fwd + inv)

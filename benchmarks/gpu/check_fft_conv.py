@@ -212,11 +212,11 @@ def bench():
     import torch
     from numba import cuda
 
-    def tbench(fn):
+    def tbench(fn, n=None):
         fn()
         torch.cuda.synchronize()
         ts = []
-        for _ in range(iters):
+        for _ in range(n or iters):
             t = time.perf_counter()
             fn()
             torch.cuda.synchronize()

@@ -16,6 +16,9 @@ over B * H * nb rows -> every block *= K_P -> C2R -> ola_crop adds each block's 
 while cropping (scale, bias, postgate fused).
 The forward's spectrum buffer is reused between calls of the same shape (one per thread, dropped by
 ``clear_fft_conv_cache``): every launch and transform runs on the default stream, in order.
+Opt-in single-FFT forward with everything pointwise inside cuFFT (``USE_LTO``, ``_fft_conv_lto``): R2C with a
+load callback (pad, pregate, cast) and C2R with load (filter multiply) and store (crop, bias, postgate, cast)
+callbacks, compiled from Python to LTO-IR; any plan failure falls back to the kernels above.
 The transforms go through :func:`fft_inplace`; under the CUDA simulator it runs numpy.fft on a host copy
 (same layout, same unnormalized inverse), so every numba kernel here is tested in CI.
 """
@@ -36,8 +39,10 @@ from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_bloc
 
 _local = threading.local()
 #: single-FFT forward through cuFFT LTO callbacks (two cuFFT calls, ``_fft_conv_lto``) when cuFFT can link
-#: them; else (or with NUMBA_KERNELS_FFT_LTO=0) the pad / multiply / crop kernels around plain transforms
-USE_LTO = os.environ.get("NUMBA_KERNELS_FFT_LTO", "1") != "0"
+#: them, else the pad / multiply / crop kernels around plain transforms. Opt-in (NUMBA_KERNELS_FFT_LTO=1) until
+#: benchmarks/gpu/check_fft_conv.py has checked it on a GPU: on the H200 (cuFFT 12.0, 2026-12-01) its three
+#: callbacks plan, but no correctness or timing run has been made yet
+USE_LTO = os.environ.get("NUMBA_KERNELS_FFT_LTO", "0") == "1"
 #: auto overlap-add on CUDA only past this single-FFT size (cuFFT needs several global-memory passes there)
 OLA_MIN_N = 1 << 20
 
