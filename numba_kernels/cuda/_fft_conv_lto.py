@@ -160,6 +160,7 @@ class _Pair:
 
         from numba_kernels.cuda import cufft
 
+        self.lock = threading.Lock()  # info update + both transforms, in this order on the legacy stream
         self.info = cuda.device_array(NINFO, dtype=np.uint64)
         self.info_ptr = self.info.__cuda_array_interface__["data"][0]
         self.last = None
@@ -245,16 +246,19 @@ def forward(kind, ud, K, S, new_out, pre, post, bias, N, L, Lout, start):
             return None
         with _lock:
             try:
-                cc = cuda.get_current_device().compute_capability
-                pair = _pairs[key] = _Pair(cfg, B * H, kind == "f64", cc)
+                pair = _pairs.get(key)
+                if pair is None:
+                    cc = cuda.get_current_device().compute_capability
+                    pair = _pairs[key] = _Pair(cfg, B * H, kind == "f64", cc)
             except Exception as e:  # no JIT callbacks, NVRTC / nvJitLink failure, compile error
                 failed[key] = f"{type(e).__name__}: {e}"
                 return None
     out = new_out()
-    pair.set_info((_ptr(K), _ptr(pre), _ptr(post), _ptr(bias), _ptr(ud)))
     dbl = kind == "f64"
-    cufft.exec_plan(pair.r2c, False, dbl, _ptr(ud), _ptr(S))
-    cufft.exec_plan(pair.c2r, True, dbl, _ptr(S), _ptr(out))
+    with pair.lock:  # threads share the pair (and its info buffer); each has its own scratch S
+        pair.set_info((_ptr(K), _ptr(pre), _ptr(post), _ptr(bias), _ptr(ud)))
+        cufft.exec_plan(pair.r2c, False, dbl, _ptr(ud), _ptr(S))
+        cufft.exec_plan(pair.c2r, True, dbl, _ptr(S), _ptr(out))
     return out
 
 

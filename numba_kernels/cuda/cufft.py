@@ -141,7 +141,7 @@ def callback_plan(key, N, rows, inverse, double, callbacks, info_ptr, api64=True
     ``callbacks``: (symbol name, LTO-IR bytes, CB_* type); each gets ``info_ptr`` (a device address) as
     its callerInfo. Raises CufftError (e.g. CUFFT_NOT_SUPPORTED, CUFFT_NVJITLINK_FAILURE) or RuntimeError
     when this cuFFT has no JIT callbacks."""
-    key = ("cb", key, int(N), int(rows), bool(inverse), bool(double), bool(api64))
+    key = ("cb", key, int(N), int(rows), bool(inverse), bool(double), bool(api64), int(info_ptr))
     with _lock:
         if key in _plans:
             return _plans[key]

@@ -244,7 +244,7 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
     K = _filter_spectrum(k, Lke, N, ft)
     buf = scratch((B, H, 2 * (N // 2 + 1)), ft)
     biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
-    if USE_LTO and not intr.SIM and ud.is_c_contiguous():
+    if USE_LTO and not intr.SIM and all(a.is_c_contiguous() for a in (ud, pred, postd, biasd)):
         from numba_kernels.cuda import _fft_conv_lto as lto
 
         opt = [None if a is None else d for a, d in ((pre, pred), (post, postd), (bias, biasd))]
