@@ -89,15 +89,18 @@ def test_sim_attention_combine(rng):
     np.testing.assert_allclose(lse.copy_to_host(), np.transpose(rlse, (0, 2, 1)), rtol=1e-6)
 
 
-def test_sim_decode_32_key_tiles(rng, monkeypatch):
-    """The 32-key-tile variant with Q fragments in registers and the prefetch-hinted copy (its simulator form)."""
+@pytest.mark.parametrize("tiles", [(2, 2, 32, True, True, False), (2, 3, 16, False, False, True)],
+                         ids=["32-key-tiles-qreg-prefetch", "early-page-lookup"])
+def test_sim_decode_tile_variants(rng, monkeypatch, tiles):
+    """Tensor-core variants: 32-key tiles with Q fragments in registers and the prefetch-hinted copy (its
+    simulator form); page lookups one iteration early (3 stages, so the early lookup crosses the ring)."""
     from numba_kernels.cuda import decode_attention as cda
 
-    monkeypatch.setitem(cda.TC_TILES, "sim", (2, 2, 32, True, True))
+    monkeypatch.setitem(cda.TC_TILES, "sim", tiles)
     q = rng.standard_normal((2, 2, 4, 16)).astype(bfloat16)
-    kc, vc = (rng.standard_normal((9, 5, 2, 16)).astype(bfloat16) for _ in range(2))
-    bt = rng.permutation(9)[:8].reshape(2, 4).astype(np.int32)
-    seqlens = np.array([19, 7], np.int32)
+    kc, vc = (rng.standard_normal((61, 5, 2, 16)).astype(bfloat16) for _ in range(2))
+    bt = rng.permutation(61)[:60].reshape(2, 30).astype(np.int32)
+    seqlens = np.array([150, 37], np.int32)  # several tiles per warp: the in-loop issues run
     for ns in (1, 2):
         out = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, block_table=bt,
                                               causal=True, num_splits=ns, backend="cuda")

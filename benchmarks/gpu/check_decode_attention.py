@@ -78,8 +78,19 @@ def check_one(name, dt, B=3, Sq=1, H=8, Hk=2, D=128, page=16, snew=1, paged=True
     report(name + " (LSE, float32)", np.float32 if dt == np.float64 else dt, le)
 
 
-def correctness(quick):
+def correctness(quick, extra_only=False):
+    """Every case against the float64 reference; ``extra_only``: only the cases --quick leaves out, plus the
+    many-split path (more splits than the kernel merges itself: the merge kernel)."""
     dts = (bfloat16, np.float16, np.float32, np.float64)
+    if extra_only:
+        for dt in dts:
+            check_one("paged16 split 12 (merge kernel)", dt, num_splits=12, seqlens=(37, 2900, 1301))
+            check_one("contig auto splits B1 (merge kernel)", dt, B=1, paged=False, snew=0, seqlens=(9000,))
+            check_one("D=40 paged 16", dt, D=40)
+            check_one("D=59 (CUDA cores)", dt, D=59, paged=False)
+            check_one("D=256 split 5", dt, D=256, num_splits=5)
+            check_one("Sq > keys, causal: masked rows, empty cache", dt, Sq=5, snew=0, causal=True, seqlens=(2, 900, 0))
+        return
     for dt in dts:
         check_one("paged16 append", dt)
         check_one("paged7 causal Sq=5 split3", dt, page=7, Sq=5, snew=5, causal=True, num_splits=3)
@@ -211,8 +222,7 @@ def torch_ref(c, B, S, H=32, Hk=8, D=128):
     return o.reshape(B, 1, H, D).cpu().numpy()
 
 
-VARIANTS = [(4, 3, 16, False, False), (4, 2, 16, False, False), (4, 3, 16, True, False), (4, 3, 16, False, True),
-            (2, 3, 32, False, False), (2, 6, 16, False, False), (2, 3, 32, True, True), (2, 4, 16, False, False)]
+VARIANTS = [(4, 3, 16, False, False, False), (4, 3, 16, False, False, True), (4, 3, 16, False, True, True)]
 
 
 def variants_sweep(deadline):
@@ -228,11 +238,11 @@ def variants_sweep(deadline):
     tc = dtime(lambda: y.copy_(x))
     print(f"device copy: {2 * x.numel() / tc / 1e12:.2f} TB/s (read + write of 1 GiB)", flush=True)
     del x, y
-    for B, S in ((32, 8192), (8, 32768), (1, 16384)):
-        c = _setup(B, S, "page16")
+    for B, S, layout in ((8, 32768, "page16"), (32, 8192, "page16"), (8, 32768, "contig"), (1, 16384, "page16")):
+        c = _setup(B, S, layout)
         ref = torch_ref(c, B, S)
         kv_bytes = 2 * B * S * 8 * 128 * 2
-        for cfg in (VARIANTS if B > 1 else VARIANTS[:3]):
+        for cfg in VARIANTS:
             if time.time() - T0 > deadline:
                 print(f"variants: deadline, skipping B{B} S{S} {cfg}", flush=True)
                 continue
@@ -240,11 +250,11 @@ def variants_sweep(deadline):
             poison()
             out, _ = attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16", cfg)
             e = err(host(out, bfloat16), ref)
-            report(f"variant {cfg} B{B} S{S}", bfloat16, e)
+            report(f"variant {cfg} B{B} S{S} {layout}", bfloat16, e)
             t = dtime(lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16", cfg))
-            bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, cfg[1], cfg[2], cfg[3], cfg[4])
+            bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, *cfg[1:])
             ns = choose_splits(c["plan"], 1, bps)
-            print(f"variant B{B:3d} S{S:7d} {str(cfg):32s} blocks/SM {bps} splits {ns:3d} {t * 1e6:8.1f} us "
+            print(f"variant B{B:3d} S{S:7d} {layout:7s} {str(cfg):40s} blocks/SM {bps} splits {ns:3d} {t * 1e6:8.1f} us "
                   f"{kv_bytes / t / 1e12:5.2f} TB/s  (setup+compile {time.time() - t1:5.1f} s)", flush=True)
         del c
 
@@ -337,6 +347,8 @@ def bench(quick):
               (64, 16384)]
     if quick:
         shapes = [(1, 16384), (8, 32768), (32, 8192)]
+    elif "--rest" in sys.argv:  # the shapes --quick leaves out
+        shapes = [x for x in shapes if x not in ((1, 16384), (8, 32768), (32, 8192))]
     deadline = float(os.environ.get("DEADLINE", "1e9"))
     for B, S in shapes:
         for layout in ("contig", "page16", "page256"):
@@ -387,12 +399,13 @@ if __name__ == "__main__":
         splits_sweep()
     if "layout" in args:
         layout_probe()
-    if "variants" in args:
-        variants_sweep(float(os.environ.get("DEADLINE", "1e9")))
     quick = "--quick" in args
     print(cuda.get_current_device().name, time.strftime("%Y-%m-%d %H:%M"), flush=True)
-    if "check" in args:
-        correctness(quick)
+    if "check" in args or "extra" in args:
+        correctness(quick, "extra" in args)
         print(f"correctness: {len(fails)} failures {fails} ({time.time() - T0:.0f} s since start)", flush=True)
+    if "variants" in args:
+        variants_sweep(float(os.environ.get("VDEADLINE", "1e9")))
+        print(f"variants: {len(fails)} failures so far {fails} ({time.time() - T0:.0f} s since start)", flush=True)
     if "bench" in args:
         bench(quick)

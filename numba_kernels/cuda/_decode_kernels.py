@@ -85,10 +85,12 @@ def packed_row(R, Sq, hk, G):
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False):
+def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False, TPF=False):
     """Tensor-core decode kernel: NW warps, 16 packed rows, BC-key tiles (16 or 32) per warp streamed through
     STAGES shared buffers per warp, head dim padded to DP; PF: cp.async with an L2 256-byte prefetch hint;
-    QREG: the Q fragments are loaded once into registers (4 * DP / 16 words) instead of per tile.
+    QREG: the Q fragments are loaded once into registers (4 * DP / 16 words) instead of per tile;
+    TPF: each lane's page-table entry for the next tile it issues is loaded one loop iteration early, so its
+    latency hides behind the current tile's math instead of delaying the issue.
     Returns (kernel, threads per block, dynamic shared bytes).
 
     SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
@@ -142,6 +144,39 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
             cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
         syncwarp()  # every lane has read rbase before the next issue rewrites it
+
+    @dev
+    def lookup(kc, table, b, p0, nvalid, lane):
+        """(page, slot) of this lane's row p0 + lane; page -1 when the row does not exist (or lane >= BC)."""
+        pv = int32(-1)
+        slot = int64(0)
+        if lane < BC and lane < nvalid:
+            P = kc.shape[1]
+            p = p0 + lane
+            pg = p // P
+            pv = table[b, pg]
+            slot = p - pg * P
+        return pv, slot
+
+    @dev
+    def issue_from(smem, rbase, kc, vc, hk, pv, slot, dst, warp, lane):
+        """issue_tile with the rows' (page, slot) already looked up (``lookup``)."""
+        W = kc.shape[3]
+        if lane < BC:
+            base = int64(-1)
+            if pv >= 0:
+                base = ((int64(pv) * kc.shape[1] + slot) * kc.shape[2] + hk) * W
+            rbase[warp * BC + lane] = base
+        syncwarp()
+        for c in range(lane, BC * CH, 32):
+            r = c // CH
+            ch = c - r * CH
+            base = rbase[warp * BC + r]
+            ok = base >= 0 and ch * 4 < W
+            src = base + ch * 4 if ok else int64(0)
+            cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
+            cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
+        syncwarp()
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False)
 
@@ -277,14 +312,26 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             intr.cp_async_commit()
         stage = 0
         it = warp
+        pv = int32(-1)
+        slot = int64(0)
+        if TPF:  # the first in-loop issue's page lookup
+            tt = warp + (STAGES - 1) * NW
+            if tt < ntile:
+                pv, slot = lookup(kc, table, b, st + k0 + tt * BC, k1 - k0 - tt * BC, lane)
         while it < ntile:
             ahead = it + (STAGES - 1) * NW
             if ahead < ntile:
                 sa = stage + STAGES - 1
                 if sa >= STAGES:
                     sa -= STAGES
-                issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + ahead * BC, k1 - k0 - ahead * BC,
-                           wbase + sa * 2 * TILE, warp, lane)
+                if TPF:
+                    issue_from(smem, rbase, kc, vc, hk, pv, slot, wbase + sa * 2 * TILE, warp, lane)
+                    nxt = ahead + NW
+                    if nxt < ntile:
+                        pv, slot = lookup(kc, table, b, st + k0 + nxt * BC, k1 - k0 - nxt * BC, lane)
+                else:
+                    issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + ahead * BC, k1 - k0 - ahead * BC,
+                               wbase + sa * 2 * TILE, warp, lane)
             intr.cp_async_commit()
             wait_tile()
             syncwarp()

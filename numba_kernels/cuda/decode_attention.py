@@ -18,8 +18,9 @@ from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
 
 #: tensor-core kernel (warps, shared-memory stages per warp, keys per warp tile, L2 prefetch hint, Q in
-#: registers) on the GPU / in the simulator; CUDA-core kernel (warps, max packed rows per block)
-TC_TILES = {"gpu": (4, 3, 16, False, False), "sim": (2, 2, 16, False, False)}
+#: registers, page lookups one iteration early) on the GPU / in the simulator; CUDA-core kernel (warps, max
+#: packed rows per block)
+TC_TILES = {"gpu": (4, 3, 16, False, False, False), "sim": (2, 2, 16, False, False, False)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256
@@ -167,14 +168,14 @@ def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM):
 
 
 @functools.lru_cache(maxsize=None)
-def tc_blocks_per_sm(nw, DP, bf16, cap, alibi, stages, bc, pf, qreg):
+def tc_blocks_per_sm(nw, DP, bf16, cap, alibi, stages, bc, pf, qreg, tpf=False):
     """Resident blocks per SM of the split tensor-core kernel of this configuration (the driver's occupancy
     of its compiled code with its shared memory); TC_BLOCKS_PER_SM in the simulator."""
     if intr.SIM:
         return TC_BLOCKS_PER_SM
     from numba_kernels.cuda._launch import blocks_per_sm_sig
 
-    kern, nth, smem = make_decode_tc(nw, DP, bf16, cap, alibi, True, stages, True, bc, pf, qreg)
+    kern, nth, smem = make_decode_tc(nw, DP, bf16, cap, alibi, True, stages, True, bc, pf, qreg, tpf)
     return blocks_per_sm_sig(kern, nth, smem, _tc_signature(True))
 
 
@@ -244,9 +245,10 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         DP = -(-D // 16) * 16
         cfg = tuple(TC_TILES[_mode()] if tc_tiles is None else tc_tiles)
         cfg = cfg + TC_TILES[_mode()][len(cfg):]
-        nw, stages, bc, pf, qreg = cfg
+        nw, stages, bc, pf, qreg, tpf = cfg
         cap, alibi = plan.softcap > 0, plan.slopes is not None
-        ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf, qreg))
+        ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf, qreg,
+                                                        tpf))
     else:
         ns = choose_splits(plan, n_rt)
     split = ns > 1
@@ -269,7 +271,8 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     args_tail = (o, lse, sl, ft(plan.scale * LOG2E), ft(plan.softcap), ft(cap_in), np.int32(plan.left),
                  np.int32(plan.right), np.int32(ns))
     if tc:
-        kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", cap, alibi, split, stages, fused, bc, pf, qreg)
+        kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", cap, alibi, split, stages, fused, bc, pf, qreg,
+                                         tpf)
         args = ((_u32(qd), _u32(kc), _u32(vc), table, start, end) + args_tail +
                 (final, lse_final, _counters(B * plan.Hk * n_rt)))
     else:
@@ -311,8 +314,8 @@ def ptx_signatures(head_dims=(64, 128, 256)):
         DP = -(-D // 16) * 16
         for bf16, cap, alibi, split in ((False, False, False, False), (True, False, False, True),
                                         (True, True, True, False)):
-            nw, stages, bc, pf, qreg = TC_TILES["gpu"]
-            kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, True, bc, pf, qreg)[0]
+            nw, stages, bc, pf, qreg, tpf = TC_TILES["gpu"]
+            kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, True, bc, pf, qreg, tpf)[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
                         f"{'_split' if split else ''}_D{D}", kern.py_func,
