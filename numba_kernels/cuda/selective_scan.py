@@ -26,7 +26,8 @@ from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._selective_scan_fwd import _softplus_fn, fwd_config, make_scan_kernel
+from numba_kernels.cuda import _scan_fwd_kernel as fk
+from numba_kernels.cuda._selective_scan_fwd import _softplus_fn
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
@@ -88,11 +89,156 @@ def _bc(M, kind, ft, Bt, N, L):
     return _elem(M, kind, 4).reshape(Bt, G, N, L), _empty((0, 0), ft)
 
 
+#: forward variant knobs (see ``_scan_fwd_kernel.make_kernel``): PM polynomial exps, FG tanh gate (bf16 only)
+FWD_PM = 0
+FWD_FG = False
+_NONE = {}
+_SMEM_SET = {}
+
+
+def _none(shape, dtype):
+    """A cached zero-size device array (an absent option)."""
+    key = (shape, np.dtype(dtype).str)
+    if key not in _NONE:
+        _NONE[key] = cuda.device_array(shape, dtype=dtype)
+    return _NONE[key]
+
+
+def _ptr(a):
+    """The data address of a device array (0 when empty; the NumPy buffer's under the simulator)."""
+    if not a.size:
+        return 0
+    if intr.SIM:
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+def _contig(a):
+    """A C-contiguous device array (strided device views go through the host: rare, correct, slow)."""
+    if intr.SIM or a.is_c_contiguous():
+        return a
+    return cuda.to_device(np.ascontiguousarray(a.copy_to_host()))
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_kernel(crop):
+    """Copy rows between (R, L) and (R, Lp) layouts, flat: pad with zeros (crop=False) or crop."""
+    def kernel(src, dst, L, Lp):
+        i = cuda.grid(1)
+        if i < dst.size:
+            if crop:
+                r = i // L
+                dst[i] = src[i + r * (Lp - L)]
+            else:
+                r = i // Lp
+                t = i - r * Lp
+                dst[i] = src[r * L + t] if t < L else 0
+
+    return jit_kernel(kernel)
+
+
+def _bits(a):
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(a.dtype).itemsize])
+
+
+def _rows(src, shape, L, Lp, crop, out=None):
+    """``src`` (..., L) padded to (..., Lp) (or (..., Lp) cropped to L) as a new device array / into ``out``."""
+    dst = cuda.device_array(shape, dtype=src.dtype) if out is None else out
+    n = int(np.prod(shape))
+    if n:
+        NT = 32 if intr.SIM else 256
+        _rows_kernel(crop)[-(-n // NT), NT](_bits(src.reshape(src.size)), _bits(dst.reshape(n)), np.int64(L),
+                                            np.int64(Lp))
+    return dst
+
+
+def _launch(kern, grid, block, smem, args):
+    """kernel[grid, block, 0, smem](*args); the > 48 KB dynamic shared memory limit is raised once per compiled
+    overload (a new overload fails its first launch, gets the limit and is launched again)."""
+    if intr.SIM or smem <= 48 * 1024:
+        kern[grid, block, 0, smem](*args)
+        return
+    if _SMEM_SET.get(id(kern)) != (len(kern.overloads), smem):
+        intr.launch(kern, grid, block, smem, args)
+    else:
+        try:
+            kern[grid, block, 0, smem](*args)
+            return
+        except Exception:  # a new argument-type overload without the raised limit
+            intr.launch(kern, grid, block, smem, args)
+    for k in kern.overloads.values():
+        intr.set_dynamic_shared(k, smem)
+    _SMEM_SET[id(kern)] = (len(kern.overloads), smem)
+
+
 def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last, dt, out=None, q=None, tl=None,
-                  nc=None):
+                  nc=None, pm=None, fg=None):
     """Device y (B, Dm, L) in the element type of ``dt`` (written into ``out`` when given) and last state
-    (B, Dm, N) in the compute dtype (None unless ``want_last``). ``q`` / ``tl`` / ``nc``: override the
-    lanes per channel, time tile and channels per block (benchmark sweeps)."""
+    (B, Dm, N) in the compute dtype (None unless ``want_last``). ``q`` / ``tl`` / ``nc`` / ``pm`` / ``fg``:
+    override lanes per channel, time tile, channels per block, polynomial exps, tanh gate (benchmark sweeps).
+    Rows whose length or address is not a multiple of 16 bytes go through padded copies."""
+    kind = kind_of(dt)
+    ft = np.float64 if kind == "f64" else np.float32
+    et = ELEM[kind]
+    Bt, Dm, L = u.shape
+    N = A.shape[1]
+    NC, Q, TL = fk.config(N, kind, q, tl, nc)
+    PM = FWD_PM if pm is None else pm
+    FG = (FWD_FG if fg is None else fg) and kind == "bf16"
+    gb = 0 if len(B.shape) == 2 else (1 if len(B.shape) == 3 else B.shape[1])
+    gc = 0 if len(C.shape) == 2 else (1 if len(C.shape) == 3 else C.shape[1])
+    blk = blocks_dev(Dm, gb, gc, NC)
+    VE = 16 // fk.ISZ[kind]
+    Lp = -(-L // VE) * VE
+
+    def elem(a, shape):
+        return _none((0,) * len(shape), et) if a is None else _contig(_elem(a, kind, len(shape))).reshape(shape)
+
+    ue, de, ze = (elem(a, (Bt, Dm, L)) for a in (u, delta, z))
+    bv = elem(B, (Bt, gb, N, L)) if gb else _none((0,) * 4, et)
+    cv = elem(C, (Bt, gc, N, L)) if gc else _none((0,) * 4, et)
+    pad = Lp != L or any(_ptr(a) % 16 for a in (ue, de, ze, bv, cv))
+    if pad:
+        ue, de, ze, bv, cv = (_rows(a, a.shape[:-1] + (Lp,), L, Lp, False) if a.size else a
+                              for a in (ue, de, ze, bv, cv))
+    direct = out is not None and not pad and _ptr(out) % 16 == 0 and (intr.SIM or out.is_c_contiguous())
+    yp = out if direct else cuda.device_array((Bt, Dm, Lp), dtype=et)
+    last = cuda.device_array((Bt, Dm, N), dtype=ft) if want_last else _none((0, 0, 0), ft)
+
+    def comp(a, nd):
+        return _none((0,) * nd, ft) if a is None else _compute(a, ft, nd)
+
+    bc = comp(B, 2) if not gb else _none((0, 0), ft)
+    cc = comp(C, 2) if not gc else _none((0, 0), ft)
+    sq = _none((0, 0), np.int32) if seq is None else _int(seq, 2)
+    args = (ue, de, ze, yp, bv, cv, comp(A, 2), bc, cc, comp(D, 1), comp(dbias, 1), comp(init, 3), sq, last, blk,
+            np.int32(softplus), np.int64(Dm), np.int64(L), np.int64(Lp), np.int64(max(gb, 1)), np.int64(max(gc, 1)))
+    kern = fk.make_kernel(kind, N, NC, Q, TL, bool(gb), bool(gc), seq is not None, PM, FG)
+    _, smem = fk.layout(kind, N, NC, Q, TL, bool(gb), bool(gc), seq is not None)
+    _launch(kern, (blk.shape[0], Bt), NC * Q, smem, args)
+    y = yp
+    if not direct:
+        y = _rows(yp, (Bt, Dm, L), L, Lp, True, out) if Lp != L else yp
+        if out is not None and y is not out:
+            out.copy_to_device(y)
+            y = out
+    return y, (last if want_last else None)
+
+
+@functools.lru_cache(maxsize=256)
+def blocks_dev(Dm, gb, gc, width):
+    """``channel_blocks`` as one device (nblk, 2) int32 array of (start, length) (cached per shape)."""
+    from numba_kernels.selective_scan_backward import channel_blocks
+
+    st, ln, _, _ = channel_blocks(int(Dm), int(gb), int(gc), int(width))
+    return cuda.to_device(np.ascontiguousarray(np.stack([st, ln], axis=1), dtype=np.int32))
+
+
+def scan_fwd_cuda_v1(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last, dt, out=None, q=None, tl=None,
+                     nc=None):
+    """The previous forward kernel (_selective_scan_fwd; kept for same-run comparisons)."""
+    from numba_kernels.cuda._selective_scan_fwd import fwd_config, make_scan_kernel
+
     kind = kind_of(dt)
     ft = np.float64 if kind == "f64" else np.float32
     Bt, Dm, L = u.shape
@@ -157,13 +303,15 @@ def ptx_signatures(states=(4, 16)):
         f1, f2, f3 = (types.Array(ft, n, "C") for n in (1, 2, 3))
         i1, i2 = types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C")
         e1 = types.Array(et, 1, "C")
+        e4, i2 = types.Array(et, 4, "C"), types.Array(types.int32, 2, "C")
+        i64 = types.int64
         for N in states:
             for vb, vc, sq in ((True, True, False), (False, False, False), (True, False, True)):
-                cfg = fwd_config(N, kind)
+                cfg = fk.config(N, kind)
                 name = f"scan_{kind}_N{N}_{'var' if vb else 'const'}{'_seq' if sq else ''}"
-                out.append((name, make_scan_kernel(kind, N, *cfg, vb, vc, sq).py_func,
-                            (e1, e1, e1, e1, e1, e1, f2, f2, f2, f1, f1, f3, i2, types.int32, i1, i1,
-                             types.int64, types.int64, types.int64, types.int64, f3)))
+                out.append((name, fk.make_kernel(kind, N, *cfg, vb, vc, sq, FWD_PM, FWD_FG and kind == "bf16").py_func,
+                            (e3, e3, e3, e3, e4, e4, f2, f2, f2, f1, f1, f3, i2, f3, i2, types.int32,
+                             i64, i64, i64, i64, i64)))
         for skind in sorted({"f32", kind}):
             st = ets[skind]
             uft = types.float64 if "f64" in (kind, skind) else types.float32
