@@ -116,7 +116,6 @@ def _ours(c, S, D, causal, det=False):
 
 
 def _sdpa_grads(c, causal):
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     qt, kt, vt, gt = c["t"]
@@ -142,13 +141,18 @@ SWEEP = {64: [((8, 64), (4, 32), True, {}), ((8, 64), (4, 32), True, {"WSKIP": F
          128: [((4, 32), (4, 32), False, {}), ((4, 32), (4, 32), True, {}), ((8, 32), (4, 32), True, {})]}
 
 
-def sweep(limit_s):
-    """Each candidate at S4096 (causal and not), gradients checked against SDPA's; the fastest per head dim."""
+#: short sequences (S1024): smaller key tiles, two blocks per SM
+SWEEP_1K = {64: [((8, 64), (4, 32), True, {}), ((4, 64), (4, 32), True, {}), ((4, 32), (4, 32), True, {}),
+                 ((4, 64), (4, 32), False, {})]}
+
+
+def sweep(limit_s, S=4096, table=None):
+    """Each candidate at S (causal and not), gradients checked against SDPA's; the fastest per head dim."""
     import torch
     from numba_kernels.cuda import flash_attention_backward as cfb
-    H, S, B = 16, 4096, 4
+    H, B = 16, 16384 // S
     best = {}
-    for D, cands in SWEEP.items():
+    for D, cands in (table or SWEEP).items():
         data = [(causal, _torch_case(B, S, H, D, causal)) for causal in (False, True)]
         refs = []
         for causal, c in data:
@@ -225,7 +229,9 @@ def bench(best=None):
 if __name__ == "__main__":
     best = None
     for step in sys.argv[1:] or ["check", "bench"]:  # in the order given
-        if step.startswith("sweep"):  # sweep[=seconds]: later candidates are skipped past that many seconds
+        if step.startswith("sweep1k"):
+            sweep(1e9, 1024, SWEEP_1K)
+        elif step.startswith("sweep"):  # sweep[=seconds]: later candidates are skipped past that many seconds
             best = sweep(float(step.split("=")[1]) if "=" in step else 1e9)
         elif step.startswith("check"):  # check or check=quick
             correctness(quick=step.endswith("quick"))

@@ -21,7 +21,8 @@ from numba import cuda
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._flash_bwd_simt import make_row_dot, make_simt_bwd_kernels
-from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel, make_tc_dq_kernel, make_word_kernels
+from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel
+from numba_kernels.cuda._flash_bwd_tc_dq import make_tc_dq_kernel, make_word_kernels
 from numba_kernels.cuda.flash_attention import _as_words, _cached, _from_words, _scalars
 
 #: (warps, query rows per tile) of the CUDA-core backward; tiny tiles for the simulator
@@ -72,12 +73,20 @@ def _zeros(shape, dtype):
 
 
 _SMEM_SET = {}
+try:
+    from numba_kernels.cuda import _launch as _fast
+except ImportError:  # pragma: no cover
+    _fast = None
 
 
 def _launch(kern, grid, block, smem, args):
-    """``intr.launch`` that raises the dynamic shared-memory limit once per compiled overload instead of typing
+    """Launch through the cached cuLaunchKernel path of ``_launch`` (shared with the decode kernels); without it,
+    ``intr.launch`` that raises the dynamic shared-memory limit once per compiled overload instead of typing
     the arguments and calling the driver on every launch (a new overload compiled by the dispatcher during a
     launch fails that launch, which then goes through ``intr.launch``)."""
+    if _fast is not None and not intr.SIM:
+        _fast.launch(kern, grid, block, smem, args)
+        return
     if intr.SIM or smem <= 48 * 1024:
         kern[grid, block, 0, smem](*args)
         return
@@ -159,7 +168,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     flags = (softcap > 0, slopes is not None, dropout_p > 0)
     row_dot_w, dq_pack = make_word_kernels(bool(bf16))
     di = cuda.device_array((H, Tq), dtype=np.float32)
-    row_dot_w[max(1, -(-(Tq * H) // 128)), 128](dow, ow, di)
+    _launch(row_dot_w, max(1, -(-(Tq * H) // 128)), 128, 0, (dow, ow, di))
     dkw = cuda.device_array(kw.shape, dtype=np.uint32)
     dvw = cuda.device_array(vw.shape, dtype=np.uint32)
     B = len(cu_q) - 1
@@ -178,7 +187,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
         acc = _zeros((Tq, H, 2 * W), np.float32)
         _launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
         dqw = cuda.device_array(qw.shape, dtype=np.uint32)
-        dq_pack[max(1, -(-(Tq * H * W) // 256)), 256](acc, dqw, np.float32(scale))
+        _launch(dq_pack, max(1, -(-(Tq * H * W) // 256)), 256, 0, (acc, dqw, np.float32(scale)))
     return dqw, dkw, dvw
 
 
