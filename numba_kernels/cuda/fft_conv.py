@@ -16,7 +16,7 @@ over B * H * nb rows -> every block *= K_P -> C2R -> ola_crop adds each block's 
 while cropping (scale, bias, postgate fused).
 The forward's spectrum buffer is reused between calls of the same shape (one per thread, dropped by
 ``clear_fft_conv_cache``): every launch and transform runs on the default stream, in order.
-Opt-in single-FFT forward with everything pointwise inside cuFFT (``USE_LTO``, ``_fft_conv_lto``): R2C with a
+Large single-FFT forwards (``USE_LTO``, ``LTO_MIN_N``) put everything pointwise inside cuFFT (``_fft_conv_lto``): R2C with a
 load callback (pad, pregate, cast) and C2R with load (filter multiply) and store (crop, bias, postgate, cast)
 callbacks, compiled from Python to LTO-IR; any plan failure falls back to the kernels above.
 The transforms go through :func:`fft_inplace`; under the CUDA simulator it runs numpy.fft on a host copy
@@ -39,10 +39,15 @@ from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_bloc
 
 _local = threading.local()
 #: single-FFT forward through cuFFT LTO callbacks (two cuFFT calls, ``_fft_conv_lto``) when cuFFT can link
-#: them, else the pad / multiply / crop kernels around plain transforms. Opt-in (NUMBA_KERNELS_FFT_LTO=1) until
-#: benchmarks/gpu/check_fft_conv.py has checked it on a GPU: on the H200 (cuFFT 12.0, 2026-12-01) its three
-#: callbacks plan, but no correctness or timing run has been made yet
-USE_LTO = os.environ.get("NUMBA_KERNELS_FFT_LTO", "0") == "1"
+#: them, else the pad / multiply / crop kernels around plain transforms. ``"auto"`` (the default; environment
+#: NUMBA_KERNELS_FFT_LTO unset) takes the callbacks from FFT size ``LTO_MIN_N`` up, ``True`` (=1) always,
+#: ``False`` (=0) never. Measured on the H200, 2026-12-01 (benchmarks/results/gpu_h200_2026-12-01_fft_conv_lto_probe2.txt,
+#: float32 causal Lk = L): callbacks 2.11 / 11.99 ms vs kernels 1.43 / 10.48 ms at N 2048 / 16384 (callbacks slower),
+#: 45.7 vs 47.1 ms at N 131072 and 29.6 vs 47.7 ms at N 2^21 (callbacks faster); every LTO check passed.
+_LTO_ENV = os.environ.get("NUMBA_KERNELS_FFT_LTO", "auto")
+USE_LTO = True if _LTO_ENV == "1" else False if _LTO_ENV == "0" else "auto"
+#: smallest single-FFT size that takes the LTO callbacks under ``USE_LTO = "auto"``
+LTO_MIN_N = 1 << 17
 #: auto overlap-add on CUDA only past this single-FFT size (cuFFT needs several global-memory passes there)
 OLA_MIN_N = 1 << 20
 
@@ -244,7 +249,8 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
     K = _filter_spectrum(k, Lke, N, ft)
     buf = scratch((B, H, 2 * (N // 2 + 1)), ft)
     biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
-    if USE_LTO and not intr.SIM and all(a.is_c_contiguous() for a in (ud, pred, postd, biasd)):
+    lto_on = USE_LTO is True or (USE_LTO == "auto" and N >= LTO_MIN_N)
+    if lto_on and not intr.SIM and all(a.is_c_contiguous() for a in (ud, pred, postd, biasd)):
         from numba_kernels.cuda import _fft_conv_lto as lto
 
         opt = [None if a is None else d for a, d in ((pre, pred), (post, postd), (bias, biasd))]
