@@ -341,3 +341,30 @@ def test_sim_device_arrays(rng):
     assert hasattr(yd, "copy_to_host") and yd.shape == (1, 4)
     _check(yd.copy_to_host(), selective_state_update_ref(sref, **a), np.float32, "update y")
     np.testing.assert_allclose(sd.copy_to_host(), sref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("dt,L,pm,fg", [(np.float32, 16, 2, False), (bfloat16, 16, 3, True), (np.float16, 9, 1, False)],
+                         ids=["f32-L16-poly2", "bf16-L16-poly3-tanhgate", "f16-L9-poly1"])
+def test_sim_forward_unaligned_and_variants(rng, dt, L, pm, fg):
+    # device rows starting off a 16-byte boundary (padded copies), and the polynomial-exp / tanh-gate kernels
+    from numba import cuda
+
+    from numba_kernels.cuda.selective_scan import scan_fwd_cuda
+
+    kw = _inputs(rng, dt, B=1, Dm=4, L=L, N=4, G=2, bform="grouped", cform="BNL", segments=2)
+
+    def dev(a):  # a device copy one element into a larger buffer: its address is not 16-byte aligned
+        if a.dtype.kind != "f" and a.dtype != bfloat16:
+            return cuda.to_device(a)
+        bits = a.view(np.uint16) if a.dtype == bfloat16 else a
+        buf = cuda.to_device(np.concatenate([bits.reshape(-1)[:1], bits.reshape(-1)]))
+        return buf[1:].reshape(a.shape)
+
+    d = {k: dev(v) for k, v in kw.items()}
+    y, last = scan_fwd_cuda(d["u"], d["delta"], d["A"], d["B"], d["C"], d["D"], d["z"], d["delta_bias"],
+                            d["initial_state"], d["seq_idx"], True, True, dt, pm=pm, fg=fg)
+    yr, lr = selective_scan_ref(**kw, delta_softplus=True, return_last_state=True)
+    yh = y.copy_to_host()
+    _check(yh.view(bfloat16) if dt == bfloat16 else yh, yr, dt, "y")
+    _check(last.copy_to_host(), lr, np.float32, "last_state")

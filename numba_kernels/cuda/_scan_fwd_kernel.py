@@ -48,6 +48,7 @@ def config(N, kind, q=None, tl=None, nc=None):
     return NC, Q, T
 
 
+@functools.lru_cache(maxsize=None)
 def layout(kind, N, NC, Q, TL, VB, VC, SEQ):
     """Offsets of the shared arrays (floats / int32 / uint32 words, one dynamic allocation) and its bytes."""
     fw = 8 if kind == "f64" else 4

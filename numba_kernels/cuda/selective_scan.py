@@ -1,15 +1,14 @@
 """Mamba-1 selective scan on CUDA cores: forward scan (host side) and the decode-step state update.
 
-* forward (kernel in ``_selective_scan_fwd``): a block owns NC consecutive channels of one batch row (never
-  crossing a group of B or of C) and gives each channel Q lanes; lane q owns N / Q of the N states in
-  registers, so the GPU runs B * Dm * Q threads instead of B * Dm and each lane has N / Q independent exp
-  chains per step. Per time tile the block stages u, dt = softplus(delta + bias) (once per element), z,
-  the seq_idx reset flags and the time-varying B / C tiles in shared memory (loaded into registers during
-  the previous tile's scan, coalesced along L); the lanes walk the tile a few steps at a time and sum C.h
-  over the Q lanes with xor shuffles; the block gates y with silu(z) and stores it coalesced.
-  exp / softplus / silu use the SFU (ex2 / lg2 / rcp approx, ~2 ulp) in float32; float64 uses libm.
-  On an H100 the exp floor (one ex2 per (b, d, t, n), 16 per clock per SM) is ~71% of copy bandwidth for
-  bf16 at N 16; this kernel reaches 13-15% of copy (see BENCHMARKS.md).
+* forward (kernel in ``_scan_fwd_kernel``): a block owns NC consecutive channels of one batch row (never
+  crossing a group of B or of C) and gives each channel Q lanes; lane q owns N / Q of the N states in registers.
+  Raw tiles of u, delta, z and time-varying B / C go global -> shared by cp.async in 16-byte chunks (rows padded by
+  the host to 16 bytes when needed); dt = softplus(delta + bias) is computed once per element; the lanes scan with
+  16-byte shared loads and leave per-lane partial sums of C.h in shared memory, which the epilogue adds, gates
+  with silu(z) and stores 16 bytes per thread. exp / softplus / silu use the SFU (ex2 / lg2 / rcp approx, ~2 ulp)
+  in float32; float64 uses libm. On an H200 the SFU (one ex2 per (b, d, t, n)) allows at most ~52% of copy
+  bandwidth for bf16 at N 16 even at the datasheet rate; this kernel reaches 23% (bf16) / 44% (fp32), see
+  BENCHMARKS.md. ``scan_fwd_cuda_v1`` keeps the previous kernel (``_selective_scan_fwd``) for comparisons.
 * backward: ``numba_kernels.cuda.selective_scan_backward``.
 * update: one thread per (b, h, p) row of the state, N states updated in place.
 Kernels are built by cached factories keyed by (element kind, N, tiles, B / C time-varying, seq_idx); the
@@ -192,7 +191,10 @@ def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last
     Lp = -(-L // VE) * VE
 
     def elem(a, shape):
-        return _none((0,) * len(shape), et) if a is None else _contig(_elem(a, kind, len(shape))).reshape(shape)
+        if a is None:
+            return _none((0,) * len(shape), et)
+        a = _contig(_elem(a, kind, len(shape)))
+        return a if tuple(a.shape) == shape else a.reshape(shape)
 
     ue, de, ze = (elem(a, (Bt, Dm, L)) for a in (u, delta, z))
     bv = elem(B, (Bt, gb, N, L)) if gb else _none((0,) * 4, et)
