@@ -73,20 +73,12 @@ def _zeros(shape, dtype):
 
 
 _SMEM_SET = {}
-try:
-    from numba_kernels.cuda import _launch as _fast
-except ImportError:  # pragma: no cover
-    _fast = None
 
 
 def _launch(kern, grid, block, smem, args):
-    """Launch through the cached cuLaunchKernel path of ``_launch`` (shared with the decode kernels); without it,
-    ``intr.launch`` that raises the dynamic shared-memory limit once per compiled overload instead of typing
+    """``intr.launch`` that raises the dynamic shared-memory limit once per compiled overload instead of typing
     the arguments and calling the driver on every launch (a new overload compiled by the dispatcher during a
     launch fails that launch, which then goes through ``intr.launch``)."""
-    if _fast is not None and not intr.SIM:
-        _fast.launch(kern, grid, block, smem, args)
-        return
     if intr.SIM or smem <= 48 * 1024:
         kern[grid, block, 0, smem](*args)
         return
@@ -168,7 +160,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     flags = (softcap > 0, slopes is not None, dropout_p > 0)
     row_dot_w, dq_pack = make_word_kernels(bool(bf16))
     di = cuda.device_array((H, Tq), dtype=np.float32)
-    _launch(row_dot_w, max(1, -(-(Tq * H) // 128)), 128, 0, (dow, ow, di))
+    row_dot_w[max(1, -(-(Tq * H) // 128)), 128](dow, ow, di)
     dkw = cuda.device_array(kw.shape, dtype=np.uint32)
     dvw = cuda.device_array(vw.shape, dtype=np.uint32)
     B = len(cu_q) - 1
@@ -187,7 +179,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
         acc = _zeros((Tq, H, 2 * W), np.float32)
         _launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
         dqw = cuda.device_array(qw.shape, dtype=np.uint32)
-        _launch(dq_pack, max(1, -(-(Tq * H * W) // 256)), 256, 0, (acc, dqw, np.float32(scale)))
+        dq_pack[max(1, -(-(Tq * H * W) // 256)), 256](acc, dqw, np.float32(scale))
     return dqw, dkw, dvw
 
 
