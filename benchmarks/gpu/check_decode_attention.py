@@ -201,7 +201,7 @@ def poison():
     that leaves an element unwritten cannot pass on an earlier variant's values."""
     from numba_kernels.cuda import decode_attention as cda
 
-    arrs = [a for lst in cda._pool.values() for a, _, _ in lst]
+    arrs = [ent[0] for lst in cda._pool.values() for ent in lst]
     arrs += [a for k, a in cda._workspace.items() if k[0] != "counters"]
     for a in arrs:
         a.copy_to_device(np.frombuffer(b"\xff" * a.nbytes, dtype=a.dtype).reshape(a.shape))
@@ -222,7 +222,7 @@ def torch_ref(c, B, S, H=32, Hk=8, D=128):
     return o.reshape(B, 1, H, D).cpu().numpy()
 
 
-VARIANTS = [(4, 3, 16, False, False, False), (4, 3, 16, False, False, True), (4, 3, 16, False, True, True)]
+VARIANTS = [(4, 3, 16, False, False, False), (4, 3, 16, False, False, True)]
 
 
 def variants_sweep(deadline):

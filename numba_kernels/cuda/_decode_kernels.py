@@ -8,7 +8,9 @@ packed as row R = g * Sq + i), so each K/V byte is read once per block, and one 
 * ``make_decode_tc`` (float16/bfloat16, head dim a multiple of 8): 16 packed rows per block on tensor cores
   (mma.sync m16n8k16). The warps split the keys: each warp streams its own 16-key tiles through a private
   double-buffered cp.async pipeline (no block barrier in the loop), keeps its own online softmax, and the
-  warps' (max, sum, O) are merged through shared memory at the end.
+  warps' (max, sum, O) are merged through shared memory at the end. Tile variants are factory parameters
+  (keys per tile, stages, L2 prefetch hint, Q fragments in registers, early page lookups); the H200 sweep
+  is in BENCHMARKS.md.
 * ``make_decode_simt`` (float32/float64, and halves of any head dim): CUDA cores, lanes over the head dim,
   warps over keys, warp-shuffle dot products.
 * ``make_combine`` merges split partials (the split-KV epilogue and ``attention_combine``).

@@ -1,7 +1,9 @@
 """Decode attention on CUDA: host side (append + rotary, kernel and split choice, launch, split merge).
 
 Kernels and the design notes are in ``_decode_kernels``. float16/bfloat16 with a head dim that is a
-multiple of 8 run on tensor cores; everything else on CUDA cores.
+multiple of 8 run on tensor cores; everything else on CUDA cores. Host cost per call is kept small: kernels
+launch through ``_launch`` (cached cuLaunchKernel), metadata goes up through pinned asynchronous uploads
+(one device buffer per role), results come from a pool of buffers the caller has released.
 """
 import functools
 import sys
