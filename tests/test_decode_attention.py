@@ -467,3 +467,22 @@ def test_bad_contiguous_inputs_leave_caches_unchanged(rng):
         kvc(q[..., :4], kc, vc)
     np.testing.assert_array_equal(kc, k0)
     np.testing.assert_array_equal(vc, k0)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float16], ids=dtype_id)
+@pytest.mark.parametrize("num_splits", [1, 7], ids=["1split", "7splits"])
+def test_cpu_position_blocking_remainders(rng, dt, num_splits):
+    """The CPU kernel's two-position score pass and four-position value pass, with every remainder (key
+    counts 0-3 mod 4 per split and tile), GQA rows 4 + 1 per k/v head, many tasks on the work counter."""
+    B, Sq, H, Hk, D, Smax = 4, 1, 10, 2, 24, 140
+    seqlens = np.array([129, 130, 131, 132], dtype=np.int32)
+    q, kc, vc, _, _ = _data(rng, dt, B, Sq, H, Hk, D, Smax, seqlens)
+    for paged in (False, True):
+        kw = dict(cache_seqlens=seqlens, num_splits=num_splits)
+        k_, v_ = kc, vc
+        if paged:
+            k_, v_, kw["block_table"] = _paged(rng, kc, vc, 3)
+        out, lse, _, _ = _run(q, k_, v_, **kw)
+        ref, rlse, _, _ = _ref(q, k_, v_, **kw)
+        assert max_err(out, ref) < TOL[np.dtype(dt)]
+        _close_lse(lse, rlse)

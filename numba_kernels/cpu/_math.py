@@ -118,3 +118,36 @@ def exp2_array(x):
     for i in range(x.size):
         out[i] = exp2_fast(x[i])
     return out
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    if not (isinstance(arr, types.Array) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [idx]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data cache
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+def prefetch(arr, i):  # pragma: no cover - replaced by the overload below inside njit code
+    pass
+
+
+@overload(prefetch, inline="always")
+def _prefetch_ol(arr, i):
+    """A software prefetch (``llvm.prefetch``, read) of the cache line holding the i-th element of a
+    C-contiguous array's flat data; no bounds check and no effect on results (the hardware ignores
+    prefetches of unmapped addresses, but callers keep i in range anyway)."""
+    if isinstance(arr, types.Array) and isinstance(i, types.Integer):
+        return lambda arr, i: _prefetch(arr, i)
+    return None

@@ -1,4 +1,4 @@
-"""Decode attention on the CPU: njit, parallel over (sequence, key split).
+"""Decode attention on the CPU: njit, parallel over (sequence, key split) tasks pulled from an atomic counter.
 
 A task owns all H * Sq query rows of one sequence and a range of its keys, and reads each cache
 position's K (and V) rows for all Hk heads at once: Hk * D contiguous values, so the task streams
@@ -7,8 +7,10 @@ each K/V value is read once and used G * Sq times (the query heads of its GQA gr
 Rows are read straight from the cache through the page table (a contiguous cache is a paged one with one
 page per cache row); float16/bfloat16 caches arrive as uint16 bits and are widened one position at a time
 through a lookup table. Per key tile: scores by vectorized dot products (accumulated in the compute
-dtype), an online softmax in log2 units (one simple loop per step), then O += P V one value position at
-a time; four query rows of a GQA group share each K and V load. Decode rows are few, so plain loops beat
+dtype; two positions x four query rows of a GQA group per pass, so 6 loads feed 8 FMAs), an online softmax
+in log2 units (one simple loop per step), then O += P V four value positions per pass (each accumulator row
+is loaded and stored once per four positions). K and V rows PREFETCH positions ahead are software-prefetched
+through the page table (one hint per cache line). Decode rows are few, so plain loops beat
 BLAS calls here.
 Each task writes a partial output and LSE for its key split; :func:`combine_cpu` merges the splits.
 """
@@ -18,9 +20,11 @@ from numba.extending import overload
 
 from numba_kernels import _masks
 from numba_kernels._jit import njit, njit_parallel
-from numba_kernels.cpu._math import LN2, LOG2E, exp2_fast, fmax_fast
+from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fmax_fast, prefetch
 
 BLOCK_K = 64
+#: software prefetch distance, in cache positions (each Hk * D values of K or V) ahead of the one in use
+PREFETCH = 8
 
 _key_range = njit(_masks.key_range, inline="always")
 _row_span = njit(_masks.row_span, inline="always")
@@ -51,10 +55,173 @@ def _cache_rows_ol(cache, page, slot, buf, lut):
     return lambda cache, page, slot, buf, lut: cache[page, slot]
 
 
+@njit(inline="always")
+def prefetch_position(cache, table, b, p, lim):
+    """Prefetch the Hk * D values of logical position p (< lim) of sequence b: one hint per cache line."""
+    if p < lim:
+        page = cache.shape[1]
+        n = cache.shape[2] * cache.shape[3]
+        base = (table[b, p // page] * page + p % page) * n
+        for e in range(0, n, 64 // cache.itemsize):
+            prefetch(cache, base + e)
+
+
 def make_consts(dtype, scale, softcap):
     """The ``consts`` argument of :func:`decode_cpu`, in the compute dtype."""
     return np.array([scale * LOG2E, softcap, scale / softcap if softcap > 0 else 0.0, LOG2E, -np.inf, 0.0],
                     dtype=dtype)
+
+
+@njit
+def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, w):
+    """Task w of :func:`decode_cpu`: sequence w // nsplit, key split w % nsplit."""
+    B, Sq, H, D = q.shape
+    page = kc.shape[1]
+    Hk = kc.shape[2]
+    G = H // Hk
+    M = G * Sq  # rows per k/v head; row r is query token r % Sq of head r // Sq, k/v head r // M
+    R = H * Sq
+    has_alibi = slopes.shape[0] > 0
+    scale_log2, softcap, cap_in, log2e, neg_inf, zero = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
+    sp = w % nsplit
+    b = w // nsplit
+    Sk = end[b] - start[b]
+    off = Sk - Sq
+    lo, hi = _key_range(0, Sq, Sq, Sk, left, right)
+    chunk = -(-max(hi - lo, 0) // nsplit)
+    chunk = -(-chunk // BLOCK_K) * BLOCK_K
+    k0 = lo + sp * chunk
+    k1 = min(hi, k0 + chunk)
+    qt = np.empty((R, D), dtype=q.dtype)
+    sl = np.zeros(R, dtype=q.dtype)
+    for r in range(R):
+        qt[r] = q[b, r % Sq, r // Sq]
+        if has_alibi:
+            sl[r] = slopes[b, r // Sq] * log2e
+    acc = np.zeros((R, D), dtype=q.dtype)
+    mrow = np.full(R, neg_inf, dtype=q.dtype)
+    lrow = np.zeros(R, dtype=q.dtype)
+    s = np.empty((R, BLOCK_K), dtype=q.dtype)
+    pages = np.empty(BLOCK_K, dtype=np.int64)
+    slots = np.empty(BLOCK_K, dtype=np.int64)
+    buf = np.empty((4, Hk, D), dtype=q.dtype)  # widened half-precision rows, one per position in flight
+    dist = np.empty(1, dtype=q.dtype)
+    for j0 in range(k0, k1, BLOCK_K):
+        n = min(BLOCK_K, k1 - j0)
+        for c in range(n):
+            p = start[b] + j0 + c
+            pages[c] = table[b, p // page]
+            slots[c] = p % page
+        pos0 = start[b] + j0
+        pend = start[b] + k1
+        c = 0
+        while c + 2 <= n:  # two positions x four rows of a group per pass: 6 loads per 8 FMAs
+            prefetch_position(kc, table, b, pos0 + c + PREFETCH, pend)
+            prefetch_position(kc, table, b, pos0 + c + 1 + PREFETCH, pend)
+            k0r = cache_rows(kc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
+            k1r = cache_rows(kc, pages[c + 1], slots[c + 1], buf[1], lut)
+            for hk in range(Hk):
+                r, r_end = hk * M, (hk + 1) * M
+                while r + 4 <= r_end:
+                    x0 = x1 = x2 = x3 = y0 = y1 = y2 = y3 = zero
+                    for d in range(D):
+                        ka, kb = k0r[hk, d], k1r[hk, d]
+                        q0, q1, q2, q3 = qt[r, d], qt[r + 1, d], qt[r + 2, d], qt[r + 3, d]
+                        x0 += q0 * ka
+                        x1 += q1 * ka
+                        x2 += q2 * ka
+                        x3 += q3 * ka
+                        y0 += q0 * kb
+                        y1 += q1 * kb
+                        y2 += q2 * kb
+                        y3 += q3 * kb
+                    s[r, c], s[r + 1, c], s[r + 2, c], s[r + 3, c] = x0, x1, x2, x3
+                    s[r, c + 1], s[r + 1, c + 1], s[r + 2, c + 1], s[r + 3, c + 1] = y0, y1, y2, y3
+                    r += 4
+                while r < r_end:
+                    x = y = zero
+                    for d in range(D):
+                        x += qt[r, d] * k0r[hk, d]
+                        y += qt[r, d] * k1r[hk, d]
+                    s[r, c], s[r, c + 1] = x, y
+                    r += 1
+            c += 2
+        if c < n:
+            krows = cache_rows(kc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
+            for hk in range(Hk):
+                for r in range(hk * M, (hk + 1) * M):
+                    x = zero
+                    for d in range(D):
+                        x += qt[r, d] * krows[hk, d]
+                    s[r, c] = x
+        for c in range(min(n, PREFETCH)):
+            prefetch_position(vc, table, b, pos0 + c, pend)
+        for r in range(R):
+            i = r % Sq
+            c0, c1 = _row_span(i, off, left, right, j0, n)
+            # one simple loop per step, so that each one vectorizes
+            if softcap > 0:
+                for c in range(n):
+                    s[r, c] = softcap * np.tanh(s[r, c] * cap_in) * log2e
+            else:
+                for c in range(n):
+                    s[r, c] *= scale_log2
+            if has_alibi:
+                for c in range(n):
+                    dist[0] = abs(i + off - j0 - c)
+                    s[r, c] -= sl[r] * dist[0]
+            for c in range(c0):
+                s[r, c] = neg_inf
+            for c in range(max(c0, c1), n):
+                s[r, c] = neg_inf
+            mx = neg_inf
+            for c in range(n):
+                mx = fmax_fast(mx, s[r, c])
+            m_new = fmax_fast(mrow[r], mx)
+            mu = zero if m_new == neg_inf else m_new
+            alpha = exp2_fast(mrow[r] - mu)
+            tot = zero
+            for c in range(n):
+                e = exp2_fast(s[r, c] - mu) if s[r, c] != neg_inf else zero
+                s[r, c] = e
+                tot += e
+            lrow[r] = lrow[r] * alpha + tot
+            mrow[r] = m_new
+            for d in range(D):
+                acc[r, d] *= alpha
+        c = 0
+        while c + 4 <= n:  # four positions per pass: each accumulator row is loaded and stored once per 4
+            for e in range(4):
+                prefetch_position(vc, table, b, pos0 + c + e + PREFETCH, pos0 + n)
+            v0 = cache_rows(vc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
+            v1 = cache_rows(vc, pages[c + 1], slots[c + 1], buf[1], lut)
+            v2 = cache_rows(vc, pages[c + 2], slots[c + 2], buf[2], lut)
+            v3 = cache_rows(vc, pages[c + 3], slots[c + 3], buf[3], lut)
+            for hk in range(Hk):
+                for r in range(hk * M, (hk + 1) * M):
+                    p0, p1, p2, p3 = s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3]
+                    for d in range(D):
+                        acc[r, d] += p0 * v0[hk, d] + p1 * v1[hk, d] + p2 * v2[hk, d] + p3 * v3[hk, d]
+            c += 4
+        while c < n:
+            vrows = cache_rows(vc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
+            for hk in range(Hk):
+                for r in range(hk * M, (hk + 1) * M):
+                    pr = s[r, c]
+                    if pr != zero:
+                        for d in range(D):
+                            acc[r, d] += pr * vrows[hk, d]
+            c += 1
+    for r in range(R):
+        i = r % Sq
+        h = r // Sq
+        inv = zero if lrow[r] == zero else 1 / lrow[r]
+        for d in range(D):
+            out_p[sp, b, i, h, d] = acc[r, d] * inv
+        if lrow[r] > zero:
+            lse_p[sp, b, h, i] = (mrow[r] + np.log2(lrow[r])) * LN2
+        else:
+            lse_p[sp, b, h, i] = -np.inf
 
 
 @njit_parallel
@@ -70,125 +237,13 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     (:func:`make_consts`; softcap > 0 turns on ``softcap * tanh(s * scale / softcap)``);
     slopes (B, H) ALiBi slopes in the compute dtype, or an empty array.
     """
-    B, Sq, H, D = q.shape
-    page = kc.shape[1]
-    Hk = kc.shape[2]
-    G = H // Hk
-    M = G * Sq  # rows per k/v head; row r is query token r % Sq of head r // Sq, k/v head r // M
-    R = H * Sq
-    has_alibi = slopes.shape[0] > 0
-    scale_log2, softcap, cap_in, log2e, neg_inf, zero = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
-    for w in prange(B * nsplit):
-        sp = w % nsplit
-        b = w // nsplit
-        Sk = end[b] - start[b]
-        off = Sk - Sq
-        lo, hi = _key_range(0, Sq, Sq, Sk, left, right)
-        chunk = -(-max(hi - lo, 0) // nsplit)
-        chunk = -(-chunk // BLOCK_K) * BLOCK_K
-        k0 = lo + sp * chunk
-        k1 = min(hi, k0 + chunk)
-        qt = np.empty((R, D), dtype=q.dtype)
-        sl = np.zeros(R, dtype=q.dtype)
-        for r in range(R):
-            qt[r] = q[b, r % Sq, r // Sq]
-            if has_alibi:
-                sl[r] = slopes[b, r // Sq] * log2e
-        acc = np.zeros((R, D), dtype=q.dtype)
-        mrow = np.full(R, neg_inf, dtype=q.dtype)
-        lrow = np.zeros(R, dtype=q.dtype)
-        s = np.empty((R, BLOCK_K), dtype=q.dtype)
-        pages = np.empty(BLOCK_K, dtype=np.int64)
-        slots = np.empty(BLOCK_K, dtype=np.int64)
-        buf = np.empty((Hk, D), dtype=q.dtype)
-        dist = np.empty(1, dtype=q.dtype)
-        for j0 in range(k0, k1, BLOCK_K):
-            n = min(BLOCK_K, k1 - j0)
-            for c in range(n):
-                p = start[b] + j0 + c
-                pages[c] = table[b, p // page]
-                slots[c] = p % page
-                krows = cache_rows(kc, pages[c], slots[c], buf, lut)  # (Hk, D)
-                for hk in range(Hk):
-                    r, r_end = hk * M, (hk + 1) * M
-                    while r + 4 <= r_end:  # four rows of the group share each K load
-                        x0 = x1 = x2 = x3 = zero
-                        for d in range(D):
-                            kd = krows[hk, d]
-                            x0 += qt[r, d] * kd
-                            x1 += qt[r + 1, d] * kd
-                            x2 += qt[r + 2, d] * kd
-                            x3 += qt[r + 3, d] * kd
-                        s[r, c], s[r + 1, c], s[r + 2, c], s[r + 3, c] = x0, x1, x2, x3
-                        r += 4
-                    while r < r_end:
-                        x = zero
-                        for d in range(D):
-                            x += qt[r, d] * krows[hk, d]
-                        s[r, c] = x
-                        r += 1
-            for r in range(R):
-                i = r % Sq
-                c0, c1 = _row_span(i, off, left, right, j0, n)
-                # one simple loop per step, so that each one vectorizes
-                if softcap > 0:
-                    for c in range(n):
-                        s[r, c] = softcap * np.tanh(s[r, c] * cap_in) * log2e
-                else:
-                    for c in range(n):
-                        s[r, c] *= scale_log2
-                if has_alibi:
-                    for c in range(n):
-                        dist[0] = abs(i + off - j0 - c)
-                        s[r, c] -= sl[r] * dist[0]
-                for c in range(c0):
-                    s[r, c] = neg_inf
-                for c in range(max(c0, c1), n):
-                    s[r, c] = neg_inf
-                mx = neg_inf
-                for c in range(n):
-                    mx = fmax_fast(mx, s[r, c])
-                m_new = fmax_fast(mrow[r], mx)
-                mu = zero if m_new == neg_inf else m_new
-                alpha = exp2_fast(mrow[r] - mu)
-                tot = zero
-                for c in range(n):
-                    e = exp2_fast(s[r, c] - mu) if s[r, c] != neg_inf else zero
-                    s[r, c] = e
-                    tot += e
-                lrow[r] = lrow[r] * alpha + tot
-                mrow[r] = m_new
-                for d in range(D):
-                    acc[r, d] *= alpha
-            for c in range(n):
-                vrows = cache_rows(vc, pages[c], slots[c], buf, lut)  # (Hk, D)
-                for hk in range(Hk):
-                    r, r_end = hk * M, (hk + 1) * M
-                    while r + 4 <= r_end:  # four rows share each V load
-                        p0, p1, p2, p3 = s[r, c], s[r + 1, c], s[r + 2, c], s[r + 3, c]
-                        for d in range(D):
-                            vd = vrows[hk, d]
-                            acc[r, d] += p0 * vd
-                            acc[r + 1, d] += p1 * vd
-                            acc[r + 2, d] += p2 * vd
-                            acc[r + 3, d] += p3 * vd
-                        r += 4
-                    while r < r_end:
-                        pr = s[r, c]
-                        if pr != zero:
-                            for d in range(D):
-                                acc[r, d] += pr * vrows[hk, d]
-                        r += 1
-        for r in range(R):
-            i = r % Sq
-            h = r // Sq
-            inv = zero if lrow[r] == zero else 1 / lrow[r]
-            for d in range(D):
-                out_p[sp, b, i, h, d] = acc[r, d] * inv
-            if lrow[r] > zero:
-                lse_p[sp, b, h, i] = (mrow[r] + np.log2(lrow[r])) * LN2
-            else:
-                lse_p[sp, b, h, i] = -np.inf
+    ntask = q.shape[0] * nsplit
+    counter = np.zeros(1, dtype=np.int64)
+    for _ in prange(ntask):  # tasks pulled from a counter: a thread slowed by other work takes fewer
+        t = atomic_fetch_add(counter, 0, 1)
+        while t < ntask:
+            _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, t)
+            t = atomic_fetch_add(counter, 0, 1)
 
 
 @njit_parallel
