@@ -232,7 +232,7 @@ def sweep():
     ud, dd, zd, yd = (dv(torch.randn(B, Dm, L, device="cuda", dtype=torch.bfloat16)) for _ in range(4))
     Bd, Cd = (dv(torch.randn(B, 1, N, L, device="cuda", dtype=torch.bfloat16)) for _ in range(2))
     nb = 4 * B * Dm * L * 2 + 2 * B * N * L * 2
-    variants = [dict(), dict(pm=8), dict(pm=4), dict(pm=2), dict(pm=4, fg=True), dict(pm=1)]
+    variants = [dict(pm=0), dict(pm=8), dict(pm=4), dict(pm=2), dict(pm=4, fg=True), dict(pm=1)]
     res = {str(v): [] for v in variants}
     for rnd in range(2):
         for kw in variants:
@@ -253,7 +253,7 @@ def sweep():
         rows.append(f"sweep bf16 L{L} z {str(kw):22s}: GPU {t[0] * 1e6:7.1f} / {t[1] * 1e6:7.1f} us = "
                     f"{nb / min(t) / 1e9:5.0f} GB/s ({100 * nb / min(t) / 1e9 / copy_bw:3.0f}% of copy)")
     NC, Q, TL = fk.config(N, "bf16")
-    kern = fk.make_kernel("bf16", N, NC, Q, TL, True, True, False, css.FWD_PM, css.FWD_FG)
+    kern = fk.make_kernel("bf16", N, NC, Q, TL, True, True, False, css.FWD_PM.get("bf16", 0), css.FWD_FG)
     _, smem = fk.layout("bf16", N, NC, Q, TL, True, True, False)
     blk = css.blocks_dev(Dm, 1, 1, NC)
     e0 = css._none((0, 0, 0), np.float32)
@@ -329,7 +329,7 @@ def bench():
         return lambda: f(ud, dd, A, Bd, Cd, D, zd if with_z else None, dbias, None, None, True, False, dt, out=yd, **kw)
 
     # ---- variants: correctness (small shape, all options, float64 reference) and bf16 L 8192 z time ----
-    variants = [dict(), dict(fg=True), dict(pm=16), dict(pm=8), dict(pm=16, fg=True), dict(q=8), dict(tl=16)]
+    variants = [dict(pm=0), dict(), dict(fg=True), dict(pm=16), dict(pm=8, fg=True), dict(q=8), dict(tl=16)]
     L = 8192
     ts = tensors("bf16", L)
     nb, t_copy, t_exp, t_sfu, t_fma = floors("bf16", L, True)
@@ -367,7 +367,7 @@ def bench():
     try:
         ud, dd, zd, Bd, Cd, yd = ts
         kind, NC, Q, TL = "bf16", *fk.config(N, "bf16")
-        kern = fk.make_kernel(kind, N, NC, Q, TL, True, True, False, css.FWD_PM, css.FWD_FG)
+        kern = fk.make_kernel(kind, N, NC, Q, TL, True, True, False, css.FWD_PM.get(kind, 0), css.FWD_FG)
         _, smem = fk.layout(kind, N, NC, Q, TL, True, True, False)
         blk = css.blocks_dev(Dm, 1, 1, NC)
         e0 = css._none((0, 0, 0), np.float32)
@@ -417,7 +417,7 @@ def bench():
                 print(rows[-1], flush=True)
             del ts
     cfg = fk.config(N, "bf16")
-    k = fk.make_kernel("bf16", N, *cfg, True, True, False, css.FWD_PM, css.FWD_FG)
+    k = fk.make_kernel("bf16", N, *cfg, True, True, False, css.FWD_PM.get("bf16", 0), css.FWD_FG)
     try:
         rows.append(f"     kernel bf16 (NC, Q, TL) {cfg}: regs/thread {list(k.get_regs_per_thread().values())}, "
                     f"local bytes/thread {list(k.get_local_mem_per_thread().values())}, "
