@@ -30,8 +30,20 @@ def test_selective_scan_kernel_compiles_for_sm90(name):
     assert "ld.local" not in ptx and "st.local" not in ptx, f"{name}: state spilled to local memory"
     if "_f16" in name:  # native half conversions, no software emulation
         assert "cvt.f32.f16" in ptx
-    if name.startswith("scan_"):  # u / delta / z tiles staged in shared memory
+    if name.startswith("scan_"):  # tiles staged global -> shared by cp.async, read with 16-byte shared loads
         assert "ld.shared" in ptx and "st.shared" in ptx
+        assert "cp.async.cg.shared.global" in ptx, f"{name}: no cp.async staging"
+        if "_f64" not in name:
+            assert "ld.shared.v4" in ptx, f"{name}: no 16-byte shared loads"
+
+
+def test_bf16_scan_computes_some_exps_as_polynomials():
+    # FWD_PM["bf16"] = 8: one exp in 8 of the scan on the FMA pipe, so fewer ex2 than the float32 kernel's
+    from numba import cuda
+
+    cfg = _configs()
+    n = {k: cuda.compile_ptx(*cfg[f"scan_{k}_N16_var"], cc=(9, 0))[0].count("ex2.approx") for k in ("f32", "bf16")}
+    assert n["bf16"] < n["f32"], n
 
 
 # ---- the backward kernels (N = 16; time-varying and time-invariant B / C) and the partial-sum kernel ------

@@ -25,6 +25,7 @@ from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda import _scan_fwd_kernel as fk
 from numba_kernels.cuda._selective_scan_fwd import _softplus_fn
 from numba_kernels.cuda._attn_common import jit_kernel
@@ -94,7 +95,6 @@ def _bc(M, kind, ft, Bt, N, L):
 FWD_PM = {"bf16": 8}
 FWD_FG = False
 _NONE = {}
-_SMEM_SET = {}
 
 
 def _none(shape, dtype):
@@ -154,22 +154,9 @@ def _rows(src, shape, L, Lp, crop, out=None):
 
 
 def _launch(kern, grid, block, smem, args):
-    """kernel[grid, block, 0, smem](*args); the > 48 KB dynamic shared memory limit is raised once per compiled
-    overload (a new overload fails its first launch, gets the limit and is launched again)."""
-    if intr.SIM or smem <= 48 * 1024:
-        kern[grid, block, 0, smem](*args)
-        return
-    if _SMEM_SET.get(id(kern)) != (len(kern.overloads), smem):
-        intr.launch(kern, grid, block, smem, args)
-    else:
-        try:
-            kern[grid, block, 0, smem](*args)
-            return
-        except Exception:  # a new argument-type overload without the raised limit
-            intr.launch(kern, grid, block, smem, args)
-    for k in kern.overloads.values():
-        intr.set_dynamic_shared(k, smem)
-    _SMEM_SET[id(kern)] = (len(kern.overloads), smem)
+    """kernel[grid, block, 0, smem](*args) through the shared light launcher (``_launch``: cached cuLaunchKernel
+    after a first numba launch per argument signature, which also raises the > 48 KB shared-memory limit)."""
+    fl.launch(kern, grid, block, smem, args)
 
 
 def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last, dt, out=None, q=None, tl=None,
