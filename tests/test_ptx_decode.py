@@ -34,7 +34,7 @@ def test_decode_kernel_compiles_for_sm90(idx):
 def test_support_kernels_compile_for_sm90():
     from numba import cuda, types
 
-    from numba_kernels.cuda._decode_kernels import make_combine, make_rotate
+    from numba_kernels.cuda._decode_simt import make_combine, make_rotate
 
     i32_1, i32_2 = types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C")
     f32_2 = types.Array(types.float32, 2, "C")

@@ -15,7 +15,8 @@ from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
-from numba_kernels.cuda._decode_kernels import MAX_SPLITS, make_combine, make_decode_simt, make_decode_tc, make_rotate
+from numba_kernels.cuda._decode_kernels import MAX_SPLITS, make_decode_tc
+from numba_kernels.cuda._decode_simt import make_combine, make_decode_simt, make_rotate
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
 
