@@ -316,3 +316,16 @@ def test_bad_varlen_inputs(rng):
         nk.flash_attention_varlen_backward(do, q, k, k, out, lse, cq, ck, max_seqlen_k=3)
     with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] must equal"):
         nk.flash_attention_varlen_backward(do, q, k, k, out, lse, np.array([0, 4, 11], np.int32), ck)
+
+
+def test_cpu_diagonal_tiles_go_in_strips():
+    """A tile the causal mask cuts is done in SUB_Q-row strips over the visible keys only; full tiles stay whole."""
+    from numba_kernels.cpu import flash_attention_backward as fb
+
+    S = 512
+    assert fb._strip(256, 256, 0, 256, S, S, -1, 0) == 256  # rows 256-511 see all of keys 0-255
+    assert fb._strip(0, 256, 0, 256, S, S, -1, 0) == fb.SUB_Q  # the diagonal tile
+    assert fb._strip(0, 256, 0, 256, S, S, -1, -1) == 256  # no mask
+    assert fb._cols(0, 64, 0, 256, S, S, -1, 0) == (0, 64)  # first strip: keys 0-63 only
+    assert fb._cols(192, 64, 0, 256, S, S, -1, 0) == (0, 256)
+    assert fb._cols(0, 64, 256, 256, S, S, -1, 0)[1] <= 0  # nothing visible: skipped

@@ -10,6 +10,10 @@ and use D_i = rowsum(dO * O), computed once up front by the caller.
 2. dQ: one task per (sequence, query block of BLOCK_Q rows, query head), walking the visible key
    blocks: S, P, dP, dS as above, dQ += dS K.
 
+A tile that the mask cuts (the causal diagonal, a window edge) is done in strips of SUB_Q query rows, each
+against only the key columns its rows can see, so about half of a diagonal tile's products are skipped
+(5/8 of the tile computed at SUB_Q = 64, BLOCK 256, instead of all of it).
+
 Every output element is written by exactly one task in a fixed order of additions, so the gradients
 are bitwise reproducible whatever the thread count (the price is recomputing S and dP in pass 2:
 7 tile products per tile pair instead of 5). The tile products go to BLAS (np.dot on contiguous
@@ -29,6 +33,8 @@ from numba_kernels.cpu.flash_attention import _fill, _key_range, _row_span
 
 BLOCK_KV = 256  # key rows per dK/dV task
 BLOCK_Q = 256  # query rows per dQ task, and query chunk of a dK/dV task
+SUB_Q = 64  # a tile cut by the mask (causal diagonal, window edge) is done in strips of this many query rows,
+#             each against only the keys its rows can see (no products over the masked half)
 
 row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
 
@@ -126,6 +132,21 @@ def _dscores(p, dp, pd, g, di, has_drop, has_cap):
 
 
 @njit(inline="always")
+def _strip(i0, m, j0, n, Sq, Sk, left, right):
+    """Rows per strip for tile [i0, i0 + m) x keys [j0, j0 + n): m when every row sees every key, else SUB_Q."""
+    lo_last = _key_range(i0 + m - 1, i0 + m, Sq, Sk, left, right)[0]
+    hi_first = _key_range(i0, i0 + 1, Sq, Sk, left, right)[1]
+    return m if lo_last <= j0 and hi_first >= j0 + n else SUB_Q
+
+
+@njit(inline="always")
+def _cols(a, mm, j0, n, Sq, Sk, left, right):
+    """Key columns [c_lo, c_hi) of block [j0, j0 + n) seen by any of rows [a, a + mm)."""
+    lo, hi = _key_range(a, a + mm, Sq, Sk, left, right)
+    return max(lo, j0) - j0, min(hi, j0 + n) - j0
+
+
+@njit(inline="always")
 def _add(acc, tmp):
     for r in range(acc.shape[0]):
         a = acc[r]
@@ -167,24 +188,34 @@ def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, cons
             slope = slopes[b, h] * consts[C_LOG2E]
         for i0 in range(ilo, ihi, BLOCK_Q):
             m = min(BLOCK_Q, ihi - i0)
-            qt = q[h, qs + i0: qs + i0 + m]  # (m, D)
-            dot = do[h, qs + i0: qs + i0 + m]
-            s = sbuf[: m * n].reshape((m, n))
-            dp = dpbuf[: m * n].reshape((m, n))
-            pd = pdbuf[: m * n].reshape((m, n)) if has_drop else pdbuf.reshape((0, 0))
-            g = gbuf[: m * n].reshape((m, n)) if has_cap else gbuf.reshape((0, 0))
-            np.dot(qt, kt.T, s)
-            _probs(s, g, lse2[h, qs + i0: qs + i0 + m], i0, j0, off, left, right, consts, slope, cidx, fbuf)
-            if has_drop:
-                _dropped(s, pd, b, h, i0, j0, seed, thresh, consts[C_INV_KEEP], consts[C_ZERO])
-                np.dot(pd.T, dot, tmp)
-            else:
-                np.dot(s.T, dot, tmp)
-            _add(acc_v, tmp)
-            np.dot(dot, vt.T, dp)
-            _dscores(s, dp, pd, g, di[h, qs + i0: qs + i0 + m], has_drop, has_cap)
-            np.dot(dp.T, qt, tmp)
-            _add(acc_k, tmp)
+            step = _strip(i0, m, j0, n, Sq, Sk, left, right)
+            for a in range(i0, i0 + m, step):
+                mm = min(step, i0 + m - a)
+                c_lo, c_hi = _cols(a, mm, j0, n, Sq, Sk, left, right)
+                if c_hi <= c_lo:
+                    continue
+                nn = c_hi - c_lo
+                ks_, vs_ = kt[c_lo:c_hi], vt[c_lo:c_hi]  # (nn, D)
+                qt = q[h, qs + a: qs + a + mm]  # (mm, D)
+                dot = do[h, qs + a: qs + a + mm]
+                s = sbuf[: mm * nn].reshape((mm, nn))
+                dp = dpbuf[: mm * nn].reshape((mm, nn))
+                pd = pdbuf[: mm * nn].reshape((mm, nn)) if has_drop else pdbuf.reshape((0, 0))
+                g = gbuf[: mm * nn].reshape((mm, nn)) if has_cap else gbuf.reshape((0, 0))
+                t = tmp[:nn]
+                np.dot(qt, ks_.T, s)
+                _probs(s, g, lse2[h, qs + a: qs + a + mm], a, j0 + c_lo, off, left, right, consts, slope, cidx,
+                       fbuf)
+                if has_drop:
+                    _dropped(s, pd, b, h, a, j0 + c_lo, seed, thresh, consts[C_INV_KEEP], consts[C_ZERO])
+                    np.dot(pd.T, dot, t)
+                else:
+                    np.dot(s.T, dot, t)
+                _add(acc_v[c_lo:c_hi], t)
+                np.dot(dot, vs_.T, dp)
+                _dscores(s, dp, pd, g, di[h, qs + a: qs + a + mm], has_drop, has_cap)
+                np.dot(dp.T, qt, t)
+                _add(acc_k[c_lo:c_hi], t)
     scale = consts[C_SCALE]
     for r in range(n):
         for d in range(D):
@@ -223,20 +254,28 @@ def _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, b, h, hk, i0, dq, consts, left, 
     lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
     for j0 in range(lo, hi, BLOCK_KV):
         n = min(BLOCK_KV, hi - j0)
-        kt = k[hk, ks + j0: ks + j0 + n]  # (n, D)
-        vt = v[hk, ks + j0: ks + j0 + n]
-        s = sbuf[: m * n].reshape((m, n))
-        dp = dpbuf[: m * n].reshape((m, n))
-        pd = pdbuf[: m * n].reshape((m, n)) if has_drop else pdbuf.reshape((0, 0))
-        g = gbuf[: m * n].reshape((m, n)) if has_cap else gbuf.reshape((0, 0))
-        np.dot(qt, kt.T, s)
-        _probs(s, g, lr, i0, j0, off, left, right, consts, slope, cidx, fbuf)
-        if has_drop:
-            _dropped(s, pd, b, h, i0, j0, seed, thresh, consts[C_INV_KEEP], consts[C_ZERO])
-        np.dot(dot, vt.T, dp)
-        _dscores(s, dp, pd, g, dr, has_drop, has_cap)
-        np.dot(dp, kt, tmp)
-        _add(acc, tmp)
+        step = _strip(i0, m, j0, n, Sq, Sk, left, right)
+        for a in range(0, m, step):  # strip rows [i0 + a, i0 + a + mm)
+            mm = min(step, m - a)
+            c_lo, c_hi = _cols(i0 + a, mm, j0, n, Sq, Sk, left, right)
+            if c_hi <= c_lo:
+                continue
+            nn = c_hi - c_lo
+            kt = k[hk, ks + j0 + c_lo: ks + j0 + c_hi]  # (nn, D)
+            vt = v[hk, ks + j0 + c_lo: ks + j0 + c_hi]
+            s = sbuf[: mm * nn].reshape((mm, nn))
+            dp = dpbuf[: mm * nn].reshape((mm, nn))
+            pd = pdbuf[: mm * nn].reshape((mm, nn)) if has_drop else pdbuf.reshape((0, 0))
+            g = gbuf[: mm * nn].reshape((mm, nn)) if has_cap else gbuf.reshape((0, 0))
+            qa, da, t = qt[a: a + mm], dot[a: a + mm], tmp[a: a + mm]
+            np.dot(qa, kt.T, s)
+            _probs(s, g, lr[a: a + mm], i0 + a, j0 + c_lo, off, left, right, consts, slope, cidx, fbuf)
+            if has_drop:
+                _dropped(s, pd, b, h, i0 + a, j0 + c_lo, seed, thresh, consts[C_INV_KEEP], consts[C_ZERO])
+            np.dot(da, vt.T, dp)
+            _dscores(s, dp, pd, g, dr[a: a + mm], has_drop, has_cap)
+            np.dot(dp, kt, t)
+            _add(acc[a: a + mm], t)
     scale = consts[C_SCALE]
     for r in range(m):
         for d in range(D):
