@@ -486,3 +486,24 @@ def test_cpu_position_blocking_remainders(rng, dt, num_splits):
         ref, rlse, _, _ = _ref(q, k_, v_, **kw)
         assert max_err(out, ref) < TOL[np.dtype(dt)]
         _close_lse(lse, rlse)
+
+
+def test_cpu_task_runner_and_combine_variants(rng, monkeypatch):
+    """One thread and helper threads give bitwise-equal results (each task owns its outputs); the serial and
+    parallel split merges agree."""
+    from numba_kernels.cpu import decode_attention as cd
+
+    B, Sq, H, Hk, D, Smax = 3, 2, 8, 2, 16, 300
+    seqlens = np.array([300, 17, 255], dtype=np.int32)
+    q, kc, vc, _, _ = _data(rng, np.float32, B, Sq, H, Hk, D, Smax, seqlens)
+    outs = []
+    for nt in (1, 2):
+        monkeypatch.setattr(cd, "COMBINE_SERIAL_MAX", 0 if nt == 2 else 1 << 20)  # nt 2: the parallel merge
+        orig = cd.decode_cpu
+        monkeypatch.setattr(cd, "decode_cpu", lambda *a, _o=orig, _n=nt: _o(*a, nthreads=_n))
+        outs.append(_run(q, kc, vc, cache_seqlens=seqlens, num_splits=5)[:2])
+        monkeypatch.setattr(cd, "decode_cpu", orig)
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
+    ref, rlse, _, _ = _ref(q, kc, vc, cache_seqlens=seqlens)
+    assert max_err(outs[1][0], ref) < TOL[np.dtype(np.float32)]

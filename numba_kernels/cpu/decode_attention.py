@@ -1,4 +1,5 @@
-"""Decode attention on the CPU: njit, parallel over (sequence, key split) tasks pulled from an atomic counter.
+"""Decode attention on the CPU: njit tasks (sequence, key split) pulled from an atomic counter by this thread
+and helper threads (``_tasks``).
 
 A task owns all H * Sq query rows of one sequence and a range of its keys, and reads each cache
 position's K (and V) rows for all Hk heads at once: Hk * D contiguous values, so the task streams
@@ -21,6 +22,7 @@ from numba.extending import overload
 from numba_kernels import _masks
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fmax_fast, prefetch
+from numba_kernels.cpu._tasks import run_tasks
 
 BLOCK_K = 64
 #: software prefetch distance, in cache positions (each Hk * D values of K or V) ahead of the one in use
@@ -224,8 +226,17 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
             lse_p[sp, b, h, i] = -np.inf
 
 
-@njit_parallel
-def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes):
+@njit
+def _drain(counter, ntask, q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes):
+    """Run tasks from the shared counter until none is left (``_tasks.run_tasks``)."""
+    t = atomic_fetch_add(counter, 0, 1)
+    while t < ntask:
+        _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, t)
+        atomic_fetch_add(counter, 1, 1)
+        t = atomic_fetch_add(counter, 0, 1)
+
+
+def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, nthreads=None):
     """Split-KV decode attention.
 
     q (B, Sq, H, D) compute dtype; kc/vc (num_pages, page, Hk, D), compute dtype or uint16 bits with ``lut``;
@@ -236,18 +247,17 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     consts = [softmax_scale * log2(e), softcap, scale / softcap, log2(e), -inf, 0] in the compute dtype
     (:func:`make_consts`; softcap > 0 turns on ``softcap * tanh(s * scale / softcap)``);
     slopes (B, H) ALiBi slopes in the compute dtype, or an empty array.
+    The (sequence, split) tasks run on this thread and helper threads (``_tasks.run_tasks``: a short call
+    does not wait for a thread that another process keeps off its core); nthreads defaults to
+    ``numba.get_num_threads()``.
     """
-    ntask = q.shape[0] * nsplit
-    counter = np.zeros(1, dtype=np.int64)
-    for _ in prange(ntask):  # tasks pulled from a counter: a thread slowed by other work takes fewer
-        t = atomic_fetch_add(counter, 0, 1)
-        while t < ntask:
-            _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, t)
-            t = atomic_fetch_add(counter, 0, 1)
+    import numba
+
+    run_tasks(_drain, q.shape[0] * nsplit, (q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left,
+                                            right, slopes), nthreads or numba.get_num_threads())
 
 
-@njit_parallel
-def combine_cpu(out_p, lse_p, out, lse):
+def _combine(out_p, lse_p, out, lse):
     """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,) (lse_p's dtype).
     Splits with LSE -inf carry no weight; if every split is -inf the row is 0 with LSE -inf."""
     S, N, D = out_p.shape
@@ -274,3 +284,15 @@ def combine_cpu(out_p, lse_p, out, lse):
         for d in range(D):
             out[x, d] *= inv
         lse[x] = m + np.log(tot)
+
+
+_combine_serial = njit(_combine)
+_combine_parallel = njit_parallel(_combine, cache=False)  # one on-disk cache entry per function: the serial one
+#: below this many partial values (S * N * D) the merge runs on one thread (no parallel-region wake-up)
+COMBINE_SERIAL_MAX = 1 << 20
+
+
+def combine_cpu(out_p, lse_p, out, lse):
+    """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,) (lse_p's dtype).
+    Splits with LSE -inf carry no weight; if every split is -inf the row is 0 with LSE -inf."""
+    (_combine_serial if out_p.size <= COMBINE_SERIAL_MAX else _combine_parallel)(out_p, lse_p, out, lse)
