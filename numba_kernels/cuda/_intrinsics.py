@@ -125,29 +125,10 @@ if not SIM:
 
         return sig, codegen
 
-    def _make_ldmatrix(trans):
-        text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "") +
-                ".shared.b16 {$0,$1,$2,$3}, [$4];")
-
-        @intrinsic
-        def ldsm(typingctx, arr, idx):
-            sig = types.UniTuple(types.uint32, 4)(arr, idx)
-
-            def codegen(context, builder, signature, args):
-                addr = _shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-                ret = ir.LiteralStructType([_i32] * 4)
-                res = _asm(builder, ret, text, "=r,=r,=r,=r,r", [addr])
-                vals = [builder.extract_value(res, i) for i in range(4)]
-                return context.make_tuple(builder, signature.return_type, vals)
-
-            return sig, codegen
-
-        return ldsm
-
-    ldsm_x4 = _make_ldmatrix(False)
-    ldsm_x4_t = _make_ldmatrix(True)
-
-    def _make_ldmatrix_ordered(trans):
+    def _make_ldmatrix(trans, ordered=False):
+        """ldmatrix.x4 (``.trans`` if trans). ``ordered``: a side-effecting asm that LLVM keeps in program order
+        with barriers and cp.async waits; the plain one is a pure function of its address to LLVM, which may
+        hoist a loop-invariant one above the wait for its data (seen in the backward on the H200)."""
         text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "") +
                 ".shared.b16 {$0,$1,$2,$3}, [$4];")
 
@@ -159,7 +140,7 @@ if not SIM:
                 addr = _shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
                 ret = ir.LiteralStructType([_i32] * 4)
                 fnty = ir.FunctionType(ret, [_i32])
-                res = builder.call(ir.InlineAsm(fnty, text, "=r,=r,=r,=r,r", side_effect=True), [addr])
+                res = builder.call(ir.InlineAsm(fnty, text, "=r,=r,=r,=r,r", side_effect=ordered), [addr])
                 vals = [builder.extract_value(res, i) for i in range(4)]
                 return context.make_tuple(builder, signature.return_type, vals)
 
@@ -167,10 +148,10 @@ if not SIM:
 
         return ldsm
 
-    # ldmatrix that LLVM keeps in program order with barriers and cp.async waits: the plain ones above are pure
-    # functions of their address to LLVM, which may hoist a loop-invariant one above the wait for its data
-    ldsm_x4_o = _make_ldmatrix_ordered(False)
-    ldsm_x4_t_o = _make_ldmatrix_ordered(True)
+    ldsm_x4 = _make_ldmatrix(False)
+    ldsm_x4_t = _make_ldmatrix(True)
+    ldsm_x4_o = _make_ldmatrix(False, ordered=True)
+    ldsm_x4_t_o = _make_ldmatrix(True, ordered=True)
 
     @intrinsic
     def cp_async16(typingctx, dst, dst_idx, src, src_idx, nbytes):
