@@ -236,6 +236,21 @@ def _drain(counter, ntask, q, kc, vc, lut, table, start, end, nsplit, out_p, lse
         t = atomic_fetch_add(counter, 0, 1)
 
 
+@njit_parallel
+def _decode_parallel(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes):
+    """The same tasks in one parallel region (OpenMP threads, pulled from a counter)."""
+    ntask = q.shape[0] * nsplit
+    counter = np.zeros(2, dtype=np.int64)
+    for _ in prange(ntask):
+        _drain(counter, ntask, q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes)
+
+
+#: calls reading fewer K/V bytes than this (about 2 ms on one core) use the parallel region: its threads are
+#: usually still spinning from the previous call, while a helper thread has to be woken (about 0.5 ms);
+#: longer calls use ``run_tasks``, which never waits for a thread another process keeps off its core
+PARALLEL_REGION_MAX_BYTES = 16 << 20
+
+
 def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, nthreads=None):
     """Split-KV decode attention.
 
@@ -253,8 +268,12 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     """
     import numba
 
-    run_tasks(_drain, q.shape[0] * nsplit, (q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left,
-                                            right, slopes), nthreads or numba.get_num_threads())
+    args = (q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes)
+    kv_bytes = 2 * int(np.sum(end - start)) * kc.shape[2] * kc.shape[3] * kc.itemsize
+    if nthreads is None and kv_bytes < PARALLEL_REGION_MAX_BYTES:
+        _decode_parallel(*args)
+    else:
+        run_tasks(_drain, q.shape[0] * nsplit, args, nthreads or numba.get_num_threads())
 
 
 def _combine(out_p, lse_p, out, lse):
