@@ -9,9 +9,10 @@ is nb = ceil(L / M) with M = P - Lk + 1, so P - M <= M). The crop adds block j's
 (its samples past M) into ``y[t] = full[t + off]``, then the skip term ``bias[h] * v[t]`` (t < L) and the
 postgate. Transforms are unnormalized both ways and the multiply applies K / P.
 
-Threads: Python threads (``workers`` = os.cpu_count()), each with its own FFT engine and buffers; the njit
-kernels here are serial and release the GIL, and so do scipy.fft and pyFFTW. Chunks are handed out
-dynamically, so a core slowed by other work takes fewer of them.
+Threads: the calling thread plus ``workers - 1`` helper threads (workers = os.cpu_count()), each with its own FFT
+engine and buffers; the njit kernels here are serial and release the GIL, and so do scipy.fft and pyFFTW.
+Chunks are handed out dynamically, so a core slowed by other work takes fewer of them, and the call never
+waits for a helper that has not started (it returns once every chunk taken is done; cpu/_tasks.py says why).
 """
 import concurrent.futures
 import itertools
@@ -176,7 +177,7 @@ def _executor():
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
                                                           thread_name_prefix="fft_conv")
         return _pool
 
@@ -202,24 +203,39 @@ def fwd_rows(u, pre, bias, post, K, off, Lout, P, M, nb, lib, workers=None):
     nchunks = -(-rows // R)
     scale = u.dtype.type(1.0 / P)
     counter = itertools.count()
+    done, errors = [0], []
+    cond = threading.Condition()
 
     def work():
-        eng = _engine(lib, R * nb, P, u.dtype)
+        eng = None
         while True:
             c = next(counter)  # atomic under the GIL
             if c >= nchunks:
                 return
+            if eng is None:
+                eng = _engine(lib, R * nb, P, u.dtype)
             r0 = c * R
             r1 = min(rows, r0 + R)
-            cut(u2, g2, r0, r1, M, nb, eng.buf)
-            spec = eng.forward()
-            mulk(spec, K, r0, H, nb, scale)
-            crop(eng.inverse(spec), r0, r1, H, M, nb, off, u2, g2, bias, p2, o2)
+            try:
+                cut(u2, g2, r0, r1, M, nb, eng.buf)
+                spec = eng.forward()
+                mulk(spec, K, r0, H, nb, scale)
+                crop(eng.inverse(spec), r0, r1, H, M, nb, off, u2, g2, bias, p2, o2)
+            except BaseException as e:  # recorded before the chunk counts as done
+                errors.append(e)
+                raise
+            finally:
+                with cond:
+                    done[0] += 1
+                    cond.notify_all()
 
     T = min(workers or os.cpu_count() or 1, nchunks)
-    if T <= 1:
-        work()
-    else:
-        for f in [_executor().submit(work) for _ in range(T)]:
-            f.result()
+    for _ in range(T - 1):
+        _executor().submit(work)
+    work()  # this thread drains the chunks too; then only the chunks a helper has taken are waited for
+    with cond:
+        while done[0] < nchunks and not errors:
+            cond.wait(0.01)
+    if errors:
+        raise errors[0]
     return out
