@@ -118,6 +118,18 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     mma_acc = make_tc_helpers(bf16, STR, CH, NTH)[0]
 
     @dev
+    def copy_rows(smem, rbase, kc, vc, dst, warp, lane, W):
+        """The warp's cp.async copies of its BC K and V rows (row bases in ``rbase``, -1 = zero-fill) to ``dst``."""
+        for c in range(lane, BC * CH, 32):
+            r = c // CH
+            ch = c - r * CH
+            base = rbase[warp * BC + r]
+            ok = base >= 0 and ch * 4 < W
+            src = base + ch * 4 if ok else int64(0)
+            cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
+            cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
+
+    @dev
     def issue_tile(smem, rbase, kc, vc, table, b, hk, p0, nvalid, dst, warp, lane):
         """cp.async the K and V rows of logical positions p0 .. p0 + BC - 1 (the first nvalid exist) into this
         warp's stage at ``dst``: lanes < BC look up one row's page, the warp then copies 16-byte chunks."""
@@ -131,14 +143,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 base = ((int64(table[b, pg]) * P + (p - pg * P)) * kc.shape[2] + hk) * W
             rbase[warp * BC + lane] = base
         syncwarp()
-        for c in range(lane, BC * CH, 32):
-            r = c // CH
-            ch = c - r * CH
-            base = rbase[warp * BC + r]
-            ok = base >= 0 and ch * 4 < W
-            src = base + ch * 4 if ok else int64(0)
-            cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
-            cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
+        copy_rows(smem, rbase, kc, vc, dst, warp, lane, W)
         syncwarp()  # every lane has read rbase before the next issue rewrites it
 
     @dev
@@ -164,14 +169,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 base = ((int64(pv) * kc.shape[1] + slot) * kc.shape[2] + hk) * W
             rbase[warp * BC + lane] = base
         syncwarp()
-        for c in range(lane, BC * CH, 32):
-            r = c // CH
-            ch = c - r * CH
-            base = rbase[warp * BC + r]
-            ok = base >= 0 and ch * 4 < W
-            src = base + ch * 4 if ok else int64(0)
-            cp16(smem, dst + r * STR + ch * 4, kc, src, 16 if ok else 0)
-            cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
+        copy_rows(smem, rbase, kc, vc, dst, warp, lane, W)
         syncwarp()
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False)
