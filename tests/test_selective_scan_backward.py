@@ -209,3 +209,28 @@ def test_sim_backward_device_arrays_no_options(rng):
     assert all(hasattr(g, "copy_to_host") for g in got if g is not None)
     ref = selective_scan_backward_ref(dout, **kw)
     _compare([None if g is None else g.copy_to_host() for g in got], ref, kw, np.float64)
+
+
+# ---- the CPU kernel's segmented path (rows longer than BWD_SEG_MAX) and its 8-state register blocks --------
+SEG_CASES = [(30, 7, 11, "BNL", "const"), (30, 7, 16, "grouped", "BNL"), (1, 7, 8, "const", "grouped"),
+             (21, 7, 9, "const", "const"), (16, 16, 3, "BNL", "grouped")]
+
+
+@pytest.mark.parametrize("L,seg,N,bform,cform", SEG_CASES,
+                         ids=[f"L{l}-seg{s}-N{n}-B{b}-C{c}" for l, s, n, b, c in SEG_CASES])
+def test_cpu_segments_and_state_blocks(rng, monkeypatch, L, seg, N, bform, cform):
+    # L 30 / seg 7: four full segments and a partial one (recomputed from checkpoints); L 21: a multiple;
+    # N 8 / 9 / 11 / 16: blocks of 8 states, with and without the one-state remainder
+    from numba_kernels.cpu import selective_scan as cpu_ss
+
+    monkeypatch.setattr(cpu_ss, "BWD_SEG_MAX", seg)
+    dout, kw = _with_grads(rng, _inputs(rng, np.float64, B=2, Dm=6, L=L, N=N, G=3, bform=bform, cform=cform,
+                                        segments=3), np.float64)
+    got = nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cpu")
+    _compare(got, selective_scan_backward_ref(dout, **kw, delta_softplus=True), kw, np.float64)
+    got32 = nk.selective_scan_backward(dout.astype(np.float32), **{k: (v.astype(np.float32) if k in (
+        "u", "delta", "z") or (k in ("B", "C") and v.ndim > 2) else v) for k, v in kw.items()},
+        delta_softplus=False, backend="cpu")
+    ref32 = selective_scan_backward_ref(dout, **kw, delta_softplus=False)
+    for name, g, r in zip(NAMES, got32, ref32):
+        assert max_err(g.astype(np.float64), r) < 2e-5, name

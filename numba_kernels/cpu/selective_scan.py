@@ -5,8 +5,7 @@ Forward: each task owns one row (b, d) and walks L sequentially with the N-vecto
 written so LLVM vectorizes them over N (float32 on AVX2 / AVX-512): dt = softplus(delta + bias) and the gate
 in separate passes over the row (branch-free softplus / sigmoid), and the decays exp(dt A) of a time tile in
 one elementwise pass through a polynomial exp2 (``cpu._math.exp2_fast``; float64 uses libm).
-Backward (``scan_bwd_cpu``): a reverse scan with chunked recomputation, tasks over (batch, channel block)
-so the grouped dB / dC partials are per task (deterministic, no atomics).
+Backward (``scan_bwd_cpu``): vectorized passes over time-major buffers, in ``cpu/selective_scan_backward.py``.
 Arrays arrive in the compute dtype (float32, or float64 for float64 inputs); the host wrapper widens
 float16 / bfloat16 and narrows the results. Time-varying B / C arrive transposed to (B, G, L, N) so the
 inner loop over the N states is contiguous. Absent optional inputs are passed as empty arrays.
@@ -185,126 +184,24 @@ def state_update_cpu(state, x, dt, A, Bm, Cm, Dv, zz, dbias, sbi, softplus, y):
         y[b, hh, p] = out
 
 
-@njit_parallel
+#: longest segment of the CPU backward: rows up to this length are done in one segment (decays and states
+#: computed once); longer rows are checkpointed every BWD_SEG_MAX steps and recompute all but the last segment
+BWD_SEG_MAX = 2048
+
+
 def scan_bwd_cpu(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, init, seq, dlast, softplus,
                  blk_start, blk_len, K, du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit):
-    """Reverse scan with chunked recomputation. Task (b, blk) walks the channels of block blk (within one group
-    of B and of C) one by one. Per channel: a forward pass stores the state entering every chunk of K steps;
-    then, chunk by chunk from the end, the chunk's states (and decays) are recomputed into a (K + 1, N) buffer
-    and walked backwards with the state gradient dh in a local array.
+    """The CPU backward (``cpu.selective_scan_backward.scan_bwd_kernel``): tasks over (batch, channel block), so
+    the grouped dB / dC partials are per task (deterministic, no atomics).
 
-    Inputs as in :func:`scan_fwd_cpu`, plus dout (B, Dm, L) and dlast (B, Dm, N) | (0,0,0). Outputs (compute
+    Inputs as in :func:`scan_fwd_cpu`, plus dout (B, Dm, L) and dlast (B, Dm, N) | (0,0,0); K is the smallest
+    checkpoint interval the caller accepts (the segment is max(K, min(L, BWD_SEG_MAX)) steps). Outputs (compute
     dtype, written, not accumulated, except the zero-filled partials): du / ddelta (B, Dm, L); dz (B, Dm, L) |
     (0,0,0); per-(b, d) partials dA / dBc / dCc (B, Dm, N) (dBc / dCc (0,0,0) for time-varying B / C), dD / ddb
-    (B, Dm); per-(b, block) partials dBv / dCv (B, nblk, L, N) | (0,0,0,0); dinit (B, Dm, N) | (0,0,0)."""
-    Bt, Dm, L = u.shape
-    N = A.shape[1]
-    nblk = blk_start.shape[0]
-    nc = (L + K - 1) // K
-    zero = np.zeros(1, u.dtype)[0]
-    one = np.ones(1, u.dtype)[0]
-    var_b = bvar.shape[0] > 0
-    var_c = cvar.shape[0] > 0
-    for task in prange(Bt * nblk):
-        b = task // nblk
-        blk = task - b * nblk
-        ck = np.empty((nc, N), dtype=u.dtype)
-        hs = np.empty((K + 1, N), dtype=u.dtype)
-        aa = np.empty((K, N), dtype=u.dtype)
-        h = np.empty(N, dtype=u.dtype)
-        dh = np.empty(N, dtype=u.dtype)
-        dts = np.empty(L, dtype=u.dtype)
-        for d in range(blk_start[blk], blk_start[blk] + blk_len[blk]):
-            Ad = A[d]
-            A2 = Ad * A.dtype.type(LOG2E)  # exp(dt A) = 2**(dt A2)
-            gb = d // (Dm // bvar.shape[1]) if var_b else 0
-            gc = d // (Dm // cvar.shape[1]) if var_c else 0
-            bias = dbias[d] if dbias.shape[0] > 0 else zero
-            Dd = Dv[d] if Dv.shape[0] > 0 else zero
-            for n in range(N):
-                h[n] = init[b, d, n] if init.shape[0] > 0 else zero
-                dh[n] = dlast[b, d, n] if dlast.shape[0] > 0 else zero
-                dA[b, d, n] = zero
-                if not var_b:
-                    dBc[b, d, n] = zero
-                if not var_c:
-                    dCc[b, d, n] = zero
-            for t in range(L):  # dt of the row, one vectorizable pass
-                dts[t] = softplus_vec(delta[b, d, t] + bias) if softplus else delta[b, d, t] + bias
-            # forward: the state entering each chunk
-            for t in range(L):
-                if t % K == 0:
-                    for n in range(N):
-                        ck[t // K, n] = h[n]
-                if seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]:
-                    for n in range(N):
-                        h[n] = zero
-                dt = dts[t]
-                Bt_ = bvar[b, gb, t] if var_b else bconst[d]
-                du_ = dt * u[b, d, t]
-                for n in range(N):
-                    h[n] = exp_scaled(dt * A2[n]) * h[n] + du_ * Bt_[n]
-            sD = zero
-            sbias = zero
-            for c in range(nc - 1, -1, -1):
-                t0 = c * K
-                tl = min(K, L - t0)
-                for n in range(N):
-                    hs[0, n] = ck[c, n]
-                for j in range(tl):  # recompute the chunk's states and decays
-                    t = t0 + j
-                    rs = seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]
-                    dt = dts[t]
-                    Bt_ = bvar[b, gb, t] if var_b else bconst[d]
-                    du_ = dt * u[b, d, t]
-                    for n in range(N):
-                        an = exp_scaled(dt * A2[n])
-                        aa[j, n] = an
-                        hs[j + 1, n] = (zero if rs else an * hs[j, n]) + du_ * Bt_[n]
-                for j in range(tl - 1, -1, -1):  # walk back
-                    t = t0 + j
-                    rs = seq.shape[0] > 0 and t > 0 and seq[b, t] != seq[b, t - 1]
-                    x = delta[b, d, t] + bias
-                    dt = dts[t]
-                    ut = u[b, d, t]
-                    Bt_ = bvar[b, gb, t] if var_b else bconst[d]
-                    Ct_ = cvar[b, gc, t] if var_c else cconst[d]
-                    g = dout[b, d, t]
-                    if zz.shape[0] > 0:
-                        zv = zz[b, d, t]
-                        s = sigmoid_vec(zv)
-                        ypre = Dd * ut
-                        for n in range(N):
-                            ypre += Ct_[n] * hs[j + 1, n]
-                        dz[b, d, t] = g * ypre * s * (one + zv * (one - s))
-                        g = g * zv * s
-                    dtu = dt * ut
-                    dus = zero
-                    ddt = zero
-                    for n in range(N):
-                        dhn = dh[n] + g * Ct_[n]
-                        an = aa[j, n]
-                        hpn = zero if rs else hs[j, n]
-                        if var_c:
-                            dCv[b, blk, t, n] += g * hs[j + 1, n]
-                        else:
-                            dCc[b, d, n] += g * hs[j + 1, n]
-                        if var_b:
-                            dBv[b, blk, t, n] += dhn * dtu
-                        else:
-                            dBc[b, d, n] += dhn * dtu
-                        dus += dhn * Bt_[n]
-                        ddt += dhn * (Ad[n] * an * hpn + Bt_[n] * ut)
-                        dA[b, d, n] += dhn * dt * an * hpn
-                        dh[n] = zero if rs else an * dhn
-                    du[b, d, t] = dus * dt + g * Dd
-                    sD += g * ut
-                    if softplus and x <= SOFTPLUS_THRESHOLD:
-                        ddt = ddt * sigmoid_vec(x)
-                    ddelta[b, d, t] = ddt
-                    sbias += ddt
-            dD[b, d] = sD
-            ddb[b, d] = sbias
-            if dinit.shape[0] > 0:
-                for n in range(N):
-                    dinit[b, d, n] = dh[n]
+    (B, Dm); per-(b, block) partials dBv / dCv (B, nblk, L, N) | (0,0,0,0), zero-filled; dinit (B, Dm, N) |
+    (0,0,0)."""
+    from numba_kernels.cpu.selective_scan_backward import scan_bwd_kernel
+
+    seg = max(int(K), min(u.shape[2], BWD_SEG_MAX))
+    scan_bwd_kernel(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, init, seq, dlast, softplus,
+                    blk_start, blk_len, seg, du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit)
