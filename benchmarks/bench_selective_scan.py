@@ -1,15 +1,21 @@
 """CPU selective_scan benchmark: float32 B2 Dm768 N16 L2048 (B / C (B, N, L), z, D, delta_bias, softplus),
 forward and backward. Validates against the float64 reference (on a slice) first, warms up (JIT compile
-excluded) and reports the median of repeats next to
+excluded) and reports the min of repeats (interleaved, with the load average; the machine is shared) next to
   * the NumPy reference loop: mamba's ``selective_scan_ref`` recipe (a Python loop over L, each step
     vectorized over batch, channels and states), float32, same run;
   * a same-run NumPy copy (GB/s read + write) as the memory floor: the op must read u, delta, z, B, C and
     write y (the backward reads dout too and writes du, ddelta, dz, dB, dC).
 Prints a table last.
 
-Usage: python benchmarks/bench_selective_scan.py [--quick]"""
+With --ab REV the CPU backward of git revision REV (its ``cpu/selective_scan.py``, loaded from ``git show``) is
+timed interleaved with the current one in the same process (and its gradients compared).
+
+Usage: python benchmarks/bench_selective_scan.py [--quick] [--ab REV]"""
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,16 +34,52 @@ except ImportError:
 from numba_kernels.reference.selective_scan import selective_scan_backward_ref, selective_scan_ref  # noqa: E402
 
 QUICK = "--quick" in sys.argv
+AB = sys.argv[sys.argv.index("--ab") + 1] if "--ab" in sys.argv else None
 
 
 def timeit(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    return interleaved([fn], reps)[0]
+
+
+def interleaved(fns, reps):
+    """min over reps of each fn, the fns called in turn each repeat (after one warm-up call each)."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    return [float(min(t)) for t in ts]
+
+
+def old_backward(rev):
+    """scan_bwd_cpu of git revision rev, imported from a temporary copy of its cpu/selective_scan.py."""
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:numba_kernels/cpu/selective_scan.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "old_selective_scan.py")
+    with open(path, "w") as fh:
+        fh.write(src)
+    spec = importlib.util.spec_from_file_location("old_selective_scan", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.scan_bwd_cpu
+
+
+def with_kernel(kernel, fn):
+    """fn run with numba_kernels.cpu.selective_scan.scan_bwd_cpu swapped for kernel."""
+    import numba_kernels.cpu.selective_scan as css
+
+    cur = css.scan_bwd_cpu
+
+    def run():
+        css.scan_bwd_cpu = kernel
+        try:
+            return fn()
+        finally:
+            css.scan_bwd_cpu = cur
+    return run
 
 
 def numpy_loop(u, delta, A, B, C, D, z, delta_bias):
@@ -86,9 +128,24 @@ def main():
     isz = 4
     nb_fwd = 4 * Bt * Dm * L * isz + 2 * Bt * N * L * isz
     nb_bwd = 8 * Bt * Dm * L * isz + 4 * Bt * N * L * isz
-    reps = 3 if QUICK else 5
-    t_fwd = timeit(lambda: nk.selective_scan(**kw, delta_softplus=True, backend="cpu"), reps)
-    t_bwd = timeit(lambda: nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cpu"), reps)
+    reps = 3 if QUICK else 7
+    load0 = os.getloadavg()
+    fwd = lambda: nk.selective_scan(**kw, delta_softplus=True, backend="cpu")  # noqa: E731
+    bwd = lambda: nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cpu")  # noqa: E731
+    ab = []
+    if AB:
+        bwd_old = with_kernel(old_backward(AB), bwd)
+        g_old, g_new = bwd_old(), bwd()
+        dmax = max(float(np.abs(a - b).max() / max(1.0, np.abs(a).max())) for a, b in zip(g_old, g_new)
+                   if a is not None)
+        g_again = bwd()
+        same = all(np.array_equal(a, b) for a, b in zip(g_new, g_again) if a is not None)
+        t_fwd, t_bwd, t_old = interleaved([fwd, bwd, bwd_old], reps)
+        ab = [f"backward of {AB} (same run, interleaved) {t_old * 1e3:8.1f} ms -> now {t_old / t_bwd:.2f}x faster "
+              f"(max rel diff of the gradients {dmax:.1e}; current backward bitwise equal run to run: {same})"]
+    else:
+        t_fwd, t_bwd = interleaved([fwd, bwd], reps)
+    load1 = os.getloadavg()
     t_np = timeit(lambda: numpy_loop(**kw), 1 if not QUICK else 2)
     yo = nk.selective_scan(**kw, delta_softplus=True, backend="cpu")
     diff = float(np.abs(yo - numpy_loop(**kw)).max() / np.abs(yo).max())
@@ -101,7 +158,9 @@ def main():
             f"of copy)  {Bt * Dm * L * N / t_fwd / 1e9:.2f} G state-updates/s",
             f"forward  numpy loop {t_np * 1e3:8.1f} ms -> ours {t_np / t_fwd:.1f}x faster (max rel diff {diff:.1e})",
             f"backward ours {t_bwd * 1e3:8.1f} ms  {nb_bwd / t_bwd / 1e9:6.2f} GB/s ({100 * nb_bwd / t_bwd / 1e9 / copy_bw:4.1f}% "
-            f"of copy); {t_bwd / t_fwd:.1f}x the forward"]
+            f"of copy); {t_bwd / t_fwd:.1f}x the forward"] + ab + [
+            f"min of {reps} repeats; load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+            f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"]
     print("\n==== summary ====")
     for r in rows:
         print(r)

@@ -45,71 +45,74 @@ def _states8(n0, t0, tl, dtu, BT, aa, hs):
     """hs[n, j + 1] = aa[n, j] hs[n, j] + dt u B[n] for the 8 states n0 .. n0 + 7: 8 chains in registers."""
     A0, A1, A2, A3, A4, A5, A6, A7 = aa[n0], aa[n0 + 1], aa[n0 + 2], aa[n0 + 3], aa[n0 + 4], aa[n0 + 5], \
         aa[n0 + 6], aa[n0 + 7]
-    B0, B1, B2, B3, B4, B5, B6, B7 = BT[n0], BT[n0 + 1], BT[n0 + 2], BT[n0 + 3], BT[n0 + 4], BT[n0 + 5], \
-        BT[n0 + 6], BT[n0 + 7]
+    e = t0 + tl  # segment views, indexed from 0
+    B0, B1, B2, B3, B4, B5, B6, B7 = BT[n0, t0:e], BT[n0 + 1, t0:e], BT[n0 + 2, t0:e], BT[n0 + 3, t0:e], \
+        BT[n0 + 4, t0:e], BT[n0 + 5, t0:e], BT[n0 + 6, t0:e], BT[n0 + 7, t0:e]
+    dtu_ = dtu[t0:e]
     H0, H1, H2, H3, H4, H5, H6, H7 = hs[n0], hs[n0 + 1], hs[n0 + 2], hs[n0 + 3], hs[n0 + 4], hs[n0 + 5], \
         hs[n0 + 6], hs[n0 + 7]
     h0, h1, h2, h3, h4, h5, h6, h7 = H0[0], H1[0], H2[0], H3[0], H4[0], H5[0], H6[0], H7[0]
     for j in range(tl):
-        t = t0 + j
-        x = dtu[t]
-        h0 = A0[j] * h0 + x * B0[t]
+        x = dtu_[j]
+        h0 = A0[j] * h0 + x * B0[j]
         H0[j + 1] = h0
-        h1 = A1[j] * h1 + x * B1[t]
+        h1 = A1[j] * h1 + x * B1[j]
         H1[j + 1] = h1
-        h2 = A2[j] * h2 + x * B2[t]
+        h2 = A2[j] * h2 + x * B2[j]
         H2[j + 1] = h2
-        h3 = A3[j] * h3 + x * B3[t]
+        h3 = A3[j] * h3 + x * B3[j]
         H3[j + 1] = h3
-        h4 = A4[j] * h4 + x * B4[t]
+        h4 = A4[j] * h4 + x * B4[j]
         H4[j + 1] = h4
-        h5 = A5[j] * h5 + x * B5[t]
+        h5 = A5[j] * h5 + x * B5[j]
         H5[j + 1] = h5
-        h6 = A6[j] * h6 + x * B6[t]
+        h6 = A6[j] * h6 + x * B6[j]
         H6[j + 1] = h6
-        h7 = A7[j] * h7 + x * B7[t]
+        h7 = A7[j] * h7 + x * B7[j]
         H7[j + 1] = h7
 
 
 @njit()
 def _grads8(n0, t0, tl, gg, CT, aa, GG, carry):
     """State gradients GG[n, j] = carry + g C[n], carry = aa[n, j] GG[n, j], backwards over the segment, for
-    the 8 states n0 .. n0 + 7 (8 chains in registers); carry (N,) in and out."""
+    the 8 states n0 .. n0 + 7 (8 chains in registers, each one FMA deep a step: carry = a carry + a g C);
+    carry (N,) in and out."""
     A0, A1, A2, A3, A4, A5, A6, A7 = aa[n0], aa[n0 + 1], aa[n0 + 2], aa[n0 + 3], aa[n0 + 4], aa[n0 + 5], \
         aa[n0 + 6], aa[n0 + 7]
-    C0, C1, C2, C3, C4, C5, C6, C7 = CT[n0], CT[n0 + 1], CT[n0 + 2], CT[n0 + 3], CT[n0 + 4], CT[n0 + 5], \
-        CT[n0 + 6], CT[n0 + 7]
+    e = t0 + tl  # segment views, indexed from 0
+    C0, C1, C2, C3, C4, C5, C6, C7 = CT[n0, t0:e], CT[n0 + 1, t0:e], CT[n0 + 2, t0:e], CT[n0 + 3, t0:e], \
+        CT[n0 + 4, t0:e], CT[n0 + 5, t0:e], CT[n0 + 6, t0:e], CT[n0 + 7, t0:e]
+    gg_ = gg[t0:e]
     G0, G1, G2, G3, G4, G5, G6, G7 = GG[n0], GG[n0 + 1], GG[n0 + 2], GG[n0 + 3], GG[n0 + 4], GG[n0 + 5], \
         GG[n0 + 6], GG[n0 + 7]
     c0, c1, c2, c3 = carry[n0], carry[n0 + 1], carry[n0 + 2], carry[n0 + 3]
     c4, c5, c6, c7 = carry[n0 + 4], carry[n0 + 5], carry[n0 + 6], carry[n0 + 7]
     for j in range(tl - 1, -1, -1):
-        t = t0 + j
-        g = gg[t]
-        x = c0 + g * C0[t]
-        G0[j] = x
-        c0 = A0[j] * x
-        x = c1 + g * C1[t]
-        G1[j] = x
-        c1 = A1[j] * x
-        x = c2 + g * C2[t]
-        G2[j] = x
-        c2 = A2[j] * x
-        x = c3 + g * C3[t]
-        G3[j] = x
-        c3 = A3[j] * x
-        x = c4 + g * C4[t]
-        G4[j] = x
-        c4 = A4[j] * x
-        x = c5 + g * C5[t]
-        G5[j] = x
-        c5 = A5[j] * x
-        x = c6 + g * C6[t]
-        G6[j] = x
-        c6 = A6[j] * x
-        x = c7 + g * C7[t]
-        G7[j] = x
-        c7 = A7[j] * x
+        g = gg_[j]
+        q = g * C0[j]
+        G0[j] = c0 + q
+        c0 = A0[j] * c0 + A0[j] * q
+        q = g * C1[j]
+        G1[j] = c1 + q
+        c1 = A1[j] * c1 + A1[j] * q
+        q = g * C2[j]
+        G2[j] = c2 + q
+        c2 = A2[j] * c2 + A2[j] * q
+        q = g * C3[j]
+        G3[j] = c3 + q
+        c3 = A3[j] * c3 + A3[j] * q
+        q = g * C4[j]
+        G4[j] = c4 + q
+        c4 = A4[j] * c4 + A4[j] * q
+        q = g * C5[j]
+        G5[j] = c5 + q
+        c5 = A5[j] * c5 + A5[j] * q
+        q = g * C6[j]
+        G6[j] = c6 + q
+        c6 = A6[j] * c6 + A6[j] * q
+        q = g * C7[j]
+        G7[j] = c7 + q
+        c7 = A7[j] * c7 + A7[j] * q
     carry[n0], carry[n0 + 1], carry[n0 + 2], carry[n0 + 3] = c0, c1, c2, c3
     carry[n0 + 4], carry[n0 + 5], carry[n0 + 6], carry[n0 + 7] = c4, c5, c6, c7
 
@@ -125,9 +128,9 @@ def _grads(t0, tl, gg, CT, aa, GG, carry):
         Ar, Cr, Gr = aa[n], CT[n], GG[n]
         c = carry[n]
         for j in range(tl - 1, -1, -1):
-            x = c + gg[t0 + j] * Cr[t0 + j]
-            Gr[j] = x
-            c = Ar[j] * x
+            q = gg[t0 + j] * Cr[t0 + j]
+            Gr[j] = c + q
+            c = Ar[j] * c + Ar[j] * q
         carry[n] = c
 
 
