@@ -1,6 +1,7 @@
 """CPU fft_conv benchmark: float32, causal; B8 H256 with long filters (Lk = L, L 1k-64k), one short filter
 (direct path) and L 64k with Lk 256-4k; B1 H16 at L 1M with Lk 256/4096 (overlap-add territory). Next to
-scipy.signal.fftconvolve on the same batch in the same run; also the other path forced (the single FFT where
+scipy.signal.fftconvolve on the same batch in the same run (wall clock, and process CPU time: the ratio
+of work, which load does not move much); also the other path forced (the single FFT where
 the chooser took overlap-add, overlap-add where it took the single FFT) and, when pyfftw is installed, the
 same call with fft_lib="pyfftw" next to fft_lib="scipy". Validates against the float64 reference
 (on a slice) first, warms up (JIT compile excluded), reports the minimum of repeats. Prints a table last.
@@ -31,15 +32,24 @@ from numba_kernels.reference.fft_conv import fft_conv_ref  # noqa: E402
 QUICK = "--quick" in sys.argv
 
 
-def timeit(fn, reps):
+CPU_TIMES = {}
+
+
+def timeit(fn, reps, key=None):
     """The fastest of ``reps`` timed calls after one warm-up: the machine is shared with other jobs, so the
-    minimum (the least disturbed run) is the stable statistic; medians moved by +-50% between runs."""
+    minimum (the least disturbed run) is the stable statistic; medians moved by +-50% between runs.
+    With ``key``, the smallest process CPU time of the calls (all threads, seconds) goes to CPU_TIMES[key]:
+    under load the wall-clock ratio mostly says how many cores each side got (scipy.signal.fftconvolve runs
+    on one thread, ours on all), the CPU-time ratio says how much work each does."""
     fn()
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t)
+        cs.append(time.process_time() - c)
+    if key is not None:
+        CPU_TIMES[key] = float(np.min(cs))
     return float(np.min(ts))
 
 
@@ -59,7 +69,7 @@ def main():
             f"(pyfftw {'installed' if have_fftw else 'not installed'}), float32, causal",
             f"{'B':>2} {'H':>4} {'L':>8} {'Lk':>6} {'path':>11} | {'ours ms':>8} {'uncached':>8} | "
             f"{'other path':>16} | {'scipy ms':>9} | {'speedup':>7} {'(uncached)':>10} | {'pyfftw/scipy.fft':>16} | "
-            f"{'max rel diff':>12}"]
+            f"{'max rel diff':>12} | {'cpu-s ours/scipy':>16} {'cpu ratio':>9}"]
     print(rows[0], flush=True)
     import scipy.fft
 
@@ -79,7 +89,7 @@ def main():
             return fftconvolve(u, k[None], mode="full", axes=-1)[..., :L]
 
         reps = 3 if L >= 65536 else 5
-        t_ours = timeit(lambda: nk.fft_conv(u, k, backend="cpu"), reps)
+        t_ours = timeit(lambda: nk.fft_conv(u, k, backend="cpu"), reps, "ours")
         t_other = float("nan")  # the other path only where the choice is close (long input, short filter)
         if 16 * Lk <= L:
             t_other = timeit(lambda: nk.fft_conv(u, k, backend="cpu", method=other), reps)
@@ -94,14 +104,15 @@ def main():
             return nk.fft_conv(u, k, backend="cpu")
 
         t_unc = timeit(uncached, reps)
-        t_peer = timeit(peer, reps)
+        t_peer = timeit(peer, reps, "peer")
         ps = peer()
         diff = float(np.abs(ours - ps).max() / np.abs(ps).max())
         pname = path if path != "overlap_add" else f"ola P{P}"
         oname = f"{other[:3]} {t_other * 1e3:.1f}"
         rows.append(f"{B:>2} {H:>4} {L:>8} {Lk:>6} {pname:>11} | {t_ours * 1e3:8.1f} {t_unc * 1e3:8.1f} | "
                     f"{oname:>16} | {t_peer * 1e3:9.1f} | {t_peer / t_ours:6.2f}x {t_peer / t_unc:9.2f}x | {fftw:>16} | "
-                    f"{diff:12.1e}")
+                    f"{diff:12.1e} | {CPU_TIMES['ours'] * 1e3:7.1f}/{CPU_TIMES['peer'] * 1e3:<8.1f} "
+                    f"{CPU_TIMES['peer'] / CPU_TIMES['ours']:8.2f}x")
         print(rows[-1], flush=True)
         del u, k, ours, ps
     rows.append(f"load average at the end {os.getloadavg()}")
