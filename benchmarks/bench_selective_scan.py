@@ -54,8 +54,8 @@ def interleaved(fns, reps):
     return [float(min(t)) for t in ts]
 
 
-def old_backward(rev):
-    """scan_bwd_cpu of git revision rev, imported from a temporary copy of its cpu/selective_scan.py."""
+def old_module(rev):
+    """cpu/selective_scan.py of git revision rev, imported from a temporary copy."""
     src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:numba_kernels/cpu/selective_scan.py"], check=True,
                          capture_output=True, text=True).stdout
     path = os.path.join(tempfile.mkdtemp(), "old_selective_scan.py")
@@ -64,21 +64,21 @@ def old_backward(rev):
     spec = importlib.util.spec_from_file_location("old_selective_scan", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.scan_bwd_cpu
+    return mod
 
 
-def with_kernel(kernel, fn):
-    """fn run with numba_kernels.cpu.selective_scan.scan_bwd_cpu swapped for kernel."""
+def with_kernel(name, kernel, fn):
+    """fn run with numba_kernels.cpu.selective_scan.<name> swapped for kernel."""
     import numba_kernels.cpu.selective_scan as css
 
-    cur = css.scan_bwd_cpu
+    cur = getattr(css, name)
 
     def run():
-        css.scan_bwd_cpu = kernel
+        setattr(css, name, kernel)
         try:
             return fn()
         finally:
-            css.scan_bwd_cpu = cur
+            setattr(css, name, cur)
     return run
 
 
@@ -134,15 +134,20 @@ def main():
     bwd = lambda: nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cpu")  # noqa: E731
     ab = []
     if AB:
-        bwd_old = with_kernel(old_backward(AB), bwd)
+        mod = old_module(AB)
+        bwd_old = with_kernel("scan_bwd_cpu", mod.scan_bwd_cpu, bwd)
+        fwd_old = with_kernel("scan_fwd_cpu", mod.scan_fwd_cpu, fwd)
         g_old, g_new = bwd_old(), bwd()
         dmax = max(float(np.abs(a - b).max() / max(1.0, np.abs(a).max())) for a, b in zip(g_old, g_new)
                    if a is not None)
         g_again = bwd()
         same = all(np.array_equal(a, b) for a, b in zip(g_new, g_again) if a is not None)
-        t_fwd, t_bwd, t_old = interleaved([fwd, bwd, bwd_old], reps)
-        ab = [f"backward of {AB} (same run, interleaved) {t_old * 1e3:8.1f} ms -> now {t_old / t_bwd:.2f}x faster "
-              f"(max rel diff of the gradients {dmax:.1e}; current backward bitwise equal run to run: {same})"]
+        yd = float(np.abs(fwd_old() - fwd()).max() / np.abs(fwd()).max())
+        t_fwd, t_bwd, t_old, t_fold = interleaved([fwd, bwd, bwd_old, fwd_old], reps)
+        ab = [(f"backward of {AB} (same run, interleaved) {t_old * 1e3:8.1f} ms -> now {t_old / t_bwd:.2f}x faster "
+               f"(max rel diff of the gradients {dmax:.1e}; current backward bitwise equal run to run: {same})"),
+              (f"forward  of {AB} (same run, interleaved) {t_fold * 1e3:8.1f} ms -> now {t_fold / t_fwd:.2f}x faster "
+               f"(max rel diff {yd:.1e}); old backward / old forward {t_old / t_fold:.1f}x")]
     else:
         t_fwd, t_bwd = interleaved([fwd, bwd], reps)
     load1 = os.getloadavg()

@@ -10,12 +10,20 @@ Arrays arrive in the compute dtype (float32, or float64 for float64 inputs); the
 float16 / bfloat16 and narrows the results. Time-varying B / C arrive transposed to (B, G, L, N) so the
 inner loop over the N states is contiguous. Absent optional inputs are passed as empty arrays.
 """
+import functools
+
+import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from numba_kernels._jit import njit, njit_parallel
+from numba_kernels._jit import FASTMATH, njit, njit_parallel
 from numba_kernels.cpu._math import LOG2E, exp2_fast
+
+#: the project's njit flags plus numpy's error model: a float division then has no zero check (an early exit
+#: that stops LLVM vectorizing the softplus / sigmoid passes, which divide by 2 + w and 1 + exp(-x) >= 1)
+njit_np = functools.partial(numba.njit, cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
+njit_np_parallel = functools.partial(njit_np, parallel=True)
 
 SOFTPLUS_THRESHOLD = 20.0
 #: time tile of the CPU forward (decays computed a tile at a time)
@@ -84,7 +92,7 @@ def _sigmoid_vec_ol(x):
     return lambda x: 1.0 / (1.0 + np.exp(-x))
 
 
-@njit_parallel
+@njit_np_parallel()
 def scan_fwd_cpu(u, delta, A, bvar, bconst, cvar, cconst, Dv, zz, dbias, init, seq, softplus, y, last):
     """u / delta (B, Dm, L); A (Dm, N); bvar / cvar (B, G, L, N) | (0,0,0,0) and bconst / cconst (Dm, N) |
     (0,0): exactly one of each pair is non-empty; Dv / dbias (Dm,) | (0,); zz (B, Dm, L) | (0,0,0);

@@ -16,25 +16,21 @@ vectorizes with long trip counts, whatever N is:
   chains per step), then vectorized passes over time for dA, du, ddelta (sums over N), dB, dC and dz.
 Segments other than the last have their decays and states computed twice (forward walk and reverse).
 """
-import functools
-
-import numba
 import numpy as np
 from numba import prange
 
-from numba_kernels._jit import FASTMATH
 from numba_kernels.cpu._math import LOG2E
 from numba_kernels.cpu.selective_scan import (
     SOFTPLUS_THRESHOLD,
     exp_scaled,
+    njit_np,
+    njit_np_parallel,
     sigmoid_vec,
     softplus_vec,
 )
 
-#: the project's njit flags plus numpy's error model: a float division then has no zero check (which would
-#: be an early exit that stops LLVM vectorizing the softplus / sigmoid passes); every divisor here is >= 1
-njit = functools.partial(numba.njit, cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
-njit_parallel = functools.partial(njit, parallel=True)
+njit = njit_np  # numpy's error model: no zero checks in divisions, so the softplus / sigmoid passes vectorize
+njit_parallel = njit_np_parallel
 
 #: row padding (elements) of the (N, time) buffers, so that rows do not alias in the L1 sets
 PAD = 16
