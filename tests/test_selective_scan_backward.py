@@ -228,9 +228,11 @@ def test_cpu_segments_and_state_blocks(rng, monkeypatch, L, seg, N, bform, cform
                                         segments=3), np.float64)
     got = nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cpu")
     _compare(got, selective_scan_backward_ref(dout, **kw, delta_softplus=True), kw, np.float64)
-    got32 = nk.selective_scan_backward(dout.astype(np.float32), **{k: (v.astype(np.float32) if k in (
-        "u", "delta", "z") or (k in ("B", "C") and v.ndim > 2) else v) for k, v in kw.items()},
-        delta_softplus=False, backend="cpu")
-    ref32 = selective_scan_backward_ref(dout, **kw, delta_softplus=False)
+    # float32 without softplus (dt = delta + bias kept > 0 so the state decays)
+    kw = dict(kw, delta=np.abs(kw["delta"]), delta_bias=np.abs(kw["delta_bias"]))
+    kw32 = {k: (v.astype(np.float32) if k in ("u", "delta", "z") or (k in ("B", "C") and v.ndim > 2) else v)
+            for k, v in kw.items()}
+    got32 = nk.selective_scan_backward(dout.astype(np.float32), **kw32, delta_softplus=False, backend="cpu")
+    ref32 = selective_scan_backward_ref(dout.astype(np.float32), **kw32, delta_softplus=False)
     for name, g, r in zip(NAMES, got32, ref32):
         assert max_err(g.astype(np.float64), r) < 2e-5, name
