@@ -23,7 +23,8 @@ _pool = None
 _lock = threading.Lock()
 
 
-def _executor():
+def executor():
+    """The helper-thread pool shared by the CPU kernels (os.cpu_count() - 1 threads, made on first use)."""
     global _pool
     with _lock:
         if _pool is None:
@@ -37,7 +38,7 @@ def run_tasks(drain, ntask, args, nthreads=None):
     (default: os.cpu_count()); returns when all are done. A helper's exception is re-raised here."""
     counter = np.zeros(2, dtype=np.int64)  # [next task, tasks done]
     T = min(nthreads or os.cpu_count() or 1, ntask)
-    futs = [_executor().submit(drain, counter, ntask, *args) for _ in range(T - 1)]
+    futs = [executor().submit(drain, counter, ntask, *args) for _ in range(T - 1)]
     drain(counter, ntask, *args)
     while counter[1] < ntask:  # only tasks a helper has taken are still running: wait for those
         for f in futs:

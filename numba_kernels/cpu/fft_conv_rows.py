@@ -14,7 +14,6 @@ engine and buffers; the njit kernels here are serial and release the GIL, and so
 Chunks are handed out dynamically, so a core slowed by other work takes fewer of them, and the call never
 waits for a helper that has not started (it returns once every chunk taken is done; cpu/_tasks.py says why).
 """
-import concurrent.futures
 import itertools
 import os
 import threading
@@ -22,6 +21,7 @@ import threading
 import numpy as np
 
 from numba_kernels._jit import njit
+from numba_kernels.cpu._tasks import executor
 
 #: block rows (of P points) per chunk: CHUNK_POINTS // P, at least one (b, h) row of nb blocks and at least
 #: MIN_BLOCK_ROWS[lib] block rows (pocketfft vectorizes across up to 16 float32 rows at a time)
@@ -33,8 +33,6 @@ FFTW_PLAN_SECONDS = 2.0
 #: engines (buffers + plans) kept per thread
 ENGINES_PER_THREAD = 4
 
-_pool = None
-_pool_lock = threading.Lock()
 _local = threading.local()
 
 
@@ -173,15 +171,6 @@ def _engine(lib, q, P, dt):
     return eng
 
 
-def _executor():
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
-                                                          thread_name_prefix="fft_conv")
-        return _pool
-
-
 def chunk_rows(P, nb, lib, rows, threads):
     """(b, h) rows per chunk for blocks of P points, nb blocks per row: the sizes above, but at most
     rows / threads (every thread gets a chunk)."""
@@ -231,7 +220,7 @@ def fwd_rows(u, pre, bias, post, K, off, Lout, P, M, nb, lib, workers=None):
 
     T = min(workers or os.cpu_count() or 1, nchunks)
     for _ in range(T - 1):
-        _executor().submit(work)
+        executor().submit(work)
     work()  # this thread drains the chunks too; then only the chunks a helper has taken are waited for
     with cond:
         while done[0] < nchunks and not errors:
