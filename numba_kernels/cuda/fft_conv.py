@@ -22,7 +22,6 @@ callbacks, compiled from Python to LTO-IR; any plan failure falls back to the ke
 The transforms go through :func:`fft_inplace`; under the CUDA simulator it runs numpy.fft on a host copy
 (same layout, same unnormalized inverse), so every numba kernel here is tested in CI.
 """
-import functools
 import os
 import sys
 import threading
@@ -96,7 +95,6 @@ def out_array(shape, dt):
 def clear_scratch():
     _local.buf = None
     _local.outs = None
-    _none_on.cache_clear()
     lto = sys.modules.get("numba_kernels.cuda._fft_conv_lto")
     if lto is not None:
         lto.clear()
@@ -113,18 +111,9 @@ def use_overlap_add(L, Lke, N):
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty
 
 
-@functools.lru_cache(maxsize=None)
-def _none_on(ndim, dt, dev):
-    return _empty((0,) * ndim, dt)
-
-
 def _none(ndim, dt):
-    """An empty device array standing for an absent option (cached: empty arrays are never written)."""
-    return _none_on(ndim, np.dtype(dt), _device_key())
-
-
-def _opt(a, kind, ndim):
-    return _none(ndim, ELEM[kind]) if a is None else _elem(a, kind, ndim)
+    """An empty device array standing for an absent option (``_empty``'s cache: empty arrays are never written)."""
+    return _empty((0,) * ndim, np.dtype(dt))
 
 
 def _nt():
@@ -233,7 +222,7 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
     """Device y (B, H, Lout) in the element type of ``dt``; ``method`` "fft" | "overlap_add" | "auto"."""
     kind, ft, _ = _kinds(dt)
     B, H, L = u.shape
-    ud, pred, postd = _elem(u, kind, 3), _opt(pre, kind, 3), _opt(post, kind, 3)
+    ud, pred, postd = _elem(u, kind, 3), _elem(pre, kind, 3), _elem(post, kind, 3)
     e3 = _none(3, ELEM[kind])
     ola = None
     if not forced and method == "overlap_add":

@@ -94,15 +94,11 @@ def _bc(M, kind, ft, Bt, N, L):
 #: slower), FG = silu through tanh.approx (bf16 only; off: not measured together with PM)
 FWD_PM = {"bf16": 8}
 FWD_FG = False
-_NONE = {}
 
 
 def _none(shape, dtype):
-    """A cached zero-size device array (an absent option)."""
-    key = (shape, np.dtype(dtype).str)
-    if key not in _NONE:
-        _NONE[key] = cuda.device_array(shape, dtype=dtype)
-    return _NONE[key]
+    """A cached zero-size device array (an absent option): ``causal_conv1d._empty``."""
+    return _empty(shape, np.dtype(dtype))
 
 
 def _ptr(a):
