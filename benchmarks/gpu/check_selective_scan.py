@@ -260,7 +260,7 @@ def sweep():
     args = (ud, dd, zd, yd, Bd, Cd, A, css._none((0, 0), np.float32), css._none((0, 0), np.float32), D, dbias, e0,
             css._none((0, 0), np.int32), e0, blk, np.int32(1), np.int64(Dm), np.int64(L), np.int64(L), np.int64(1),
             np.int64(1))
-    css._launch(kern, (blk.shape[0], B), NC * Q, smem, args)
+    css.fl.launch(kern, (blk.shape[0], B), NC * Q, smem, args)
     compiled = next(iter(kern.overloads.values()))
 
     def empty_k(u, delta, z, y, bv, cv, A_, bc, cc, Dv, db, init, seq, last, blk_, sp, Dm_, L_, Lp, GB, GC):
@@ -374,7 +374,7 @@ def bench():
         args = (ud, dd, zd, yd, Bd.reshape(B, 1, N, L), Cd.reshape(B, 1, N, L), A, css._none((0, 0), np.float32),
                 css._none((0, 0), np.float32), D, dbias, e0, css._none((0, 0), np.int32), e0, blk, np.int32(1),
                 np.int64(Dm), np.int64(L), np.int64(L), np.int64(1), np.int64(1))
-        css._launch(kern, (blk.shape[0], B), NC * Q, smem, args)
+        css.fl.launch(kern, (blk.shape[0], B), NC * Q, smem, args)
         compiled = next(iter(kern.overloads.values()))
 
         def empty_k(u, delta, z, y, bv, cv, A_, bc, cc, Dv, db, init, seq, last, blk_, sp, Dm_, L_, Lp, GB, GC):

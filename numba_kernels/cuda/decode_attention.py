@@ -139,12 +139,6 @@ def _fresh(shape, dtype, view=None):
     return arr if view is None else (arr, v)
 
 
-def _launch(kern, grid, nth, smem, args):
-    """Launch through the cached cuLaunchKernel path (``_launch.launch``; it raises the shared-memory limit
-    on the first launch of a specialization)."""
-    fl.launch(kern, grid, nth, smem, args)
-
-
 def use_tensor_cores(dt, D):
     return dt in (np.dtype(np.float16), dsp.bfloat16) and D % 8 == 0
 
@@ -281,7 +275,7 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     else:
         kern, nth, smem = make_decode_simt(kind, nw, mr, -(-D // 32), split)
         args = (qd, kc, vc, table, start, end) + args_tail
-    _launch(kern, grid, nth, smem, args)
+    fl.launch(kern, grid, nth, smem, args)
     if split and not fused:  # else the tensor-core kernel merged its splits itself
         return combine_cuda(o, lse, np.dtype(ft), plan.dt)
     return final_view, lse_final

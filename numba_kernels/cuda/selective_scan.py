@@ -149,12 +149,6 @@ def _rows(src, shape, L, Lp, crop, out=None):
     return dst
 
 
-def _launch(kern, grid, block, smem, args):
-    """kernel[grid, block, 0, smem](*args) through the shared light launcher (``_launch``: cached cuLaunchKernel
-    after a first numba launch per argument signature, which also raises the > 48 KB shared-memory limit)."""
-    fl.launch(kern, grid, block, smem, args)
-
-
 def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last, dt, out=None, q=None, tl=None,
                   nc=None, pm=None, fg=None):
     """Device y (B, Dm, L) in the element type of ``dt`` (written into ``out`` when given) and last state
@@ -205,7 +199,7 @@ def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last
             np.int32(softplus), np.int64(Dm), np.int64(L), np.int64(Lp), np.int64(max(gb, 1)), np.int64(max(gc, 1)))
     kern = fk.make_kernel(kind, N, NC, Q, TL, bool(gb), bool(gc), seq is not None, PM, FG)
     _, smem = fk.layout(kind, N, NC, Q, TL, bool(gb), bool(gc), seq is not None)
-    _launch(kern, (blk.shape[0], Bt), NC * Q, smem, args)
+    fl.launch(kern, (blk.shape[0], Bt), NC * Q, smem, args)  # cached cuLaunchKernel (cuda/_launch.py)
     y = yp
     if not direct:
         y = _rows(yp, (Bt, Dm, L), L, Lp, True, out) if Lp != L else yp
