@@ -12,18 +12,17 @@ inner loop over the N states is contiguous. Absent optional inputs are passed as
 """
 import functools
 
-import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from numba_kernels._jit import FASTMATH, njit, njit_parallel
+from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LOG2E, exp2_fast
 
 #: the project's njit flags plus numpy's error model: a float division then has no zero check (an early exit
 #: that stops LLVM vectorizing the softplus / sigmoid passes, which divide by 2 + w and 1 + exp(-x) >= 1)
-njit_np = functools.partial(numba.njit, cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
-njit_np_parallel = functools.partial(njit_np, parallel=True)
+njit_np = functools.partial(njit, error_model="numpy")
+njit_np_parallel = functools.partial(njit, parallel=True, error_model="numpy")
 
 SOFTPLUS_THRESHOLD = 20.0
 #: time tile of the CPU forward (decays computed a tile at a time)
