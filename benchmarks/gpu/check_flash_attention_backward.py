@@ -152,6 +152,7 @@ def sweep(limit_s, S=4096, table=None):
     from numba_kernels.cuda import flash_attention_backward as cfb
     H, B = 16, 16384 // S
     best = {}
+    short_sk, cfb.TC_BWD_SHORT_SK = cfb.TC_BWD_SHORT_SK, 0  # the candidates in TC_BWD_TILES apply at every S
     for D, cands in (table or SWEEP).items():
         data = [(causal, _torch_case(B, S, H, D, causal)) for causal in (False, True)]
         refs = []
@@ -180,6 +181,7 @@ def sweep(limit_s, S=4096, table=None):
         print(f"sweep D{D} best: {best[D]}", flush=True)
         del data, refs
     cfb.TC_BWD_OPTS.clear()
+    cfb.TC_BWD_SHORT_SK = short_sk
     return best
 
 

@@ -112,7 +112,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
     HALF_DP = DP // 2
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the cp.async waits
     cp16 = cp16_pf if PF else intr.cp_async16
     wait_tile = _cp_wait(STAGES - 1)  # the oldest of STAGES outstanding groups has landed
     mma_acc = make_tc_helpers(bf16, STR, CH, NTH)[0]

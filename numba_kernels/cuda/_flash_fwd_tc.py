@@ -43,7 +43,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     TILE = BC * STR
     SMEM = 4 * (KV_OFF + 4 * TILE)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    ldsm, ldsm_t = intr.ldsm_x4, intr.ldsm_x4_t
+    ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the cp.async waits
     mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP)

@@ -22,8 +22,9 @@ from numba_kernels.cuda.flash_attention import _cached
 
 #: tensor-core kernel (warps, shared-memory stages per warp, keys per warp tile, L2 prefetch hint, Q in
 #: registers, page lookups one iteration early) on the GPU / in the simulator; CUDA-core kernel (warps, max
-#: packed rows per block)
-TC_TILES = {"gpu": (4, 3, 16, False, False, False), "sim": (2, 2, 16, False, False, False)}
+#: packed rows per block). Early page lookups on: the 77 quick device checks pass with them (2026-12-01,
+#: benchmarks/results/gpu_h200_2026-12-01b_decode_check_tpf.txt), +2-6% paged in the variant sweep.
+TC_TILES = {"gpu": (4, 3, 16, False, False, True), "sim": (2, 2, 16, False, False, True)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256

@@ -31,6 +31,7 @@ from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
 from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_blocks_kernel, make_cmul_kernel,
                                                   make_conj_sum_kernel, make_crop_kernel, make_dbias_kernel,
@@ -177,7 +178,7 @@ def _spectrum(x, g, N, ft, kind):
     B, H, _ = x.shape
     buf = cuda.device_array((B, H, 2 * (N // 2 + 1)), dtype=ft)
     grid, nt = _grid(buf.shape[2], B, H)
-    intr.launch(make_pad_kernel(kind, nt), grid, nt, 0, (x, g, buf))
+    fl.launch(make_pad_kernel(kind, nt), grid, nt, 0, (x, g, buf))
     fft_inplace(buf, N, False)
     return buf
 
@@ -186,7 +187,7 @@ def _mul_inverse(buf, K, conj, N, double):
     """buf *= K (or conj K), then C2R in place."""
     B, H, W2 = buf.shape
     grid, nt = _grid(W2 // 2, B, H)
-    intr.launch(make_cmul_kernel(double, nt), grid, nt, 0, (buf, K, np.int32(conj)))
+    fl.launch(make_cmul_kernel(double, nt), grid, nt, 0, (buf, K, np.int32(conj)))
     fft_inplace(buf, N, True)
 
 
@@ -196,7 +197,7 @@ def _crop(kind, full, N, off, sx, sg, bias, L, g1, g2, out1, out2):
     grid, nt = _grid(Lout, B, H)
     ft = np.float64 if np.dtype(full.dtype) == np.float64 else np.float32
     args = (full, ft(1.0 / N), np.int64(off % N), np.int64(N), sx, sg, bias, np.int64(L), g1, g2, out1, out2)
-    intr.launch(make_crop_kernel(kind, nt), grid, nt, 0, args)
+    fl.launch(make_crop_kernel(kind, nt), grid, nt, 0, args)
 
 
 def _fwd_ola(ud, pred, postd, biasd, K, start, Lout, P, M, kind, ft):
@@ -205,16 +206,16 @@ def _fwd_ola(ud, pred, postd, biasd, K, start, Lout, P, M, kind, ft):
     F2 = 2 * (P // 2 + 1)
     buf = scratch((B, H * nb, F2), ft)  # (B, H * nb, 2F): block j of row h at h * nb + j
     grid, nt = _grid(F2, B, H)
-    intr.launch(make_pad_blocks_kernel(kind, nt), grid, nt, 0, (ud, pred, np.int64(M), np.int64(nb), buf))
+    fl.launch(make_pad_blocks_kernel(kind, nt), grid, nt, 0, (ud, pred, np.int64(M), np.int64(nb), buf))
     fft_inplace(buf, P, False)
     grid, nt = _grid(F2 // 2, B, H)
-    intr.launch(make_cmul_blocks_kernel(kind == "f64", nt), grid, nt, 0, (buf, K, np.int64(nb)))
+    fl.launch(make_cmul_blocks_kernel(kind == "f64", nt), grid, nt, 0, (buf, K, np.int64(nb)))
     fft_inplace(buf, P, True)
     out = out_array((B, H, Lout), ELEM[kind])
     grid, nt = _grid(Lout, B, H)
     args = (buf, ft.type(1.0 / P), np.int64(start), np.int64(M), np.int64(P), np.int64(nb), ud, pred, biasd,
             np.int64(L), postd, out)
-    intr.launch(make_ola_crop_kernel(kind, nt), grid, nt, 0, args)
+    fl.launch(make_ola_crop_kernel(kind, nt), grid, nt, 0, args)
     return out
 
 
@@ -247,7 +248,7 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
         if out is not None:
             return out
     grid, nt = _grid(buf.shape[2], B, H)
-    intr.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
+    fl.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
     fft_inplace(buf, N, False)
     _mul_inverse(buf, K, False, N, kind == "f64")
     out = out_array((B, H, Lout), ELEM[kind])
@@ -269,7 +270,7 @@ def bwd_cuda(dout, u, k, bias, pre, post, start, Lke, N, dt):
     gbuf = _spectrum(doutd, postd, N, ft, kind)
     S = cuda.device_array((1, H, vbuf.shape[2]), dtype=ft)
     grid, nt = _grid(vbuf.shape[2] // 2, 1, H)
-    intr.launch(make_conj_sum_kernel(dbl, nt), grid, nt, 0, (gbuf, vbuf, S))
+    fl.launch(make_conj_sum_kernel(dbl, nt), grid, nt, 0, (gbuf, vbuf, S))
     fft_inplace(S, N, True)
     dk3 = cuda.device_array((1, H, Lke), dtype=ft)
     _crop(ckind, S, N, -start, c3, c3, _empty((0,), ft), 0, c3, c3, dk3, c3)
@@ -288,7 +289,7 @@ def bwd_cuda(dout, u, k, bias, pre, post, start, Lke, N, dt):
     dbias = None
     if bias is not None:
         dbias = cuda.device_array(H, dtype=ft)
-        intr.launch(make_dbias_kernel(kind, _nt()), H, _nt(), 0, (doutd, postd, ud, pred, dbias))
+        fl.launch(make_dbias_kernel(kind, _nt()), H, _nt(), 0, (doutd, postd, ud, pred, dbias))
     return du, dk, dbias, (dpre if pre is not None else None), dpost
 
 

@@ -13,6 +13,7 @@ from numba import cuda
 from numba_kernels import _dispatch as dsp
 from numba_kernels._dropout import keep_threshold
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda._flash_fwd_simt import make_simt_kernel
 from numba_kernels.cuda._flash_fwd_tc import make_tc_kernel
@@ -93,7 +94,7 @@ def flash_fwd_cuda_words(qw, kw, vw, cu_q, cu_k, max_sq, bf16, scale, left, righ
     grid = (max(1, -(-max_sq // BR)), H, len(cu_q) - 1)
     args = (qw, kw, vw, out, lse, _cached(np.asarray(cu_q, np.int32)), _cached(np.asarray(cu_k, np.int32)),
             _cached(sl)) + _scalars(np.float32, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
-    intr.launch(kern, grid, NTH, SMEM, args)
+    fl.launch(kern, grid, NTH, SMEM, args)
     return out, lse
 
 
@@ -118,7 +119,7 @@ def flash_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, dt, scale, left, right, softcap,
     grid = (max(1, -(-max_sq // BR)), H, len(cu_q) - 1)
     args = (qa, ka, va, out, lse, _cached(np.asarray(cu_q, np.int32)), _cached(np.asarray(cu_k, np.int32)),
             _cached(sl)) + _scalars(ft, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
-    intr.launch(kern, grid, NTH, SMEM, args)
+    fl.launch(kern, grid, NTH, SMEM, args)
     return out, lse
 
 

@@ -20,6 +20,7 @@ from numba import cuda
 
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._flash_bwd_simt import make_row_dot, make_simt_bwd_kernels
 from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel
 from numba_kernels.cuda._flash_bwd_tc_dq import make_tc_dq_kernel, make_word_kernels
@@ -33,16 +34,28 @@ SIMT_BWD_TILES = {"gpu": (4, 16), "sim": (1, 4)}
 #: separate dQ pass beat the atomics; tiny tiles for the simulator
 TC_BWD_TILES = {64: ((8, 64), (4, 32), True), 128: ((4, 32), (4, 32), False)}
 TC_BWD_TILES_SIM = ((2, 16), (1, 16), True)
+#: the same for short key ranges (max_sk <= TC_BWD_SHORT_SK), by padded head dim and masked (causal / window):
+#: 4-warp key tiles fill the H200 better there (benchmarks/results/gpu_h200_2026-12-01_flash_backward_sweep1k.txt,
+#: D64 S1024: 114 vs 84 TFLOP/s non-causal with atomics; causal 85 with the dQ pass vs 77 for the long config)
+TC_BWD_TILES_SHORT = {64: {False: ((4, 64), (4, 32), True), True: ((4, 64), (4, 32), False)}}
+TC_BWD_SHORT_SK = 1024
 #: kernel options of the tensor-core kernels (``make_tc_bwd_kernel`` / ``make_tc_dq_kernel`` keywords: WSKIP,
 #: VRED); empty = their defaults. For sweeps.
 TC_BWD_OPTS = {}
 TC_BWD_MAX_D = 128
 
 
-def tc_bwd_config(D):
-    """((dkdv warps, query rows), (dq warps, keys), dq by atomics, padded head dim) for D <= TC_BWD_MAX_D."""
+def tc_bwd_config(D, max_sk=None, masked=False):
+    """((dkdv warps, query rows), (dq warps, keys), dq by atomics, padded head dim) for D <= TC_BWD_MAX_D;
+    ``max_sk`` (longest key range) and ``masked`` (causal or window) pick TC_BWD_TILES_SHORT where it applies."""
     DP = max(16, -(-D // 16) * 16)
-    (nw, br), dq, atomic = TC_BWD_TILES_SIM if intr.SIM else TC_BWD_TILES[min(d for d in TC_BWD_TILES if d >= DP)]
+    dk = min(d for d in TC_BWD_TILES if d >= DP)
+    if intr.SIM:
+        (nw, br), dq, atomic = TC_BWD_TILES_SIM
+    elif max_sk is not None and max_sk <= TC_BWD_SHORT_SK and dk in TC_BWD_TILES_SHORT:
+        (nw, br), dq, atomic = TC_BWD_TILES_SHORT[dk][bool(masked)]
+    else:
+        (nw, br), dq, atomic = TC_BWD_TILES[dk]
     if DP % (16 * (nw * 16 // br)) != 0:  # the dQ product splits the head dim over nw * 16 / br warps
         br = 16 * nw
     return (nw, br), dq, atomic, DP
@@ -65,36 +78,11 @@ def _args(ft, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a,
 def _zeros(shape, dtype):
     x = cuda.device_array(shape, dtype=dtype)
     if intr.SIM:
-        _fill_kernel()[max(1, -(-x.size // 256)), 256](x.reshape(x.size), 0)
+        fl.launch(_fill_kernel(), max(1, -(-x.size // 256)), 256, 0, (x.reshape(x.size), 0))
     else:  # one driver call (on the default stream, ordered with the launches) instead of a kernel launch
         from numba.cuda.cudadrv.driver import device_memset
         device_memset(x, 0, x.size * x.dtype.itemsize)
     return x
-
-
-_SMEM_SET = {}
-
-
-def _launch(kern, grid, block, smem, args):
-    """``intr.launch`` that raises the dynamic shared-memory limit once per compiled overload instead of typing
-    the arguments and calling the driver on every launch (a new overload compiled by the dispatcher during a
-    launch fails that launch, which then goes through ``intr.launch``)."""
-    if intr.SIM or smem <= 48 * 1024:
-        kern[grid, block, 0, smem](*args)
-        return
-    key = (id(kern), smem)
-    n = len(kern.overloads)
-    if n and _SMEM_SET.get(key) == n:
-        try:
-            kern[grid, block, 0, smem](*args)
-            return
-        except Exception:  # noqa: BLE001 -- a new overload without the attribute: retry below
-            if len(kern.overloads) == n:
-                raise
-    intr.launch(kern, grid, block, smem, args)
-    for ov in kern.overloads.values():
-        intr.set_dynamic_shared(ov, smem)
-    _SMEM_SET[key] = len(kern.overloads)
 
 
 _FILL = {}
@@ -122,7 +110,7 @@ def row_dot(dout, out, ft):
     """D (H, T) = rowsum(dout * out) in ft for device arrays (T, H, D)."""
     T, H, _ = dout.shape
     di = cuda.device_array((H, T), dtype=ft)
-    make_row_dot(ft == np.float64)[max(1, -(-(T * H) // 128)), 128](dout, out, di)
+    fl.launch(make_row_dot(ft == np.float64), max(1, -(-(T * H) // 128)), 128, 0, (dout, out, di))
     return di
 
 
@@ -139,12 +127,12 @@ def flash_bwd_simt(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, ft, scal
     tail = _args(ft, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
     if deterministic:
         dq = cuda.device_array(q.shape, dtype=ft)
-        intr.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
+        fl.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
                     (q, k, v, dout, lse, di, dq, dk, dv) + tail + (False,))
-        intr.launch(dqk, (max(1, -(-max_sq // br)), H, B), NTH, SMEM, (q, k, v, dout, lse, di, dq) + tail)
+        fl.launch(dqk, (max(1, -(-max_sq // br)), H, B), NTH, SMEM, (q, k, v, dout, lse, di, dq) + tail)
     else:
         dq = _zeros(q.shape, ft)
-        intr.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
+        fl.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
                     (q, k, v, dout, lse, di, dq, dk, dv) + tail + (True,))
     return dq, dk, dv
 
@@ -156,11 +144,11 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     Tq, H, W = qw.shape
     D = 2 * W if D is None else D
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
-    (nw, br), (nwq, bcq), atomic, DP = tc_bwd_config(D)
+    (nw, br), (nwq, bcq), atomic, DP = tc_bwd_config(D, max_sk, right >= 0 or left >= 0)
     flags = (softcap > 0, slopes is not None, dropout_p > 0)
     row_dot_w, dq_pack = make_word_kernels(bool(bf16))
     di = cuda.device_array((H, Tq), dtype=np.float32)
-    row_dot_w[max(1, -(-(Tq * H) // 128)), 128](dow, ow, di)
+    fl.launch(row_dot_w, max(1, -(-(Tq * H) // 128)), 128, 0, (dow, ow, di))
     dkw = cuda.device_array(kw.shape, dtype=np.uint32)
     dvw = cuda.device_array(vw.shape, dtype=np.uint32)
     B = len(cu_q) - 1
@@ -170,16 +158,16 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
-        _launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
+        fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
         opts.pop("VRED", None)
         dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **opts)
         dqw = cuda.device_array(qw.shape, dtype=np.uint32)
-        _launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+        fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
     else:
         acc = _zeros((Tq, H, 2 * W), np.float32)
-        _launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
+        fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
         dqw = cuda.device_array(qw.shape, dtype=np.uint32)
-        dq_pack[max(1, -(-(Tq * H * W) // 256)), 256](acc, dqw, np.float32(scale))
+        fl.launch(dq_pack, max(1, -(-(Tq * H * W) // 256)), 256, 0, (acc, dqw, np.float32(scale)))
     return dqw, dkw, dvw
 
 
@@ -234,6 +222,12 @@ def ptx_signatures(head_dims=(64, 128)):
                             sig(types.uint32, types.float32, 3)))
             out.append((f"tc_dq_{tag}", make_tc_dq_kernel(nwq, bcq, DP, bf16, *flags)[0].py_func,
                         sig(types.uint32, types.float32, 1)))
+        if min(d for d in TC_BWD_TILES if d >= DP) in TC_BWD_TILES_SHORT:  # the short-range tiles, bf16
+            (nw, br), _, _, _ = tc_bwd_config(D, 1, False)
+            for has_dq in (True, False):
+                kern = make_tc_bwd_kernel(nw, br, DP, True, False, False, False, has_dq)[0]
+                out.append((f"tc_dkdv{'_dq' if has_dq else ''}_short_bf16_D{D}", kern.py_func,
+                            sig(types.uint32, types.float32, 3)))
         nw, br, dd = simt_bwd_config(D)
         for f64 in (False, True):
             ft = types.float64 if f64 else types.float32

@@ -144,8 +144,8 @@ def _rows(src, shape, L, Lp, crop, out=None):
     n = int(np.prod(shape))
     if n:
         NT = 32 if intr.SIM else 256
-        _rows_kernel(crop)[-(-n // NT), NT](_bits(src.reshape(src.size)), _bits(dst.reshape(n)), np.int64(L),
-                                            np.int64(Lp))
+        fl.launch(_rows_kernel(crop), -(-n // NT), NT, 0, (_bits(src.reshape(src.size)), _bits(dst.reshape(n)),
+                                                           np.int64(L), np.int64(Lp)))
     return dst
 
 

@@ -1,0 +1,86 @@
+"""Where the CUDA fft_conv time goes: raw cuFFT R2C / C2R in place (our layout) vs out of place vs torch.fft,
+and the public call's host (enqueue) time, for the issue-6 shapes. GPU only; torch is a peer / buffer source.
+
+    python benchmarks/gpu/probe_fft_parts.py
+"""
+import ctypes
+import time
+
+import numpy as np
+import torch
+from numba import cuda
+
+import numba_kernels as nk
+from numba_kernels.cuda import cufft
+
+
+def ev_time(fn, n=10):
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(n):
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e-3)
+    return float(np.median(ts))
+
+
+def oop_plan(N, rows, inverse):
+    L = cufft.lib()
+    F = N // 2 + 1
+    arr = ctypes.c_int * 1
+    h = ctypes.c_int()
+    inem, idist, onem, odist = (arr(F), F, arr(N), N) if inverse else (arr(N), N, arr(F), F)
+    kind = cufft.C2R if inverse else cufft.R2C
+    cufft._check("cufftPlanMany", L.cufftPlanMany(ctypes.byref(h), 1, arr(N), inem, 1, idist, onem, 1, odist,
+                                                  kind, int(rows)))
+    return h.value
+
+
+def main():
+    print(torch.cuda.get_device_name(), time.strftime("%Y-%m-%d %H:%M"), flush=True)
+    L = cufft.lib()
+    for B, H, Lx in [(64, 768, 256), (64, 768, 1024), (64, 768, 8192), (16, 768, 65536), (1, 768, 1 << 20)]:
+        N = 1 << (2 * Lx - 2).bit_length()
+        F = N // 2 + 1
+        rows = B * H
+        torch.cuda.empty_cache()
+        buf = torch.zeros(rows, 2 * F, device="cuda")
+        t_in_f = ev_time(lambda: cufft.exec_inplace(buf.data_ptr(), N, rows, False, False))
+        t_in_i = ev_time(lambda: cufft.exec_inplace(buf.data_ptr(), N, rows, True, False))
+        xr = torch.randn(rows, N, device="cuda")
+        xc = torch.zeros(rows, F, 2, device="cuda")
+        pf, pi = oop_plan(N, rows, False), oop_plan(N, rows, True)
+        t_oop_f = ev_time(lambda: L.cufftExecR2C(pf, ctypes.c_void_p(xr.data_ptr()), ctypes.c_void_p(xc.data_ptr())))
+        t_oop_i = ev_time(lambda: L.cufftExecC2R(pi, ctypes.c_void_p(xc.data_ptr()), ctypes.c_void_p(xr.data_ptr())))
+        L.cufftDestroy(pf)
+        L.cufftDestroy(pi)
+        u = torch.randn(B, H, Lx, device="cuda")
+        U = torch.fft.rfft(u, n=N)
+        t_tf = ev_time(lambda: torch.fft.rfft(u, n=N))
+        t_ti = ev_time(lambda: torch.fft.irfft(U, n=N))
+        del xr, xc, buf, U
+        k = torch.randn(H, Lx, device="cuda") / Lx ** 0.5
+        ud, kd = cuda.as_cuda_array(u), cuda.as_cuda_array(k)
+        nk.fft_conv(ud, kd, backend="cuda", fft_size=N)
+        t_call = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
+        torch.cuda.synchronize()
+        hs = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            nk.fft_conv(ud, kd, backend="cuda", fft_size=N)
+            hs.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+        gb = rows * N * 4 * 3 / 1e9  # real in + complex out (~same bytes)
+        print(f"B{B} H{H} L{Lx} N{N}: inplace R2C {t_in_f * 1e3:.3f} C2R {t_in_i * 1e3:.3f} ms | out-of-place R2C "
+              f"{t_oop_f * 1e3:.3f} C2R {t_oop_i * 1e3:.3f} ms | torch rfft(n) {t_tf * 1e3:.3f} irfft {t_ti * 1e3:.3f} ms"
+              f" | nk.fft_conv device {t_call * 1e3:.3f} ms, host enqueue {np.median(hs) * 1e3:.3f} ms "
+              f"| R2C GB moved ~{gb:.2f}", flush=True)
+        nk.clear_fft_conv_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/bin/bash
+# One device call of checks and timings; each step under its own time limit, logs in $OUT.
+# usage: bash benchmarks/gpu/session_2026-12-01b.sh STEP...
+set -u
+G=benchmarks/gpu
+P="python3 $G/run_patched.py"
+step() {  # step NAME SECONDS CMD...
+  local name=$1 lim=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name (limit ${lim}s) $(date +%H:%M:%S)"
+  timeout $lim "$@" > $OUT/$name.txt 2>&1
+  echo "=== $name rc=$? $(( $(date +%s) - t0 ))s"
+  grep -v "NumbaPerformanceWarning\|warn(errors" $OUT/$name.txt | tail -${TAILN:-25}
+}
+for s in "$@"; do case $s in
+  fwd_check) step fwd_check 240 python3 $G/check_flash_attention.py check ;;
+  fwd_bench) step fwd_bench 150 python3 $G/check_flash_attention.py bench ;;
+  fwd_bench_plain) step fwd_bench_plain 150 $P "import numba_kernels.cuda._intrinsics as i; i.ldsm_x4_o = i.ldsm_x4; i.ldsm_x4_t_o = i.ldsm_x4_t" $G/check_flash_attention.py bench ;;
+  dec_extra) step dec_extra 240 python3 $G/check_decode_attention.py extra ;;
+  dec_check) step dec_check 240 python3 $G/check_decode_attention.py check --quick ;;
+  dec_bench) step dec_bench 200 python3 $G/check_decode_attention.py bench --quick ;;
+  dec_bench_notpf) step dec_bench_notpf 200 $P "import numba_kernels.cuda.decode_attention as m; m.TC_TILES['gpu'] = (4, 3, 16, False, False, False)" $G/check_decode_attention.py bench --quick ;;
+  scan) step scan 300 python3 $G/check_selective_scan.py --quick ;;
+  fft_probe) step fft_probe 150 python3 $G/probe_fft_parts.py ;;
+  fft) step fft 300 python3 $G/check_fft_conv.py --quick ;;
+  bwd_check) step bwd_check 240 python3 $G/check_flash_attention_backward.py check=quick ;;
+  bwd_bench) step bwd_bench 300 python3 $G/check_flash_attention_backward.py bench ;;
+  bwd_sweep1k) step bwd_sweep1k 240 python3 $G/check_flash_attention_backward.py sweep1k ;;
+  conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
+  *) echo "unknown step $s" ;;
+esac; done
