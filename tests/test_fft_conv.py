@@ -261,8 +261,13 @@ SIM_CASES = [("causal", 7, 3, np.float32), ("same", 5, 9, np.float32), ("full", 
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "kernels"])
 @pytest.mark.parametrize("mode,L,Lk,dt", SIM_CASES, ids=[f"{m}-L{a}-Lk{b}-{dtype_id(d)}" for m, a, b, d in SIM_CASES])
-def test_sim_forward_backward(rng, mode, L, Lk, dt):
+def test_sim_forward_backward(rng, monkeypatch, mode, L, Lk, dt, fused):
+    from numba_kernels.cuda import fft_conv as cfc
+
+    if not fused:  # the pad / multiply / crop kernels around the transforms
+        monkeypatch.setattr(cfc, "FUSED_MAX_N", 0)
     u, k, kw, dout = _inputs(rng, dt, 2, 2, L, Lk, mode)
     y = nk.fft_conv(u, k, mode=mode, backend="cuda", **kw)
     _check(y, fft_conv_ref(u, k, mode, **kw), dt, "y")
@@ -270,6 +275,54 @@ def test_sim_forward_backward(rng, mode, L, Lk, dt):
     for name, g, e in zip(("du", "dk", "dbias", "dpregate", "dpostgate"), got,
                           fft_conv_backward_ref(dout, u, k, mode, **kw)):
         _check(g, e, dt, name)
+
+
+FUSED_SIM = [("causal", 3, 37, 20, np.float32, True), ("causal", 2, 33, 3, np.float16, False),
+             ("same", 1, 16, 16, bfloat16, True), ("full", 3, 5, 9, np.float32, True),
+             ("causal", 2, 1, 1, np.float32, False)]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("mode,B,L,Lk,dt,opts", FUSED_SIM,
+                         ids=[f"{m}-B{b}-L{a}-Lk{c}-{dtype_id(d)}-{'opts' if o else 'plain'}" for m, b, a, c, d, o in FUSED_SIM])
+def test_sim_fused_kernel(rng, monkeypatch, mode, B, L, Lk, dt, opts):
+    # one block per pair of rows (odd B: the last block has one), radix-2 FFTs in shared memory, bit-reversed
+    # filter spectrum; asserts the fused path ran
+    from numba_kernels.cuda import fft_conv as cfc
+
+    calls = []
+    real = cfc._fwd_fused
+    monkeypatch.setattr(cfc, "_fwd_fused", lambda *a: calls.append(a[6]) or real(*a))
+    u, k, kw, _ = _inputs(rng, dt, B, 2, L, Lk, mode, opts=opts)
+    y = nk.fft_conv(u, k, mode=mode, backend="cuda", **kw)
+    assert calls, "the fused kernel did not run"
+    _check(y, fft_conv_ref(u, k, mode, **kw), dt, "y (fused)")
+    if mode == "causal":  # an explicit power-of-two fft_size is used as given; another size is not fused
+        calls.clear()
+        y2 = nk.fft_conv(u, k, mode=mode, backend="cuda", fft_size=4 * _pow2_causal(L, Lk), **kw)
+        assert calls == [4 * _pow2_causal(L, Lk)]
+        _check(y2, fft_conv_ref(u, k, mode, **kw), dt, "y (fused, fft_size)")
+        calls.clear()
+        nk.fft_conv(u, k, mode=mode, backend="cuda", fft_size=3 * _pow2_causal(L, Lk), **kw)
+        assert not calls
+
+
+def _pow2_causal(L, Lk):
+    """The power of two >= L + min(L, Lk) - 1 (the causal single-FFT size)."""
+    return 1 << max(1, (L + min(L, Lk) - 2).bit_length())
+
+
+def test_fused_twiddles_and_sizes():
+    from numba_kernels.cuda import _fft_conv_fused as fz
+    from numba_kernels.cuda.fft_conv import fused_size
+
+    t = fz.twiddles(16).astype(np.float64)
+    np.testing.assert_allclose(t[0::2] + 1j * t[1::2], np.exp(-2j * np.pi * np.arange(8) / 16), atol=1e-7)
+    assert fused_size(511, False, "f32") == 512 and fused_size(512, True, "f32") == 512
+    assert fused_size(500, True, "f32") == 0  # an explicit non-power-of-two size keeps cuFFT
+    assert fused_size(512, False, "f64") == 0  # float64 keeps cuFFT
+    assert fused_size(1 << 20, False, "bf16") == 0
+    assert fz.smem_bytes(8192) == 96 * 1024
 
 
 OLA_SIM = [("causal", 13, 3, np.float32), ("same", 11, 4, np.float16), ("full", 9, 2, bfloat16)]

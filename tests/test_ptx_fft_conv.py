@@ -1,5 +1,5 @@
 """Every real fft_conv CUDA kernel (padding + pregate, complex multiply, overlap-add block padding / block multiply / tail-add crop, filter-gradient spectrum sum, crop +
-bias + gates, bias-gradient reduction) compiles to PTX for cc 9.0 for every element kind (no GPU needed).
+bias + gates, bias-gradient reduction, the fused shared-memory conv) compiles to PTX for cc 9.0 for every element kind (no GPU needed).
 The cuFFT transforms themselves are library calls, checked on the GPU by benchmarks/gpu/check_fft_conv.py.
 Also the cuFFT LTO callbacks (``_fft_conv_lto``): PTX and LTO-IR for cc 9.0, every element kind."""
 import pytest
@@ -8,7 +8,8 @@ pytestmark = pytest.mark.ptx
 
 # the kernel names, fixed here so collection needs no numba-cuda target
 NAMES = [f"{k}_{kind}" for kind in ("f32", "f64", "f16", "bf16") for k in ("pad", "crop", "dbias", "pad_blocks", "ola_crop")] + \
-        [f"{k}_{kind}" for kind in ("f32", "f64") for k in ("cmul", "conj_sum", "cmul_blocks")]
+        [f"{k}_{kind}" for kind in ("f32", "f64") for k in ("cmul", "conj_sum", "cmul_blocks")] + \
+        [f"fused_{kind}_N{n}" for kind in ("f32", "f16", "bf16") for n in (512, 16384)] + ["fused_expand"]
 
 
 def _configs():
@@ -29,8 +30,8 @@ def test_fft_conv_kernel_compiles_for_sm90(name):
     ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
     assert ".target sm_90" in ptx
     assert ".entry" in ptx
-    if name.startswith("dbias"):
-        assert "bar.sync" in ptx, "the block reduction must synchronize"
+    if name.startswith("dbias") or name.startswith("fused_f"):
+        assert "bar.sync" in ptx, "the block reduction / the FFT stages must synchronize"
 
 
 LTO_KINDS = ("f32", "f64", "f16", "bf16")

@@ -34,6 +34,13 @@ CHECKS = Checks(width=40)
 err, report, fails = CHECKS.err, CHECKS.report, CHECKS.fails
 
 
+def fc_size(L, Lk, mode):
+    """The FFT size fft_conv picks (scipy.fft.next_fast_len of the linear-conv length)."""
+    import scipy.fft
+
+    return scipy.fft.next_fast_len(L + (min(Lk, L) if mode == "causal" else Lk) - 1, real=True)
+
+
 def correctness():
     B, H = (1, 2) if SIM else (2, 8)
     sizes = [(7, 3), (5, 9)] if SIM else [(1, 3), (97, 300), (1009, 97), (1024, 1024)]
@@ -77,6 +84,30 @@ def correctness():
                     rg = fft_conv_backward_ref(dout, u, k, mode, **kw)
                     report(f"bwd {mode} {name} L{L} Lk{Lk}", dt,
                            max(err(a, r) for a, r in zip(g, rg) if r is not None))
+    from numba_kernels.cuda import fft_conv as cfc
+
+    if not SIM:  # the in-place kernel path (fused kernel off) and the out-of-place one (N >= OOP_MIN_N)
+        saved = cfc.FUSED_MAX_N, cfc.USE_LTO
+        cfc.FUSED_MAX_N, cfc.USE_LTO = 0, False
+        for dt in (np.float32, bfloat16):
+            for L, Lk in ((1009, 97), (40000, 300), (30000, 30000)):
+                for mode in ("causal", "same", "full"):
+                    Lout = L + Lk - 1 if mode == "full" else L
+                    u = rng.standard_normal((B, H, L)).astype(dt)
+                    k = (rng.standard_normal((H, Lk)) / np.sqrt(Lk)).astype(np.float32)
+                    opt = dict(bias=rng.standard_normal(H).astype(np.float32),
+                               pregate=rng.standard_normal((B, H, L)).astype(dt),
+                               postgate=rng.standard_normal((B, H, Lout)).astype(dt))
+                    y = nk.fft_conv(u, k, mode=mode, backend="cuda", **opt)
+                    f = lambda a: a.astype(np.float64)  # noqa: E731
+                    v = f(u) * f(opt["pregate"])
+                    sc = fftconvolve(v, f(k)[None], mode="full" if mode == "causal" else mode, axes=-1)[..., :Lout]
+                    sc[..., :L] += f(opt["bias"])[None, :, None] * v[..., :Lout]
+                    sc *= f(opt["postgate"])
+                    N = fc_size(L, Lk, mode)
+                    report(f"fwd kernels ({'out of place' if N >= cfc.OOP_MIN_N else 'in place'}, N {N}) {mode} "
+                           f"bias+gates L{L} Lk{Lk}", dt, err(y, sc))
+        cfc.FUSED_MAX_N, cfc.USE_LTO = saved
     from numba import cuda
 
     u = rng.standard_normal((B, H, 33)).astype(np.float32)
@@ -255,10 +286,11 @@ def bench():
                 N = 1 << (L + Lk - 2).bit_length()  # power of two >= L + Lk - 1 (torch half FFTs need one)
                 ola = use_overlap_add(L, Lk, N)
                 path = f"ola P{ola[0]}" if ola else "fft"
-                cfc.USE_LTO = False
+                cfc.USE_LTO, fused_max, cfc.FUSED_MAX_N = False, cfc.FUSED_MAX_N, 0  # "old": the kernel path
                 nk.fft_conv(ud, kd, backend="cuda", fft_size=None if ola else N)
                 t_old = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=None if ola else N))
-                cfc.USE_LTO = True
+                cfc.USE_LTO, cfc.FUSED_MAX_N = "auto", fused_max  # "ours": the defaults
+                fused = not ola and cfc.fused_size(N, True, "f32") > 0
                 t0 = time.perf_counter()
                 out = nk.fft_conv(ud, kd, backend="cuda", fft_size=None if ola else N)  # compile, plan, spectrum
                 torch.cuda.synchronize()
@@ -286,10 +318,10 @@ def bench():
                 del ref, ours
                 nbytes = 2 * b * H * L * np.dtype(dt).itemsize
                 gbs = nbytes / t_ours / 1e9
-                lto_on = not lto.failed
+                lto_on = not lto.failed and not fused and N >= cfc.LTO_MIN_N
                 if lto.failed:
                     print("LTO failed:", list(lto.failed.values())[-1][:300], flush=True)
-                rows.append(f"{np.dtype(dt).name:>7} {b:>3} {H:>4} {L:>7} {Lk:>7} {path + ('+lto' if lto_on and not ola else ''):>14} | "
+                rows.append(f"{np.dtype(dt).name:>7} {b:>3} {H:>4} {L:>7} {Lk:>7} {path + ('+lto' if lto_on and not ola else '') + ('-fused' if fused else ''):>14} | "
                             f"{t_ours * 1e3:8.3f} {gbs:6.0f} {100 * gbs / copy_bw:5.1f} | {t_old * 1e3:8.3f} | "
                             f"{t_peer * 1e3:8.3f} {t_peer / t_ours:6.2f} | {t_peer32 * 1e3:8.3f} {t_peer32 / t_ours:6.2f} | "
                             f"{t_single * 1e3:9.3f} | {t_first:5.2f} | {diff:.1e}")

@@ -82,5 +82,35 @@ def main():
         nk.clear_fft_conv_cache()
 
 
+def fused_threads():
+    """The fused shared-memory kernel at each threads-per-block choice (device time of the public call)."""
+    from numba_kernels.cuda import _fft_conv_fused as fz
+
+    real = fz.threads
+    for B, H, Lx in [(64, 768, 256), (64, 768, 1024), (64, 768, 4096), (64, 768, 8192)]:
+        N = 1 << (2 * Lx - 2).bit_length()
+        u = torch.randn(B, H, Lx, device="cuda")
+        k = torch.randn(H, Lx, device="cuda") / Lx ** 0.5
+        ud, kd = cuda.as_cuda_array(u), cuda.as_cuda_array(k)
+        row = []
+        for nt in (128, 256, 512, 1024):
+            if nt > N // 2:
+                continue
+            fz.threads = lambda n, sim=False, nt=nt: nt
+            try:
+                nk.fft_conv(ud, kd, backend="cuda")
+                row.append(f"NT{nt} {ev_time(lambda: nk.fft_conv(ud, kd, backend='cuda')) * 1e3:.3f} ms")
+            except Exception as ex:
+                row.append(f"NT{nt} {type(ex).__name__}")
+        fz.threads = real
+        print(f"fused B{B} H{H} L{Lx} N{N}: " + ", ".join(row), flush=True)
+        nk.clear_fft_conv_cache()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "fused" in sys.argv:
+        fused_threads()
+    else:
+        main()

@@ -22,6 +22,7 @@ for s in "$@"; do case $s in
   dec_bench_notpf) step dec_bench_notpf 200 $P "import numba_kernels.cuda.decode_attention as m; m.TC_TILES['gpu'] = (4, 3, 16, False, False, False)" $G/check_decode_attention.py bench --quick ;;
   scan) step scan 300 python3 $G/check_selective_scan.py --quick ;;
   fft_probe) step fft_probe 150 python3 $G/probe_fft_parts.py ;;
+  fft_fused) step fft_fused 150 python3 $G/probe_fft_parts.py fused ;;
   fft) step fft 300 python3 $G/check_fft_conv.py --quick ;;
   bwd_check) step bwd_check 240 python3 $G/check_flash_attention_backward.py check=quick ;;
   bwd_bench) step bwd_bench 300 python3 $G/check_flash_attention_backward.py bench ;;

@@ -48,17 +48,26 @@ _LTO_ENV = os.environ.get("NUMBA_KERNELS_FFT_LTO", "auto")
 USE_LTO = True if _LTO_ENV == "1" else False if _LTO_ENV == "0" else "auto"
 #: smallest single-FFT size that takes the LTO callbacks under ``USE_LTO = "auto"``
 LTO_MIN_N = 1 << 17
+#: single-FFT forwards with a power-of-two FFT size up to this go through one fused shared-memory kernel
+#: (``_fft_conv_fused``: load, FFT, filter multiply, inverse FFT, crop in one pass; float16 / bfloat16 / float32);
+#: 0 turns it off (environment NUMBA_KERNELS_FFT_FUSED_MAX_N)
+FUSED_MAX_N = int(os.environ.get("NUMBA_KERNELS_FFT_FUSED_MAX_N", str(1 << 14)))
+#: the kernel path's single FFTs out of place (padded real rows and spectra in two buffers: twice the memory,
+#: 1.3-1.6x faster transforms at N >= 2^17 on the H200) from this FFT size up; in place below
+OOP_MIN_N = int(os.environ.get("NUMBA_KERNELS_FFT_OOP_MIN_N", str(1 << 15)))
 #: auto overlap-add on CUDA only past this single-FFT size (cuFFT needs several global-memory passes there)
 OLA_MIN_N = 1 << 20
 
 
-def scratch(shape, ft):
-    """A device buffer of this shape and dtype, reused between calls (one per thread, the latest shape only)."""
+def scratch(shape, ft, slot="buf"):
+    """A device buffer of this shape and dtype, reused between calls (one per thread and slot, the latest shape
+    only)."""
     key = (tuple(int(s) for s in shape), np.dtype(ft).str, _device_key())
-    cur = getattr(_local, "buf", None)
+    cur = getattr(_local, slot, None)
     if cur is None or cur[0] != key:
-        _local.buf = None  # drop the old buffer before allocating the new one
-        _local.buf = cur = (key, cuda.device_array(key[0], dtype=ft))
+        setattr(_local, slot, None)  # drop the old buffer before allocating the new one
+        cur = (key, cuda.device_array(key[0], dtype=ft))
+        setattr(_local, slot, cur)
     return cur[1]
 
 
@@ -95,7 +104,9 @@ def out_array(shape, dt):
 
 def clear_scratch():
     _local.buf = None
+    _local.real = None
     _local.outs = None
+    _TWD.clear()
     lto = sys.modules.get("numba_kernels.cuda._fft_conv_lto")
     if lto is not None:
         lto.clear()
@@ -219,6 +230,47 @@ def _fwd_ola(ud, pred, postd, biasd, K, start, Lout, P, M, kind, ft):
     return out
 
 
+def fused_size(N, forced, kind):
+    """FFT size of the fused kernel for a single-FFT forward of size N (the power of two >= N; an explicit
+    ``fft_size`` only when it is one), or 0 when the fused kernel does not apply."""
+    if kind == "f64" or FUSED_MAX_N <= 0:
+        return 0
+    n2 = 1 << max(1, (int(N) - 1).bit_length())
+    if (forced and n2 != N) or n2 > FUSED_MAX_N:
+        return 0
+    return n2
+
+
+_TWD = {}
+
+
+def _fwd_fused(ud, k, pred, postd, bias, Lke, N, start, Lout, kind, ft):
+    from numba_kernels.cuda import _fft_conv_fused as fz
+    from numba_kernels.fft_conv import cached_filter
+
+    B, H, L = ud.shape
+    LOGN = N.bit_length() - 1
+    dev = _device_key()
+
+    def expand():
+        Kh = _filter_spectrum(k, Lke, N, ft)
+        Kp = cuda.device_array((H, 2 * N), dtype=np.float32)
+        nt = _nt()
+        fl.launch(fz.make_expand_kernel(LOGN, nt), (-(-N // nt), H), nt, 0, (Kh, Kp))
+        return Kp
+
+    Kp = cached_filter(k, Lke, N, ft, f"cuda:{dev}:fused", expand)
+    tw = _TWD.get((N, dev))
+    if tw is None:
+        tw = _TWD[(N, dev)] = cuda.to_device(fz.twiddles(N))
+    biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
+    out = out_array((B, H, Lout), ELEM[kind])
+    nt = fz.threads(N, intr.SIM)
+    fl.launch(fz.make_fused_kernel(kind, LOGN, nt), (-(-B // 2), H), nt, fz.smem_bytes(N),
+              (ud, pred, postd, biasd, Kp, tw, out, np.int64(start % N)))
+    return out
+
+
 def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forced=False):
     """Device y (B, H, Lout) in the element type of ``dt``; ``method`` "fft" | "overlap_add" | "auto"."""
     kind, ft, _ = _kinds(dt)
@@ -236,6 +288,9 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
         P, M = ola
         return _fwd_ola(ud, pred, postd, _compute(bias, ft, 1), _filter_spectrum(k, Lke, P, ft), start, Lout,
                         P, M, kind, ft)
+    Nf = fused_size(N, forced, kind)
+    if Nf:
+        return _fwd_fused(ud, k, pred, postd, bias, Lke, Nf, start, Lout, kind, ft)
     K = _filter_spectrum(k, Lke, N, ft)
     buf = scratch((B, H, 2 * (N // 2 + 1)), ft)
     biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
@@ -247,10 +302,23 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
         out = lto.forward(kind, ud, K, buf, lambda: out_array((B, H, Lout), ELEM[kind]), *opt, N, L, Lout, start)
         if out is not None:
             return out
-    grid, nt = _grid(buf.shape[2], B, H)
-    fl.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
-    fft_inplace(buf, N, False)
-    _mul_inverse(buf, K, False, N, kind == "f64")
+    if N >= OOP_MIN_N and not intr.SIM:  # pad into dense real rows, R2C into buf, multiply, C2R back, crop
+        from numba_kernels.cuda import cufft
+
+        real = scratch((B, H, N), ft, "real")
+        grid, nt = _grid(N, B, H)
+        fl.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, real))
+        rp, cp, dbl = real.__cuda_array_interface__["data"][0], buf.__cuda_array_interface__["data"][0], kind == "f64"
+        cufft.exec_dense(rp, cp, N, B * H, False, dbl, 0, _device_key())
+        grid, nt = _grid(buf.shape[2] // 2, B, H)
+        fl.launch(make_cmul_kernel(dbl, nt), grid, nt, 0, (buf, K, np.int32(0)))
+        cufft.exec_dense(rp, cp, N, B * H, True, dbl, 0, _device_key())
+        buf = real
+    else:
+        grid, nt = _grid(buf.shape[2], B, H)
+        fl.launch(make_pad_kernel(kind, nt), grid, nt, 0, (ud, pred, buf))
+        fft_inplace(buf, N, False)
+        _mul_inverse(buf, K, False, N, kind == "f64")
     out = out_array((B, H, Lout), ELEM[kind])
     _crop(kind, buf, N, start, ud, pred, biasd, L, postd, e3, out, e3)
     return out
@@ -311,8 +379,18 @@ def ptx_signatures():
         out.append((f"pad_blocks_{kind}", make_pad_blocks_kernel(kind, nt).py_func, (a, a, i64, i64, f3)))
         out.append((f"ola_crop_{kind}", make_ola_crop_kernel(kind, nt).py_func,
                     (f3, ft, i64, i64, i64, i64, a, a, f1, i64, a, a)))
+        if kind != "f64":
+            from numba_kernels.cuda import _fft_conv_fused as fz
+
+            for logn in (9, 14):
+                out.append((f"fused_{kind}_N{1 << logn}", fz.make_fused_kernel(kind, logn, fz.threads(1 << logn)).py_func,
+                            (a, a, a, f1, types.Array(types.float32, 2, "C"), f1, a, i64)))
         if kind in ("f32", "f64"):
             out.append((f"cmul_blocks_{kind}", make_cmul_blocks_kernel(kind == "f64", nt).py_func, (f3, f3, i64)))
             out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
             out.append((f"conj_sum_{kind}", make_conj_sum_kernel(kind == "f64", nt).py_func, (f3, f3, f3)))
+    from numba_kernels.cuda import _fft_conv_fused as fz
+
+    out.append(("fused_expand", fz.make_expand_kernel(9, nt).py_func,
+                (types.Array(types.float32, 3, "C"), types.Array(types.float32, 2, "C"))))
     return out
