@@ -329,3 +329,26 @@ def test_cpu_diagonal_tiles_go_in_strips():
     assert fb._cols(0, 64, 0, 256, S, S, -1, 0) == (0, 64)  # first strip: keys 0-63 only
     assert fb._cols(192, 64, 0, 256, S, S, -1, 0) == (0, 256)
     assert fb._cols(0, 64, 256, 256, S, S, -1, 0)[1] <= 0  # nothing visible: skipped
+
+
+@pytest.mark.parametrize("shape", [(1, 530, 600, 2, 1, 64), (2, 600, 530, 4, 2, 40), (1, 300, 1, 2, 2, 16)],
+                         ids=lambda s: "B{}-Sq{}-Sk{}-H{}-Hk{}-D{}".format(*s))
+@pytest.mark.parametrize("opt", ["plain", "causal", "window", "all"])
+def test_cpu_dq_shares_match_own_dq_pass(rng, monkeypatch, shape, opt):
+    """dQ from the dK/dV pass's per-key-block shares (the default at these sizes) and from its own pass
+    (shares disabled) both match the reference and each other; the shares path is reproducible bitwise."""
+    from numba_kernels.cpu import flash_attention_backward as fb
+
+    kw = BIG[opt](rng, shape[0], shape[3])
+    q, k, v, do = _inputs(rng, np.float32, *shape)
+    out, lse = nk.flash_attention(q, k, v, return_lse=True, backend="cpu", **kw)
+    shares = nk.flash_attention_backward(do, q, k, v, out, lse, backend="cpu", **kw)
+    again = nk.flash_attention_backward(do, q, k, v, out, lse, backend="cpu", **kw)
+    monkeypatch.setattr(fb, "DQ_SHARES_MAX_BYTES", 0)
+    own = nk.flash_attention_backward(do, q, k, v, out, lse, backend="cpu", **kw)
+    ref = flash_attention_backward_ref(do, q, k, v, out, lse, **kw)
+    for name, a, b, c, r in zip("qkv", shares, again, own, ref):
+        assert a.tobytes() == b.tobytes(), name
+        assert max_err(a, r) < TOL[np.dtype(np.float32)], f"d{name} shares: {max_err(a, r)}"
+        assert max_err(c, r) < TOL[np.dtype(np.float32)], f"d{name} own pass: {max_err(c, r)}"
+        assert max_err(a, c) < 1e-5, f"d{name}: shares vs own pass {max_err(a, c)}"

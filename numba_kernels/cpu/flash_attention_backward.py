@@ -6,19 +6,20 @@ and use D_i = rowsum(dO * O), computed once up front by the caller.
 1. dK / dV: one task per (sequence, key block of BLOCK_KV rows, k/v head). The task walks the query
    heads of its GQA group and the visible query rows in chunks of BLOCK_Q:
    S = Q K^T, P, dV += P~^T dO, dP = dO V^T, dS = P~ * dP - P * D_i (P~ = P with dropout applied),
-   dK += dS^T Q. The group sum happens inside the task, so it needs no reduction.
-2. dQ: one task per (sequence, query block of BLOCK_Q rows, query head), walking the visible key
-   blocks: S, P, dP, dS as above, dQ += dS K.
+   dK += dS^T Q, and (when the shares fit in ``DQ_SHARES_MAX_BYTES``) this block's share of dQ, dS K,
+   into its own slot. The group sum happens inside the task, so it needs no reduction.
+2. dQ: one task per (sequence, query block of BLOCK_Q rows, query head). With the shares: the sum of the
+   visible key blocks' slots, in block order. Without: it walks the visible key blocks and recomputes
+   S, P, dP, dS as above, dQ += dS K (7 tile products per tile pair instead of 5).
 
 A tile that the mask cuts (the causal diagonal, a window edge) is done in strips of SUB_Q query rows, each
 against only the key columns its rows can see, so about half of a diagonal tile's products are skipped
 (5/8 of the tile computed at SUB_Q = 64, BLOCK 256, instead of all of it).
 
-Every output element is written by exactly one task in a fixed order of additions, so the gradients
-are bitwise reproducible whatever the thread count (the price is recomputing S and dP in pass 2:
-7 tile products per tile pair instead of 5). The tile products go to BLAS (np.dot on contiguous
-tiles; keep BLAS single-threaded, see ``_blas``). Tasks are pulled from an atomic counter, heaviest
-first, as in the forward.
+Every output element (and every dQ share) is written by exactly one task in a fixed order of additions,
+so the gradients are bitwise reproducible whatever the thread count. The tile products go to BLAS (np.dot
+on contiguous tiles; keep BLAS single-threaded, see ``_blas``). Tasks are pulled from an atomic counter,
+heaviest first, as in the forward.
 
 Layout: head-major and packed, q/dout (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens.
 """
@@ -156,9 +157,12 @@ def _add(acc, tmp):
 
 
 @njit
-def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, consts, left, right, slopes,
+def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, dqp, consts, left, right, slopes,
                dropout_p, seed, thresh):
-    """dK, dV of keys [j0, j0 + BLOCK_KV) of k/v head hk of sequence b (sum over the group's query heads)."""
+    """dK, dV of keys [j0, j0 + BLOCK_KV) of k/v head hk of sequence b (sum over the group's query heads).
+
+    With dqp of shape (nkb, H, Tq, D) (nkb > 0), also writes this key block's share of dQ (dS K, unscaled)
+    to ``dqp[j0 // BLOCK_KV, h, rows]`` for every query row the block is visible from."""
     D = q.shape[2]
     dt = q.dtype
     qs = cu_q[b]
@@ -183,6 +187,8 @@ def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, cons
     cidx = np.arange(BLOCK_KV).astype(dt) if has_alibi else np.empty(0, dtype=dt)
     slope = consts[C_ZERO]
     ilo, ihi = _query_range(j0, j0 + n, Sq, Sk, left, right)
+    fuse = dqp.shape[0] > 0
+    jb = j0 // BLOCK_KV
     for h in range(hk * group, (hk + 1) * group):
         if has_alibi:
             slope = slopes[b, h] * consts[C_LOG2E]
@@ -216,6 +222,8 @@ def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, cons
                 _dscores(s, dp, pd, g, di[h, qs + a: qs + a + mm], has_drop, has_cap)
                 np.dot(dp.T, qt, t)
                 _add(acc_k[c_lo:c_hi], t)
+                if fuse:  # this block's dQ rows: one writer each, summed over blocks in a fixed order later
+                    np.dot(dp, ks_, dqp[jb, h, qs + a: qs + a + mm])
     scale = consts[C_SCALE]
     for r in range(n):
         for d in range(D):
@@ -282,17 +290,36 @@ def _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, b, h, hk, i0, dq, consts, left, 
             dq[h, qs + i0 + r, d] = acc[r, d] * scale
 
 
-@njit_parallel
-def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, consts, left, right,
-                  slopes, dropout_p, seed, thresh):
-    """Both passes. q/do (H, Tq, D), k/v (Hk, Tk, D) contiguous in the compute dtype; lse2 (H, Tq): the
-    LSE times log2(e) (+inf for fully masked rows); di (H, Tq) = rowsum(dO * O); dq (H, Tq, D),
-    dk/dv (Hk, Tk, D) outputs (zero-filled: rows no task visits stay 0).
+@njit
+def _dq_sum_task(dqp, cu_q, cu_k, h, b, i0, dq, consts, left, right):
+    """dQ of query rows [i0, i0 + BLOCK_Q) of head h of sequence b from the dK/dV pass's per-key-block shares
+    dqp (nkb, H, Tq, D): scale * (share of the first visible block + the next + ...), in block order."""
+    D = dq.shape[2]
+    qs = cu_q[b]
+    Sq = cu_q[b + 1] - qs
+    Sk = cu_k[b + 1] - cu_k[b]
+    scale = consts[C_SCALE]
+    for i in range(i0, min(i0 + BLOCK_Q, Sq)):
+        lo, hi = _key_range(i, i + 1, Sq, Sk, left, right)
+        if hi <= lo:  # a fully masked row: dq stays 0
+            continue
+        o = dq[h, qs + i]
+        src = dqp[lo // BLOCK_KV, h, qs + i]
+        for d in range(D):
+            o[d] = src[d]
+        for jb in range(lo // BLOCK_KV + 1, (hi - 1) // BLOCK_KV + 1):
+            src = dqp[jb, h, qs + i]
+            for d in range(D):
+                o[d] += src[d]
+        for d in range(D):
+            o[d] *= scale
 
-    kv_seq/kv_row list the key blocks (sequence, first key), q_seq/q_row the query blocks (both from
-    :func:`plan_blocks`, heaviest first); consts from :func:`make_consts`; slopes (B, H) in the compute
-    dtype or (0, 0); seed, thresh uint64 (dropout); left/right the window with causal folded in.
-    """
+
+@njit_parallel
+def _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, consts, left,
+                right, slopes, dropout_p, seed, thresh):
+    """Both passes (see :func:`flash_bwd_cpu`); dqp (nkb, H, Tq, D) scratch for the dQ shares, or shape
+    (0, 1, 1, 1): dQ by its own pass."""
     H = q.shape[0]
     Hk = k.shape[0]
     group = H // Hk
@@ -303,18 +330,51 @@ def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_ro
         while t < ntask:
             blk = t // Hk
             hk = t - blk * Hk
-            _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, consts,
+            _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, dqp, consts,
                        left, right, slopes, dropout_p, seed, thresh)
             t = atomic_fetch_add(counter, 0, 1)
     ntask = q_seq.shape[0] * H
+    fused = dqp.shape[0] > 0
     for _ in prange(ntask):
         t = atomic_fetch_add(counter, 1, 1)
         while t < ntask:
             blk = t // H
             h = t - blk * H
-            _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, q_seq[blk], h, h // group, q_row[blk], dq, consts,
-                     left, right, slopes, dropout_p, seed, thresh)
+            if fused:
+                _dq_sum_task(dqp, cu_q, cu_k, h, q_seq[blk], q_row[blk], dq, consts, left, right)
+            else:
+                _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, q_seq[blk], h, h // group, q_row[blk], dq, consts,
+                         left, right, slopes, dropout_p, seed, thresh)
             t = atomic_fetch_add(counter, 1, 1)
+
+
+#: largest dQ share buffer (nkb x H x Tq x D, nkb = key blocks of the longest sequence) for which the dK/dV
+#: pass also produces dQ; above it dQ gets its own pass (which recomputes S and dP: 7 tile products, not 5)
+DQ_SHARES_MAX_BYTES = 64 << 20
+
+
+def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, consts, left, right,
+                  slopes, dropout_p, seed, thresh):
+    """Both passes. q/do (H, Tq, D), k/v (Hk, Tk, D) contiguous in the compute dtype; lse2 (H, Tq): the
+    LSE times log2(e) (+inf for fully masked rows); di (H, Tq) = rowsum(dO * O); dq (H, Tq, D),
+    dk/dv (Hk, Tk, D) outputs (zero-filled: rows no task visits stay 0).
+
+    kv_seq/kv_row list the key blocks (sequence, first key), q_seq/q_row the query blocks (both from
+    :func:`plan_blocks`, heaviest first); consts from :func:`make_consts`; slopes (B, H) in the compute
+    dtype or (0, 0); seed, thresh uint64 (dropout); left/right the window with causal folded in.
+
+    When the dQ shares fit in ``DQ_SHARES_MAX_BYTES``, the dK/dV pass also writes each key block's dS K
+    to its own slot and the second pass only sums the slots (in block order, so still bitwise
+    reproducible); otherwise the second pass recomputes S and dP per query block.
+    """
+    H, Tq, D = q.shape
+    nkb = max((-(-int(s) // BLOCK_KV) for s in np.diff(cu_k)), default=0)
+    if nkb == 0 or nkb * H * Tq * D * q.itemsize > DQ_SHARES_MAX_BYTES:
+        dqp = np.empty((0, 1, 1, 1), dtype=q.dtype)
+    else:
+        dqp = np.empty((nkb, H, Tq, D), dtype=q.dtype)
+    _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, consts, left,
+                right, slopes, dropout_p, seed, thresh)
 
 
 def plan_blocks(cu_q, cu_k, left, right):
