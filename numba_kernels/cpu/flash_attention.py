@@ -21,7 +21,7 @@ from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fma
 
 BLOCK_Q = 256
 BLOCK_K = 512
-ROW_GROUP = 64  # row group of the blocks a mask edge cuts
+ROW_GROUP = 64  # row group of the keys a mask edge cuts (the causal diagonal, a window edge)
 
 row_key, col_hash = build_hash(lambda f: njit(f, inline="always"))
 
@@ -154,31 +154,37 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
     alpha = np.empty(m, dtype=q.dtype)
     fbuf = np.empty(1, dtype=q.dtype)  # int -> compute-dtype conversions
     lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
-    lo = (lo // block_k) * block_k
     off = Sk - Sq
     slope = zero
     cidx = np.empty(0, dtype=q.dtype)
     if has_alibi:
         slope = slopes[b, h] * consts[C_LOG2E]
         cidx = np.arange(block_k).astype(q.dtype)  # column offsets in the compute dtype
-    for j0 in range(lo, hi, block_k):
-        n = min(block_k, hi - j0)
-        # rows whose visible keys do not cover the whole block (the diagonal of a causal mask, the
-        # edges of a window) go in groups of ROW_GROUP with narrower key ranges: less masked work
-        step = m
-        if (right >= 0 and i0 + off + right + 1 < j0 + n) or (left >= 0 and i0 + m - 1 + off - left > j0):
-            step = ROW_GROUP
-        for r0 in range(0, m, step):
-            mg = min(step, m - r0)
-            ga, gb = _key_range(i0 + r0, i0 + r0 + mg, Sq, Sk, left, right)
-            jb = max(ga, j0)  # this group's key columns: [jb, jb + nb)
-            nb = min(gb, j0 + n) - jb
-            if nb <= 0:  # every row of the group is masked in this block: acc, m, l stay as they are
-                continue
-            _attend_keys(qt[r0: r0 + mg], k[hk, ks + jb: ks + jb + nb], v[hk, ks + jb: ks + jb + nb],
-                         sbuf[: mg * nb].reshape((mg, nb)), tmp[:mg], acc[r0: r0 + mg], mrow[r0: r0 + mg],
-                         lrow[r0: r0 + mg], alpha, fbuf, cidx, b, h, i0 + r0, jb, off, left, right, consts,
-                         sc, prescale, slope, dropout_p, seed, thresh)
+    # keys [a_lo, a_hi) are seen by every row of the task: full-height tiles. The keys left and right of
+    # them (the causal diagonal, the edges of a window) go in groups of ROW_GROUP rows, each against only
+    # the keys its rows can see: less masked work, and the full part keeps the large BLAS calls
+    a_lo = _key_range(i0 + m - 1, i0 + m, Sq, Sk, left, right)[0]
+    a_hi = _key_range(i0, i0 + 1, Sq, Sk, left, right)[1]
+    if a_hi - a_lo < ROW_GROUP:  # no useful full part: all edge
+        a_lo = hi
+        a_hi = hi
+    for seg in range(3):  # [lo, a_lo) edge, [a_lo, a_hi) full, [a_hi, hi) edge, in key order
+        s0 = lo if seg == 0 else (a_lo if seg == 1 else a_hi)
+        s1 = a_lo if seg == 0 else (a_hi if seg == 1 else hi)
+        step = m if seg == 1 else ROW_GROUP
+        for j0 in range(s0, s1, block_k):
+            n = min(block_k, s1 - j0)
+            for r0 in range(0, m, step):
+                mg = min(step, m - r0)
+                ga, gb = _key_range(i0 + r0, i0 + r0 + mg, Sq, Sk, left, right)
+                jb = max(ga, j0)  # this group's key columns: [jb, jb + nb)
+                nb = min(gb, j0 + n) - jb
+                if nb <= 0:  # every row of the group is masked in this block: acc, m, l stay as they are
+                    continue
+                _attend_keys(qt[r0: r0 + mg], k[hk, ks + jb: ks + jb + nb], v[hk, ks + jb: ks + jb + nb],
+                             sbuf[: mg * nb].reshape((mg, nb)), tmp[:mg], acc[r0: r0 + mg], mrow[r0: r0 + mg],
+                             lrow[r0: r0 + mg], alpha, fbuf, cidx, b, h, i0 + r0, jb, off, left, right, consts,
+                             sc, prescale, slope, dropout_p, seed, thresh)
     lse0 = qs * lse_a + h * lse_c + i0
     for r in range(m):
         lr = lrow[r]
