@@ -83,27 +83,40 @@ def main():
 
 
 def fused_threads():
-    """The fused shared-memory kernel at each threads-per-block choice (device time of the public call)."""
+    """The fused shared-memory kernel at each register-pass width (device time of the public call, first-call
+    compile time) next to the kernel path (pad / cuFFT / multiply / cuFFT / crop) and torch.fft."""
     from numba_kernels.cuda import _fft_conv_fused as fz
+    from numba_kernels.cuda import fft_conv as cfc
 
-    real = fz.threads
-    for B, H, Lx in [(64, 768, 256), (64, 768, 1024), (64, 768, 4096), (64, 768, 8192)]:
+    for B, H, Lx, rmaxes in [(64, 768, 256, (3,)), (64, 768, 1024, (3, 4)), (64, 768, 4096, (3, 4)),
+                             (64, 768, 8192, (4,))]:
         N = 1 << (2 * Lx - 2).bit_length()
         u = torch.randn(B, H, Lx, device="cuda")
         k = torch.randn(H, Lx, device="cuda") / Lx ** 0.5
         ud, kd = cuda.as_cuda_array(u), cuda.as_cuda_array(k)
-        row = []
-        for nt in (128, 256, 512, 1024):
-            if nt > N // 2:
-                continue
-            fz.threads = lambda n, sim=False, nt=nt: nt
+        kf = torch.fft.rfft(k, n=N)
+        t_torch = ev_time(lambda: torch.fft.irfft(torch.fft.rfft(u, n=N) * kf, n=N)[..., :Lx])
+        ref = torch.fft.irfft(torch.fft.rfft(u, n=N) * kf, n=N)[..., :Lx]
+        saved = cfc.FUSED_MAX_N
+        cfc.FUSED_MAX_N = 0
+        t_kern = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
+        cfc.FUSED_MAX_N = saved
+        row = [f"torch {t_torch * 1e3:.3f} ms", f"kernels {t_kern * 1e3:.3f} ms"]
+        for rm in rmaxes:
+            fz.RMAX = rm
             try:
-                nk.fft_conv(ud, kd, backend="cuda")
-                row.append(f"NT{nt} {ev_time(lambda: nk.fft_conv(ud, kd, backend='cuda')) * 1e3:.3f} ms")
+                t0 = time.perf_counter()
+                y = nk.fft_conv(ud, kd, backend="cuda")
+                torch.cuda.synchronize()
+                tc = time.perf_counter() - t0
+                e = float((torch.as_tensor(y, device="cuda") - ref).abs().max() / ref.abs().max())
+                t = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda"))
+                row.append(f"fused r{rm} (NT {fz.threads(N)}) {t * 1e3:.3f} ms = {t_torch / t:.2f}x torch, "
+                           f"1st call {tc:.1f} s, err {e:.1e}")
             except Exception as ex:
-                row.append(f"NT{nt} {type(ex).__name__}")
-        fz.threads = real
-        print(f"fused B{B} H{H} L{Lx} N{N}: " + ", ".join(row), flush=True)
+                row.append(f"fused r{rm} {type(ex).__name__}: {str(ex)[:200]}")
+        fz.RMAX = 3
+        print(f"B{B} H{H} L{Lx} N{N}: " + " | ".join(row), flush=True)
         nk.clear_fft_conv_cache()
 
 

@@ -10,30 +10,36 @@ spectrum in global memory, no cuFFT call.
 Transforms: the forward is a radix-2 decimation-in-frequency FFT (natural order in, bit-reversed order out), the
 inverse a radix-2 decimation-in-time FFT with conjugate twiddles (bit-reversed in, natural out), so no
 permutation pass is needed: the filter spectrum is stored in bit-reversed order (``make_expand_kernel``) with the
-1 / N scale folded in. Twiddles W^m = exp(-2 pi i m / N), m < N / 2, come from a float64-computed table (global,
-copied to shared memory once per block). fp32 arithmetic throughout (inputs float16 / bfloat16 / float32).
+1 / N scale folded in. Twiddles W^m = exp(-2 pi i m / N), m < N / 2, come from a float64-computed table in
+global memory (cached in L1). fp32 arithmetic throughout (inputs float16 / bfloat16 / float32).
 
-Shared memory: re[N], im[N], twiddles 2 x N / 2 floats = 12 N bytes (N 8192: 96 KB, dynamic).
+The radix-2 stages run in register passes (``passes``): each thread holds 2^r elements of one index set and runs r
+stages on them, so shared memory (re and im, one skew word per 32 entries: 8.25 N bytes) is written and read only
+between passes; see ``make_fused_kernel``.
 """
 import functools
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32
 
-from numba_kernels.cuda._attn_common import jit_kernel
+from numba_kernels.cuda._attn_common import dev, jit_kernel
 from numba_kernels.cuda._conv1d_kernels import _converters
+
+#: most radix-2 stages per register pass (2^RMAX elements per thread and pass)
+RMAX = 3
 
 
 def smem_bytes(N):
-    """Dynamic shared memory of the fused kernel for FFT size N."""
-    return 12 * N
+    """Dynamic shared memory of the fused kernel for FFT size N (re and im, one skew word per 32)."""
+    return 8 * (_pad(N - 1) + 1) if N > 1 else 8
 
 
-def threads(N, sim=False):
-    """Threads per block for FFT size N (one to a few butterflies per thread per stage)."""
+def threads(N, sim=False, rmax=None):
+    """Threads per block for FFT size N: one index set of the widest pass per thread (at least a warp)."""
+    r = max(passes(max(1, N.bit_length() - 1), rmax or RMAX))
     if sim:
-        return max(1, min(N // 2, 8))
-    return max(32, min(N // 2, 512))
+        return max(1, min(N >> r, 4))
+    return max(32, min(N >> r, 1024))
 
 
 _TW = {}
@@ -81,109 +87,86 @@ def make_expand_kernel(LOGN, NT):
     return jit_kernel(kernel)
 
 
+def passes(LOGN, RMAX=3):
+    """Radix-2 stages per register pass (each <= RMAX, largest first): the forward runs them in this order from
+    the top index bits down, the inverse in the reverse order from the bottom bits up."""
+    k = -(-LOGN // RMAX)
+    base, extra = divmod(LOGN, k)
+    return tuple(base + 1 if i < extra else base for i in range(k))
+
+
+def _pad(i):
+    return i + (i >> 5)  # one skew word per 32: strided register-pass accesses hit distinct banks
+
+
 @functools.lru_cache(maxsize=None)
-def make_fused_kernel(kind, LOGN, NT):
+def make_fused_kernel(kind, LOGN, NT, RMAX=3):
     """The fused conv for element kind ``kind`` ("f16" | "bf16" | "f32"), FFT size 2^LOGN, NT threads.
 
     kernel(u (B, H, L), pre (B, H, L) | empty, post (B, H, Lout) | empty, bias (H,) float32 | empty,
     Kp (H, 2N) float32 (``make_expand_kernel``), tw (N,) float32 (``twiddles``), out (B, H, Lout), start):
     out[b, h, t] = (conv(u * pre, k)[(t + start) mod N] + bias[h] u[b, h, t] pre[b, h, t] (t < L)) * post[b, h, t].
     Grid (ceil(B / 2), H); dynamic shared memory ``smem_bytes(N)``.
+
+    Each pass holds R = 2^r elements per thread in registers and runs r radix-2 stages on them: the forward
+    (decimation in frequency) from the top index bits down, the last forward pass multiplies by the filter
+    spectrum and runs the first inverse pass (decimation in time, the same index sets) on the same registers, so
+    shared memory is touched only between passes. The first pass reads u from global memory, the last writes y.
     """
     cin, cout, _ = _converters(kind)
     N = 1 << LOGN
-    HALF = N // 2
+    NP = _pad(N - 1) + 1         # padded length of one of the re / im arrays
     ZERO = float32(0.0)
+    PS = passes(LOGN, RMAX)
+    pad = dev(_pad)
 
-    def kernel(u, pre, post, bias, Kp, tw, out, start):
-        sm = cuda.shared.array(0, float32)
-        tid = cuda.threadIdx.x
-        h = cuda.blockIdx.y
-        b0 = 2 * cuda.blockIdx.x
-        B = u.shape[0]
-        L = u.shape[2]
-        Lout = out.shape[2]
-        two = b0 + 1 < B
-        # shared layout: re [0, N), im [N, 2N), twiddle re / im interleaved [2N, 3N)
-        for m in range(tid, N, NT):
-            sm[2 * N + m] = tw[m]
-            a = ZERO
-            c = ZERO
-            if m < L:
-                a = cin(u[b0, h, m])
-                if two:
-                    c = cin(u[b0 + 1, h, m])
-                if pre.shape[0] > 0:
-                    a *= cin(pre[b0, h, m])
-                    if two:
-                        c *= cin(pre[b0 + 1, h, m])
-            sm[m] = a
-            sm[N + m] = c
-        cuda.syncthreads()
-        # forward: decimation in frequency, spans HALF, HALF / 2, ..., 1
-        lh = LOGN - 1
-        while lh >= 0:
-            hs = int32(1) << lh
-            for p in range(tid, HALF, NT):
-                j = p & (hs - 1)
-                i0 = ((p >> lh) << (lh + 1)) + j
-                i1 = i0 + hs
-                w = 2 * N + 2 * (j << (LOGN - 1 - lh))
-                wr = sm[w]
-                wi = sm[w + 1]
-                ar = sm[i0]
-                ai = sm[N + i0]
-                br = sm[i1]
-                bi = sm[N + i1]
-                sm[i0] = ar + br
-                sm[N + i0] = ai + bi
-                dr = ar - br
-                di = ai - bi
-                sm[i1] = dr * wr - di * wi
-                sm[N + i1] = dr * wi + di * wr
-            cuda.syncthreads()
-            lh -= 1
-        # pointwise: the bit-reversed spectrum times the bit-reversed filter spectrum (1 / N included)
-        for m in range(tid, N, NT):
-            kr = Kp[h, 2 * m]
-            ki = Kp[h, 2 * m + 1]
-            zr = sm[m]
-            zi = sm[N + m]
-            sm[m] = zr * kr - zi * ki
-            sm[N + m] = zr * ki + zi * kr
-        cuda.syncthreads()
-        # inverse: decimation in time with conjugate twiddles, spans 1, 2, ..., HALF
-        lh = 0
-        while lh < LOGN:
-            hs = int32(1) << lh
-            for p in range(tid, HALF, NT):
-                j = p & (hs - 1)
-                i0 = ((p >> lh) << (lh + 1)) + j
-                i1 = i0 + hs
-                w = 2 * N + 2 * (j << (LOGN - 1 - lh))
-                wr = sm[w]
-                wi = -sm[w + 1]
-                br = sm[i1]
-                bi = sm[N + i1]
-                tr = br * wr - bi * wi
-                ti = br * wi + bi * wr
-                ar = sm[i0]
-                ai = sm[N + i0]
-                sm[i0] = ar + tr
-                sm[N + i0] = ai + ti
-                sm[i1] = ar - tr
-                sm[N + i1] = ai - ti
-            cuda.syncthreads()
-            lh += 1
-        # crop (+ skip term, postgate, cast)
-        hb = bias.shape[0] > 0
-        for t in range(tid, Lout, NT):
-            j = t + start
-            if j >= N:
-                j -= N
-            ya = sm[j]
-            yb = sm[N + j]
-            if hb and t < L:
+    def make_stages(lo, r, fwd):
+        """r radix-2 stages on the R = 2^r registers of the index set base + m 2^lo (m < R)."""
+        R = 1 << r
+        S = 1 << lo
+
+        def run(tw, xr, xi, base):
+            for st in range(r):
+                if fwd:   # DIF stage on bit lo + r - 1 - st: span (R >> (st + 1)) * S, twiddle exponent shift
+                    half = R >> (st + 1)
+                    sh = LOGN - lo - r + st
+                else:     # DIT stage on bit lo + st
+                    half = 1 << st
+                    sh = LOGN - 1 - lo - st
+                hs = half * S
+                for m in range(R):
+                    if (m & half) == 0:
+                        i = base + m * S
+                        w = (i & (hs - 1)) << sh
+                        wr = tw[2 * w]
+                        wi = tw[2 * w + 1]
+                        ar = xr[m]
+                        ai = xi[m]
+                        br = xr[m + half]
+                        bi = xi[m + half]
+                        if fwd:
+                            dr = ar - br
+                            di = ai - bi
+                            xr[m] = ar + br
+                            xi[m] = ai + bi
+                            xr[m + half] = dr * wr - di * wi
+                            xi[m + half] = dr * wi + di * wr
+                        else:  # conjugate twiddle
+                            tr = br * wr + bi * wi
+                            ti = bi * wr - br * wi
+                            xr[m] = ar + tr
+                            xi[m] = ai + ti
+                            xr[m + half] = ar - tr
+                            xi[m + half] = ai - ti
+
+        return dev(run)
+
+    def crop_fn(ya, yb, j, u, pre, post, bias, out, b0, h, two, L, Lout, start):
+        t = j - start
+        if t < 0:
+            t += N
+        if t < Lout:
+            if bias.shape[0] > 0 and t < L:
                 sa = bias[h] * cin(u[b0, h, t])
                 if pre.shape[0] > 0:
                     sa *= cin(pre[b0, h, t])
@@ -200,5 +183,138 @@ def make_fused_kernel(kind, LOGN, NT):
             out[b0, h, t] = cout(ya)
             if two:
                 out[b0 + 1, h, t] = cout(yb)
+
+    crop = dev(crop_fn)
+
+    # the sequence: forward passes over bit ranges from the top down, the middle pass (bits [0, r_last):
+    # forward, multiply, inverse), inverse passes from the bottom up
+    fw_ranges = []
+    hi = LOGN
+    for r in PS:
+        fw_ranges.append((hi - r, r))
+        hi -= r
+    RL = 1 << max(PS)            # registers per thread (the widest pass)
+    k = len(PS)
+
+    def build():
+        fns = []
+        for idx, (lo, r) in enumerate(fw_ranges[:-1]):
+            fns.append(make_pass_jit(lo, r, True, idx == 0, False))
+        fns.append(make_mid(fw_ranges[-1][1], k == 1))
+        for idx, (lo, r) in enumerate(reversed(fw_ranges[:-1])):
+            fns.append(make_pass_jit(lo, r, False, False, idx == k - 2))
+        return fns
+
+    def make_pass_jit(lo, r, fwd, first, last):
+        st = make_stages(lo, r, fwd)
+        R = 1 << r
+        S = 1 << lo
+        SETS = N >> r
+
+        def run(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid):
+            for q in range(tid, SETS, NT):
+                low = q & (S - 1)
+                base = ((q >> lo) << (lo + r)) | low
+                for m in range(R):
+                    i = base + m * S
+                    if first:
+                        a = ZERO
+                        c = ZERO
+                        if i < L:
+                            a = cin(u[b0, h, i])
+                            if two:
+                                c = cin(u[b0 + 1, h, i])
+                            if pre.shape[0] > 0:
+                                a *= cin(pre[b0, h, i])
+                                if two:
+                                    c *= cin(pre[b0 + 1, h, i])
+                        xr[m] = a
+                        xi[m] = c
+                    else:
+                        xr[m] = sm[pad(i)]
+                        xi[m] = sm[NP + pad(i)]
+                st(tw, xr, xi, base)
+                for m in range(R):
+                    i = base + m * S
+                    if last:
+                        crop(xr[m], xi[m], i, u, pre, post, bias, out, b0, h, two, L, Lout, start)
+                    else:
+                        sm[pad(i)] = xr[m]
+                        sm[NP + pad(i)] = xi[m]
+
+        return dev(run)
+
+    def make_mid(r, only):
+        """bits [0, r): forward stages, times Kp, inverse stages; from u / to y when it is the only pass."""
+        sf = make_stages(0, r, True)
+        si = make_stages(0, r, False)
+        R = 1 << r
+        SETS = N >> r
+
+        def run(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid):
+            for q in range(tid, SETS, NT):
+                base = q << r
+                for m in range(R):
+                    i = base + m
+                    if only:
+                        a = ZERO
+                        c = ZERO
+                        if i < L:
+                            a = cin(u[b0, h, i])
+                            if two:
+                                c = cin(u[b0 + 1, h, i])
+                            if pre.shape[0] > 0:
+                                a *= cin(pre[b0, h, i])
+                                if two:
+                                    c *= cin(pre[b0 + 1, h, i])
+                        xr[m] = a
+                        xi[m] = c
+                    else:
+                        xr[m] = sm[pad(i)]
+                        xi[m] = sm[NP + pad(i)]
+                sf(tw, xr, xi, base)
+                for m in range(R):
+                    i = base + m
+                    kr = Kp[h, 2 * i]
+                    ki = Kp[h, 2 * i + 1]
+                    zr = xr[m]
+                    zi = xi[m]
+                    xr[m] = zr * kr - zi * ki
+                    xi[m] = zr * ki + zi * kr
+                si(tw, xr, xi, base)
+                for m in range(R):
+                    i = base + m
+                    if only:
+                        crop(xr[m], xi[m], i, u, pre, post, bias, out, b0, h, two, L, Lout, start)
+                    else:
+                        sm[pad(i)] = xr[m]
+                        sm[NP + pad(i)] = xi[m]
+
+        return dev(run)
+
+    fns = build()
+
+    def chain(fs):
+        if len(fs) == 1:
+            return fs[0]
+        head, rest = fs[0], chain(fs[1:])
+
+        def run(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid):
+            head(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid)
+            cuda.syncthreads()
+            rest(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid)
+
+        return dev(run)
+
+    body = chain(fns)
+
+    def kernel(u, pre, post, bias, Kp, tw, out, start):
+        sm = cuda.shared.array(0, float32)
+        xr = cuda.local.array(RL, float32)
+        xi = cuda.local.array(RL, float32)
+        h = cuda.blockIdx.y
+        b0 = 2 * cuda.blockIdx.x
+        body(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, b0 + 1 < u.shape[0], u.shape[2], out.shape[2],
+             start, cuda.threadIdx.x)
 
     return jit_kernel(kernel)

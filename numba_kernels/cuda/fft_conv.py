@@ -266,7 +266,7 @@ def _fwd_fused(ud, k, pred, postd, bias, Lke, N, start, Lout, kind, ft):
     biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
     out = out_array((B, H, Lout), ELEM[kind])
     nt = fz.threads(N, intr.SIM)
-    fl.launch(fz.make_fused_kernel(kind, LOGN, nt), (-(-B // 2), H), nt, fz.smem_bytes(N),
+    fl.launch(fz.make_fused_kernel(kind, LOGN, nt, fz.RMAX), (-(-B // 2), H), nt, fz.smem_bytes(N),
               (ud, pred, postd, biasd, Kp, tw, out, np.int64(start % N)))
     return out
 
@@ -382,9 +382,10 @@ def ptx_signatures():
         if kind != "f64":
             from numba_kernels.cuda import _fft_conv_fused as fz
 
-            for logn in (9, 14):
-                out.append((f"fused_{kind}_N{1 << logn}", fz.make_fused_kernel(kind, logn, fz.threads(1 << logn)).py_func,
-                            (a, a, a, f1, types.Array(types.float32, 2, "C"), f1, a, i64)))
+            logn = {"f32": 9, "bf16": 11, "f16": 14}[kind]  # one size per kind (each takes 15-50 s to compile)
+            out.append((f"fused_{kind}_N{1 << logn}", fz.make_fused_kernel(kind, logn, fz.threads(1 << logn),
+                                                                             fz.RMAX).py_func,
+                        (a, a, a, f1, types.Array(types.float32, 2, "C"), f1, a, i64)))
         if kind in ("f32", "f64"):
             out.append((f"cmul_blocks_{kind}", make_cmul_blocks_kernel(kind == "f64", nt).py_func, (f3, f3, i64)))
             out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
