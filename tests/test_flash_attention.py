@@ -89,6 +89,31 @@ def test_cpu_shapes(rng, shape, causal):
     assert max_err(out, flash_attention_ref(q, k, v, causal=causal)) < TOL[np.dtype(np.float32)]
 
 
+MASK_EDGES = [
+    ("causal", lambda r, H: dict(causal=True)),
+    ("window-full-middle", lambda r, H: dict(window_size=(300, 40))),  # a 256-row block: edge, full, edge keys
+    ("window-narrow", lambda r, H: dict(window_size=(100, 5))),  # narrower than a block: edges only
+    ("causal-window", lambda r, H: dict(causal=True, window_size=(400, -1))),
+    ("all", lambda r, H: dict(causal=True, window_size=(350, -1), softcap=3.0, alibi_slopes=r.random(H),
+                              dropout_p=0.1, seed=5)),
+]
+
+
+@pytest.mark.parametrize("opt", MASK_EDGES, ids=[m[0] for m in MASK_EDGES])
+@pytest.mark.parametrize("Sq,Sk", [(700, 700), (530, 900), (900, 530)], ids=lambda s: str(s))
+def test_cpu_mask_edges_across_blocks(rng, opt, Sq, Sk):
+    """Query blocks whose keys split into a part every row sees (full-height tiles) and mask edges on either
+    side (64-row groups), across 256-row and 512-key block boundaries, Sq != Sk both ways (Sq > Sk
+    causal: fully masked rows)."""
+    q, k, v = _qkv(rng, np.float32, 1, Sq, Sk, 2, 1, 32)
+    kw = opt[1](rng, 2)
+    out, lse = nk.flash_attention(q, k, v, return_lse=True, backend="cpu", **kw)
+    ref, rlse = flash_attention_ref(q, k, v, return_lse=True, **kw)
+    assert max_err(out, ref) < TOL[np.dtype(np.float32)]
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(rlse))
+    np.testing.assert_allclose(lse[np.isfinite(lse)], rlse[np.isfinite(rlse)], rtol=2e-6, atol=2e-6)
+
+
 def _naive_in_dtype(q, k, v, dt, **kw):
     """The same math done naively in a low-precision dtype: fp32 products of rounded inputs, probabilities
     rounded to dt before P @ V, output rounded to dt (what a plain fp16/bf16 attention would give)."""
