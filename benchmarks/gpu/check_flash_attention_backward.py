@@ -195,13 +195,15 @@ def bench(best=None):
     rows = [f"peak bf16 matmul (torch 8192^3) {mm:.0f} TFLOP/s"]
     print(rows[0], flush=True)
     H = 16
-    for D in (64, 128):
+    dims = [int(x) for x in os.environ.get("BWD_BENCH_D", "64,128").split(",")]
+    lens = [int(x) for x in os.environ.get("BWD_BENCH_S", "1024,2048,4096,8192,16384").split(",")]
+    for D in dims:
         if best:
             cfb.TC_BWD_TILES[D] = best[D][:3]
             cfb.TC_BWD_OPTS.clear()
             cfb.TC_BWD_OPTS.update(best[D][3])
         rows.append(f"D{D}: (dK/dV tiles, dQ tiles, dQ by reductions) = {cfb.TC_BWD_TILES[D]} opts {cfb.TC_BWD_OPTS}")
-        for S in (1024, 2048, 4096, 8192, 16384):
+        for S in lens:
             B = 16384 // S
             for causal in (False, True):
                 c = _torch_case(B, S, H, D, causal)

@@ -23,6 +23,8 @@ for s in "$@"; do case $s in
   scan) step scan 300 python3 $G/check_selective_scan.py --quick ;;
   fft_probe) step fft_probe 150 python3 $G/probe_fft_parts.py ;;
   fft_fused) step fft_fused 150 python3 $G/probe_fft_parts.py fused ;;
+  fft_fused_check) step fft_fused_check 200 python3 $G/check_fft_fused.py ;;
+  bwd_bench_1k) BWD_BENCH_D=64 BWD_BENCH_S=1024 step bwd_bench_1k 150 python3 $G/check_flash_attention_backward.py bench ;;
   fft) step fft 300 python3 $G/check_fft_conv.py --quick ;;
   bwd_check) step bwd_check 240 python3 $G/check_flash_attention_backward.py check=quick ;;
   bwd_bench) step bwd_bench 300 python3 $G/check_flash_attention_backward.py bench ;;

@@ -25,8 +25,9 @@ from numba import cuda, float32
 from numba_kernels.cuda._attn_common import dev, jit_kernel
 from numba_kernels.cuda._conv1d_kernels import _converters
 
-#: most radix-2 stages per register pass (2^RMAX elements per thread and pass)
-RMAX = 3
+#: most radix-2 stages per register pass (2^RMAX elements per thread and pass); H200 2026-12-01, B64 H768 L1024
+#: (N 2048): 4 -> 1.169 ms, 3 -> 1.811 ms (benchmarks/results/gpu_h200_2026-12-01b_fft_fused_probe.txt)
+RMAX = 4
 
 
 def smem_bytes(N):

@@ -46,12 +46,16 @@ _local = threading.local()
 #: 45.7 vs 47.1 ms at N 131072 and 29.6 vs 47.7 ms at N 2^21 (callbacks faster); every LTO check passed.
 _LTO_ENV = os.environ.get("NUMBA_KERNELS_FFT_LTO", "auto")
 USE_LTO = True if _LTO_ENV == "1" else False if _LTO_ENV == "0" else "auto"
-#: smallest single-FFT size that takes the LTO callbacks under ``USE_LTO = "auto"``
-LTO_MIN_N = 1 << 17
+#: smallest single-FFT size that takes the LTO callbacks under ``USE_LTO = "auto"``: at N 2^17 the kernel path
+#: with out-of-place transforms beat them (36.5 vs 44.9 ms, B16 H768 L64k), at 2^21 the callbacks won (30.5 vs
+#: 37.8 ms, B1 H768 L1M) (benchmarks/results/gpu_h200_2026-12-01b_fft_conv.txt); sizes between are not measured
+LTO_MIN_N = 1 << 19
 #: single-FFT forwards with a power-of-two FFT size up to this go through one fused shared-memory kernel
 #: (``_fft_conv_fused``: load, FFT, filter multiply, inverse FFT, crop in one pass; float16 / bfloat16 / float32);
-#: 0 turns it off (environment NUMBA_KERNELS_FFT_FUSED_MAX_N)
-FUSED_MAX_N = int(os.environ.get("NUMBA_KERNELS_FFT_FUSED_MAX_N", str(1 << 14)))
+#: 0 turns it off (environment NUMBA_KERNELS_FFT_FUSED_MAX_N). H200, 2026-12-01, B64 H768 causal Lk = L, device
+#: time: N 512 0.441 ms vs 0.732 (kernels) / 0.386 (torch.fft); N 2048 1.169 vs 1.316 / 1.255; N 8192 7.93 vs
+#: 5.03 / 5.16 (slower: so off above 2048); N 16384 does not launch (registers x threads)
+FUSED_MAX_N = int(os.environ.get("NUMBA_KERNELS_FFT_FUSED_MAX_N", str(1 << 11)))
 #: the kernel path's single FFTs out of place (padded real rows and spectra in two buffers: twice the memory,
 #: 1.3-1.6x faster transforms at N >= 2^17 on the H200) from this FFT size up; in place below
 OOP_MIN_N = int(os.environ.get("NUMBA_KERNELS_FFT_OOP_MIN_N", str(1 << 15)))
