@@ -386,7 +386,7 @@ def ptx_signatures():
         if kind != "f64":
             from numba_kernels.cuda import _fft_conv_fused as fz
 
-            logn = {"f32": 9, "bf16": 11, "f16": 14}[kind]  # one size per kind (each takes 15-50 s to compile)
+            logn = {"f32": 9, "bf16": 11, "f16": 10}[kind]  # one used size per kind (each compiles in 15-30 s)
             out.append((f"fused_{kind}_N{1 << logn}", fz.make_fused_kernel(kind, logn, fz.threads(1 << logn),
                                                                              fz.RMAX).py_func,
                         (a, a, a, f1, types.Array(types.float32, 2, "C"), f1, a, i64)))
