@@ -352,3 +352,23 @@ def test_cpu_dq_shares_match_own_dq_pass(rng, monkeypatch, shape, opt):
         assert max_err(a, r) < TOL[np.dtype(np.float32)], f"d{name} shares: {max_err(a, r)}"
         assert max_err(c, r) < TOL[np.dtype(np.float32)], f"d{name} own pass: {max_err(c, r)}"
         assert max_err(a, c) < 1e-5, f"d{name}: shares vs own pass {max_err(a, c)}"
+
+
+@pytest.mark.parametrize("opt", ["causal", "all"])
+def test_cpu_dq_shares_in_head_groups(rng, monkeypatch, opt):
+    """With room for the shares of only 2 of 3 k/v heads at a time, the backward runs in k/v head groups
+    (2 + 1, GQA group 2): the gradients are bitwise those of one group (dropout and ALiBi use global heads)."""
+    from numba_kernels.cpu import flash_attention_backward as fb
+
+    shape = (1, 530, 600, 6, 3, 64)
+    kw = BIG[opt](rng, shape[0], shape[3])
+    q, k, v, do = _inputs(rng, np.float32, *shape)
+    out, lse = nk.flash_attention(q, k, v, return_lse=True, backend="cpu", **kw)
+    one = nk.flash_attention_backward(do, q, k, v, out, lse, backend="cpu", **kw)
+    per_kv_head = 3 * 2 * 530 * 64 * 4  # key blocks x query heads per k/v head x Sq x D x 4 bytes
+    monkeypatch.setattr(fb, "DQ_SHARES_MAX_BYTES", 2 * per_kv_head)
+    groups = nk.flash_attention_backward(do, q, k, v, out, lse, backend="cpu", **kw)
+    ref = flash_attention_backward_ref(do, q, k, v, out, lse, **kw)
+    for name, a, b, r in zip("qkv", one, groups, ref):
+        assert a.tobytes() == b.tobytes(), name
+        assert max_err(b, r) < TOL[np.dtype(np.float32)], f"d{name}: {max_err(b, r)}"

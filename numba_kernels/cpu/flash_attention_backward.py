@@ -6,11 +6,12 @@ and use D_i = rowsum(dO * O), computed once up front by the caller.
 1. dK / dV: one task per (sequence, key block of BLOCK_KV rows, k/v head). The task walks the query
    heads of its GQA group and the visible query rows in chunks of BLOCK_Q:
    S = Q K^T, P, dV += P~^T dO, dP = dO V^T, dS = P~ * dP - P * D_i (P~ = P with dropout applied),
-   dK += dS^T Q, and (when the shares fit in ``DQ_SHARES_MAX_BYTES``) this block's share of dQ, dS K,
-   into its own slot. The group sum happens inside the task, so it needs no reduction.
-2. dQ: one task per (sequence, query block of BLOCK_Q rows, query head). With the shares: the sum of the
-   visible key blocks' slots, in block order. Without: it walks the visible key blocks and recomputes
-   S, P, dP, dS as above, dQ += dS K (7 tile products per tile pair instead of 5).
+   dK += dS^T Q, and this block's share of dQ, dS K, into its own slot (the passes run for as many k/v
+   heads at a time as have room for their shares in ``DQ_SHARES_MAX_BYTES``). The group sum happens
+   inside the task, so it needs no reduction.
+2. dQ: one task per (sequence, query block of BLOCK_Q rows, query head): the sum of the visible key
+   blocks' slots, in block order. Where even one k/v head's shares do not fit, it walks the visible key
+   blocks instead and recomputes S, P, dP, dS as above, dQ += dS K (7 tile products per tile pair, not 5).
 
 A tile that the mask cuts (the causal diagonal, a window edge) is done in strips of SUB_Q query rows, each
 against only the key columns its rows can see, so about half of a diagonal tile's products are skipped
@@ -157,12 +158,13 @@ def _add(acc, tmp):
 
 
 @njit
-def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, dqp, consts, left, right, slopes,
+def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, dqp, hq0, consts, left, right, slopes,
                dropout_p, seed, thresh):
     """dK, dV of keys [j0, j0 + BLOCK_KV) of k/v head hk of sequence b (sum over the group's query heads).
 
-    With dqp of shape (nkb, H, Tq, D) (nkb > 0), also writes this key block's share of dQ (dS K, unscaled)
-    to ``dqp[j0 // BLOCK_KV, h, rows]`` for every query row the block is visible from."""
+    With dqp of shape (nkb, Hc, Tq, D) (nkb > 0; Hc query heads from hq0 on), also writes this key block's
+    share of dQ (dS K, unscaled) to ``dqp[j0 // BLOCK_KV, h - hq0, rows]`` for every query row the block is
+    visible from."""
     D = q.shape[2]
     dt = q.dtype
     qs = cu_q[b]
@@ -223,7 +225,7 @@ def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, dqp,
                 np.dot(dp.T, qt, t)
                 _add(acc_k[c_lo:c_hi], t)
                 if fuse:  # this block's dQ rows: one writer each, summed over blocks in a fixed order later
-                    np.dot(dp, ks_, dqp[jb, h, qs + a: qs + a + mm])
+                    np.dot(dp, ks_, dqp[jb, h - hq0, qs + a: qs + a + mm])
     scale = consts[C_SCALE]
     for r in range(n):
         for d in range(D):
@@ -291,9 +293,10 @@ def _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, b, h, hk, i0, dq, consts, left, 
 
 
 @njit
-def _dq_sum_task(dqp, cu_q, cu_k, h, b, i0, dq, consts, left, right):
+def _dq_sum_task(dqp, hq0, cu_q, cu_k, h, b, i0, dq, consts, left, right):
     """dQ of query rows [i0, i0 + BLOCK_Q) of head h of sequence b from the dK/dV pass's per-key-block shares
-    dqp (nkb, H, Tq, D): scale * (share of the first visible block + the next + ...), in block order."""
+    dqp (nkb, Hc, Tq, D) of heads hq0.. : scale * (share of the first visible block + the next + ...), in
+    block order."""
     D = dq.shape[2]
     qs = cu_q[b]
     Sq = cu_q[b + 1] - qs
@@ -304,11 +307,11 @@ def _dq_sum_task(dqp, cu_q, cu_k, h, b, i0, dq, consts, left, right):
         if hi <= lo:  # a fully masked row: dq stays 0
             continue
         o = dq[h, qs + i]
-        src = dqp[lo // BLOCK_KV, h, qs + i]
+        src = dqp[lo // BLOCK_KV, h - hq0, qs + i]
         for d in range(D):
             o[d] = src[d]
         for jb in range(lo // BLOCK_KV + 1, (hi - 1) // BLOCK_KV + 1):
-            src = dqp[jb, h, qs + i]
+            src = dqp[jb, h - hq0, qs + i]
             for d in range(D):
                 o[d] += src[d]
         for d in range(D):
@@ -316,40 +319,42 @@ def _dq_sum_task(dqp, cu_q, cu_k, h, b, i0, dq, consts, left, right):
 
 
 @njit_parallel
-def _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, consts, left,
-                right, slopes, dropout_p, seed, thresh):
-    """Both passes (see :func:`flash_bwd_cpu`); dqp (nkb, H, Tq, D) scratch for the dQ shares, or shape
-    (0, 1, 1, 1): dQ by its own pass."""
-    H = q.shape[0]
-    Hk = k.shape[0]
-    group = H // Hk
-    ntask = kv_seq.shape[0] * Hk
+def _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, hk0, hk1, consts,
+                left, right, slopes, dropout_p, seed, thresh):
+    """Both passes (see :func:`flash_bwd_cpu`) for k/v heads [hk0, hk1) and their query heads; dqp
+    (nkb, (hk1 - hk0) * group, Tq, D) scratch for those heads' dQ shares, or shape (0, 1, 1, 1): dQ by its own
+    pass."""
+    group = q.shape[0] // k.shape[0]
+    nhk = hk1 - hk0
+    ntask = kv_seq.shape[0] * nhk
     counter = np.zeros(2, dtype=np.int64)
     for _ in prange(ntask):
         t = atomic_fetch_add(counter, 0, 1)
         while t < ntask:
-            blk = t // Hk
-            hk = t - blk * Hk
-            _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, dqp, consts,
-                       left, right, slopes, dropout_p, seed, thresh)
+            blk = t // nhk
+            hk = hk0 + t - blk * nhk
+            _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, dqp,
+                       hk0 * group, consts, left, right, slopes, dropout_p, seed, thresh)
             t = atomic_fetch_add(counter, 0, 1)
-    ntask = q_seq.shape[0] * H
+    nh = nhk * group
+    ntask = q_seq.shape[0] * nh
     fused = dqp.shape[0] > 0
     for _ in prange(ntask):
         t = atomic_fetch_add(counter, 1, 1)
         while t < ntask:
-            blk = t // H
-            h = t - blk * H
+            blk = t // nh
+            h = hk0 * group + t - blk * nh
             if fused:
-                _dq_sum_task(dqp, cu_q, cu_k, h, q_seq[blk], q_row[blk], dq, consts, left, right)
+                _dq_sum_task(dqp, hk0 * group, cu_q, cu_k, h, q_seq[blk], q_row[blk], dq, consts, left, right)
             else:
                 _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, q_seq[blk], h, h // group, q_row[blk], dq, consts,
                          left, right, slopes, dropout_p, seed, thresh)
             t = atomic_fetch_add(counter, 1, 1)
 
 
-#: largest dQ share buffer (nkb x H x Tq x D, nkb = key blocks of the longest sequence) for which the dK/dV
-#: pass also produces dQ; above it dQ gets its own pass (which recomputes S and dP: 7 tile products, not 5)
+#: most bytes of dQ shares (nkb x heads x Tq x D, nkb = key blocks of the longest sequence) held at once: the
+#: backward runs in groups of k/v heads whose shares fit; when even one k/v head's do not, dQ gets its own
+#: pass (which recomputes S and dP: 7 tile products per tile pair instead of 5)
 DQ_SHARES_MAX_BYTES = 64 << 20
 
 
@@ -363,18 +368,29 @@ def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_ro
     :func:`plan_blocks`, heaviest first); consts from :func:`make_consts`; slopes (B, H) in the compute
     dtype or (0, 0); seed, thresh uint64 (dropout); left/right the window with causal folded in.
 
-    When the dQ shares fit in ``DQ_SHARES_MAX_BYTES``, the dK/dV pass also writes each key block's dS K
-    to its own slot and the second pass only sums the slots (in block order, so still bitwise
-    reproducible); otherwise the second pass recomputes S and dP per query block.
+    When one k/v head's dQ shares fit in ``DQ_SHARES_MAX_BYTES``, the dK/dV pass also writes each key
+    block's dS K to its own slot and the second pass only sums the slots (in block order, so still bitwise
+    reproducible), for as many k/v heads at a time as fit; otherwise the second pass recomputes S and dP
+    per query block.
     """
     H, Tq, D = q.shape
+    Hk = k.shape[0]
+    group = H // Hk
     nkb = max((-(-int(s) // BLOCK_KV) for s in np.diff(cu_k)), default=0)
-    if nkb == 0 or nkb * H * Tq * D * q.itemsize > DQ_SHARES_MAX_BYTES:
-        dqp = np.empty((0, 1, 1, 1), dtype=q.dtype)
-    else:
-        dqp = np.empty((nkb, H, Tq, D), dtype=q.dtype)
-    _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, consts, left,
-                right, slopes, dropout_p, seed, thresh)
+    per_kv_head = nkb * group * Tq * D * q.itemsize
+    if nkb == 0 or per_kv_head > DQ_SHARES_MAX_BYTES:
+        _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv,
+                    np.empty((0, 1, 1, 1), dtype=q.dtype), 0, Hk, consts, left, right, slopes, dropout_p, seed, thresh)
+        return
+    ngroups = -(-Hk // min(Hk, DQ_SHARES_MAX_BYTES // per_kv_head))  # as few k/v head groups as fit,
+    step = -(-Hk // ngroups)  # of near-equal size
+    buf = np.empty(nkb * step * group * Tq * D, dtype=q.dtype)
+    for hk0 in range(0, Hk, step):
+        hk1 = min(Hk, hk0 + step)
+        nh = (hk1 - hk0) * group
+        dqp = buf[: nkb * nh * Tq * D].reshape((nkb, nh, Tq, D))  # contiguous for any group size
+        _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, hk0, hk1,
+                    consts, left, right, slopes, dropout_p, seed, thresh)
 
 
 def plan_blocks(cu_q, cu_k, left, right):
