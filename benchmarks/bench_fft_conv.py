@@ -6,7 +6,7 @@ the chooser took overlap-add, overlap-add where it took the single FFT) and, whe
 same call with fft_lib="pyfftw" next to fft_lib="scipy". Validates against the float64 reference
 (on a slice) first, warms up (JIT compile excluded), reports the minimum of repeats. Prints a table last.
 
-Usage: python benchmarks/bench_fft_conv.py [--quick]"""
+Usage: python benchmarks/bench_fft_conv.py [--quick] [--only=L[:Lk],...]  (--only: just those cases)"""
 import os
 import sys
 import time
@@ -60,6 +60,10 @@ def main():
              (1, 16, 1 << 20, 256), (1, 16, 1 << 20, 4096)]
     if QUICK:
         cases = cases[:2] + cases[4:5] + cases[7:8]
+    only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
+    if only:
+        want = [tuple(int(x) for x in w.split(":")) for w in only[0].split(",")]
+        cases = [c for c in cases if any(c[2] == w[0] and (len(w) == 1 or c[3] == w[1]) for w in want)]
     try:
         import pyfftw  # noqa: F401
         have_fftw = True
