@@ -15,7 +15,7 @@ from numba import cuda
 from scipy.signal import fftconvolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Checks, import_library  # noqa: E402
+from _common import Checks, import_library, tbench  # noqa: E402
 
 nk = import_library()
 from numba_kernels._dispatch import bfloat16  # noqa: E402
@@ -57,24 +57,10 @@ def correctness():
     cfc._fwd_fused = real
 
 
-def ev_time(fn, n=10):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(n):
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    return float(np.median(ts))
-
-
 def bench():
     x = torch.randn(2 ** 28, device="cuda")
     y = torch.empty_like(x)
-    copy = 2 * x.numel() * 4 / ev_time(lambda: y.copy_(x)) / 1e9
+    copy = 2 * x.numel() * 4 / tbench(lambda: y.copy_(x)) / 1e9
     del x, y
     print(f"device copy {copy:.0f} GB/s", flush=True)
     for dt, L in ((torch.float32, 256), (torch.float32, 1024), (torch.float16, 1024)):
@@ -85,16 +71,16 @@ def bench():
         ud, kd = cuda.as_cuda_array(u), cuda.as_cuda_array(k)
         kf = torch.fft.rfft(k.float(), n=N)
         peer = lambda: torch.fft.irfft(torch.fft.rfft(u.float(), n=N) * kf, n=N)[..., :L].to(dt)  # noqa: E731
-        t_peer = ev_time(peer)
+        t_peer = tbench(peer)
         saved = cfc.FUSED_MAX_N
         cfc.FUSED_MAX_N = 0
-        t_kern = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
+        t_kern = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
         cfc.FUSED_MAX_N = saved
         t = time.perf_counter()
         out = nk.fft_conv(ud, kd, backend="cuda")
         torch.cuda.synchronize()
         first = time.perf_counter() - t
-        t_f = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda"))
+        t_f = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda"))
         r = peer().float()
         e = float((torch.as_tensor(out, device="cuda").float() - r).abs().max() / r.abs().max())
         gb = 2 * u.numel() * u.element_size() / 1e9

@@ -4,28 +4,19 @@ and the public call's host (enqueue) time, for the issue-6 shapes. GPU only; tor
     python benchmarks/gpu/probe_fft_parts.py
 """
 import ctypes
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 from numba import cuda
 
-import numba_kernels as nk
-from numba_kernels.cuda import cufft
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import import_library, tbench  # noqa: E402
 
-
-def ev_time(fn, n=10):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(n):
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    return float(np.median(ts))
+nk = import_library()
+from numba_kernels.cuda import cufft  # noqa: E402
 
 
 def oop_plan(N, rows, inverse):
@@ -49,24 +40,24 @@ def main():
         rows = B * H
         torch.cuda.empty_cache()
         buf = torch.zeros(rows, 2 * F, device="cuda")
-        t_in_f = ev_time(lambda: cufft.exec_inplace(buf.data_ptr(), N, rows, False, False))
-        t_in_i = ev_time(lambda: cufft.exec_inplace(buf.data_ptr(), N, rows, True, False))
+        t_in_f = tbench(lambda: cufft.exec_inplace(buf.data_ptr(), N, rows, False, False))
+        t_in_i = tbench(lambda: cufft.exec_inplace(buf.data_ptr(), N, rows, True, False))
         xr = torch.randn(rows, N, device="cuda")
         xc = torch.zeros(rows, F, 2, device="cuda")
         pf, pi = oop_plan(N, rows, False), oop_plan(N, rows, True)
-        t_oop_f = ev_time(lambda: L.cufftExecR2C(pf, ctypes.c_void_p(xr.data_ptr()), ctypes.c_void_p(xc.data_ptr())))
-        t_oop_i = ev_time(lambda: L.cufftExecC2R(pi, ctypes.c_void_p(xc.data_ptr()), ctypes.c_void_p(xr.data_ptr())))
+        t_oop_f = tbench(lambda: L.cufftExecR2C(pf, ctypes.c_void_p(xr.data_ptr()), ctypes.c_void_p(xc.data_ptr())))
+        t_oop_i = tbench(lambda: L.cufftExecC2R(pi, ctypes.c_void_p(xc.data_ptr()), ctypes.c_void_p(xr.data_ptr())))
         L.cufftDestroy(pf)
         L.cufftDestroy(pi)
         u = torch.randn(B, H, Lx, device="cuda")
         U = torch.fft.rfft(u, n=N)
-        t_tf = ev_time(lambda: torch.fft.rfft(u, n=N))
-        t_ti = ev_time(lambda: torch.fft.irfft(U, n=N))
+        t_tf = tbench(lambda: torch.fft.rfft(u, n=N))
+        t_ti = tbench(lambda: torch.fft.irfft(U, n=N))
         del xr, xc, buf, U
         k = torch.randn(H, Lx, device="cuda") / Lx ** 0.5
         ud, kd = cuda.as_cuda_array(u), cuda.as_cuda_array(k)
         nk.fft_conv(ud, kd, backend="cuda", fft_size=N)
-        t_call = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
+        t_call = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
         torch.cuda.synchronize()
         hs = []
         for _ in range(10):
@@ -95,11 +86,11 @@ def fused_threads():
         k = torch.randn(H, Lx, device="cuda") / Lx ** 0.5
         ud, kd = cuda.as_cuda_array(u), cuda.as_cuda_array(k)
         kf = torch.fft.rfft(k, n=N)
-        t_torch = ev_time(lambda: torch.fft.irfft(torch.fft.rfft(u, n=N) * kf, n=N)[..., :Lx])
+        t_torch = tbench(lambda: torch.fft.irfft(torch.fft.rfft(u, n=N) * kf, n=N)[..., :Lx])
         ref = torch.fft.irfft(torch.fft.rfft(u, n=N) * kf, n=N)[..., :Lx]
         saved = cfc.FUSED_MAX_N
         cfc.FUSED_MAX_N = 0
-        t_kern = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
+        t_kern = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda", fft_size=N))
         cfc.FUSED_MAX_N = saved
         row = [f"torch {t_torch * 1e3:.3f} ms", f"kernels {t_kern * 1e3:.3f} ms"]
         for rm in rmaxes:
@@ -110,7 +101,7 @@ def fused_threads():
                 torch.cuda.synchronize()
                 tc = time.perf_counter() - t0
                 e = float((torch.as_tensor(y, device="cuda") - ref).abs().max() / ref.abs().max())
-                t = ev_time(lambda: nk.fft_conv(ud, kd, backend="cuda"))
+                t = tbench(lambda: nk.fft_conv(ud, kd, backend="cuda"))
                 row.append(f"fused r{rm} (NT {fz.threads(N)}) {t * 1e3:.3f} ms = {t_torch / t:.2f}x torch, "
                            f"1st call {tc:.1f} s, err {e:.1e}")
             except Exception as ex:

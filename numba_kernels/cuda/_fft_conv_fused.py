@@ -187,6 +187,22 @@ def make_fused_kernel(kind, LOGN, NT, RMAX=3):
 
     crop = dev(crop_fn)
 
+    def load_u_fn(u, pre, b0, h, two, L, i):
+        """(u * pre)[b0, h, i] and [b0 + 1, h, i] (0 past L or for a missing second row)."""
+        a = ZERO
+        c = ZERO
+        if i < L:
+            a = cin(u[b0, h, i])
+            if two:
+                c = cin(u[b0 + 1, h, i])
+            if pre.shape[0] > 0:
+                a *= cin(pre[b0, h, i])
+                if two:
+                    c *= cin(pre[b0 + 1, h, i])
+        return a, c
+
+    load_u = dev(load_u_fn)
+
     # the sequence: forward passes over bit ranges from the top down, the middle pass (bits [0, r_last):
     # forward, multiply, inverse), inverse passes from the bottom up
     fw_ranges = []
@@ -200,14 +216,21 @@ def make_fused_kernel(kind, LOGN, NT, RMAX=3):
     def build():
         fns = []
         for idx, (lo, r) in enumerate(fw_ranges[:-1]):
-            fns.append(make_pass_jit(lo, r, True, idx == 0, False))
-        fns.append(make_mid(fw_ranges[-1][1], k == 1))
+            fns.append(make_pass(lo, r, "fwd", idx == 0, False))
+        fns.append(make_pass(0, fw_ranges[-1][1], "mid", k == 1, k == 1))
         for idx, (lo, r) in enumerate(reversed(fw_ranges[:-1])):
-            fns.append(make_pass_jit(lo, r, False, False, idx == k - 2))
+            fns.append(make_pass(lo, r, "inv", False, idx == k - 2))
         return fns
 
-    def make_pass_jit(lo, r, fwd, first, last):
-        st = make_stages(lo, r, fwd)
+    def noop(tw, xr, xi, base):
+        pass
+
+    def make_pass(lo, r, mode, first, last):
+        """Index bits [lo, lo + r): "fwd" stages, "inv" stages, or "mid" (lo = 0: forward stages, times Kp,
+        inverse stages); ``first``: input from u, ``last``: output to y (else shared memory both ways)."""
+        sf = make_stages(lo, r, True) if mode != "inv" else dev(noop)
+        si = make_stages(lo, r, False) if mode != "fwd" else dev(noop)
+        MID = mode == "mid"
         R = 1 << r
         S = 1 << lo
         SETS = N >> r
@@ -219,73 +242,24 @@ def make_fused_kernel(kind, LOGN, NT, RMAX=3):
                 for m in range(R):
                     i = base + m * S
                     if first:
-                        a = ZERO
-                        c = ZERO
-                        if i < L:
-                            a = cin(u[b0, h, i])
-                            if two:
-                                c = cin(u[b0 + 1, h, i])
-                            if pre.shape[0] > 0:
-                                a *= cin(pre[b0, h, i])
-                                if two:
-                                    c *= cin(pre[b0 + 1, h, i])
-                        xr[m] = a
-                        xi[m] = c
-                    else:
-                        xr[m] = sm[pad(i)]
-                        xi[m] = sm[NP + pad(i)]
-                st(tw, xr, xi, base)
-                for m in range(R):
-                    i = base + m * S
-                    if last:
-                        crop(xr[m], xi[m], i, u, pre, post, bias, out, b0, h, two, L, Lout, start)
-                    else:
-                        sm[pad(i)] = xr[m]
-                        sm[NP + pad(i)] = xi[m]
-
-        return dev(run)
-
-    def make_mid(r, only):
-        """bits [0, r): forward stages, times Kp, inverse stages; from u / to y when it is the only pass."""
-        sf = make_stages(0, r, True)
-        si = make_stages(0, r, False)
-        R = 1 << r
-        SETS = N >> r
-
-        def run(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid):
-            for q in range(tid, SETS, NT):
-                base = q << r
-                for m in range(R):
-                    i = base + m
-                    if only:
-                        a = ZERO
-                        c = ZERO
-                        if i < L:
-                            a = cin(u[b0, h, i])
-                            if two:
-                                c = cin(u[b0 + 1, h, i])
-                            if pre.shape[0] > 0:
-                                a *= cin(pre[b0, h, i])
-                                if two:
-                                    c *= cin(pre[b0 + 1, h, i])
-                        xr[m] = a
-                        xi[m] = c
+                        xr[m], xi[m] = load_u(u, pre, b0, h, two, L, i)
                     else:
                         xr[m] = sm[pad(i)]
                         xi[m] = sm[NP + pad(i)]
                 sf(tw, xr, xi, base)
-                for m in range(R):
-                    i = base + m
-                    kr = Kp[h, 2 * i]
-                    ki = Kp[h, 2 * i + 1]
-                    zr = xr[m]
-                    zi = xi[m]
-                    xr[m] = zr * kr - zi * ki
-                    xi[m] = zr * ki + zi * kr
+                if MID:
+                    for m in range(R):
+                        i = base + m
+                        kr = Kp[h, 2 * i]
+                        ki = Kp[h, 2 * i + 1]
+                        zr = xr[m]
+                        zi = xi[m]
+                        xr[m] = zr * kr - zi * ki
+                        xi[m] = zr * ki + zi * kr
                 si(tw, xr, xi, base)
                 for m in range(R):
-                    i = base + m
-                    if only:
+                    i = base + m * S
+                    if last:
                         crop(xr[m], xi[m], i, u, pre, post, bias, out, b0, h, two, L, Lout, start)
                     else:
                         sm[pad(i)] = xr[m]

@@ -104,33 +104,28 @@ def plan(N, rows, inverse, double, device=0, dense=False):
 def exec_inplace(ptr, N, rows, inverse, double, stream=0, device=0):
     """Transform ``rows`` rows of 2 (N // 2 + 1) reals at device address ``ptr`` in place, on ``stream``
     (a raw CUstream handle, 0 = the legacy default stream). Splits into chunks of rows that fit 32-bit plans."""
-    F = N // 2 + 1
-    item = 8 if double else 4
-    step = max(1, min(rows, MAX_ELEMS // (2 * F)))
-    L = lib()
-    fn = ("cufftExecZ2D" if double else "cufftExecC2R") if inverse else ("cufftExecD2Z" if double else "cufftExecR2C")
-    for r0 in range(0, rows, step):
-        nb = min(step, rows - r0)
-        h = plan(N, nb, inverse, double, device)
-        _check("cufftSetStream", L.cufftSetStream(h, ctypes.c_void_p(int(stream) or None)))
-        p = ctypes.c_void_p(int(ptr) + r0 * 2 * F * item)
-        _check(fn, getattr(L, fn)(h, p, p))
+    _exec(ptr, ptr, N, rows, inverse, double, stream, device, False)
 
 
 def exec_dense(real_ptr, cplx_ptr, N, rows, inverse, double, stream=0, device=0):
     """Out-of-place transform of ``rows`` rows: R2C from dense real rows (N apart) at ``real_ptr`` to complex rows
     (N // 2 + 1 apart) at ``cplx_ptr``, or C2R back (the complex input is overwritten). On the H200 (2026-12-01)
     1.3-1.6x faster than in place at N >= 2^17 (benchmarks/results/gpu_h200_2026-12-01b_fft_parts_probe.txt)."""
+    _exec(real_ptr, cplx_ptr, N, rows, inverse, double, stream, device, True)
+
+
+def _exec(real_ptr, cplx_ptr, N, rows, inverse, double, stream, device, dense):
     F = N // 2 + 1
     item = 8 if double else 4
+    R = N if dense else 2 * F
     step = max(1, min(rows, MAX_ELEMS // (2 * F)))
     L = lib()
     fn = ("cufftExecZ2D" if double else "cufftExecC2R") if inverse else ("cufftExecD2Z" if double else "cufftExecR2C")
     for r0 in range(0, rows, step):
         nb = min(step, rows - r0)
-        h = plan(N, nb, inverse, double, device, dense=True)
+        h = plan(N, nb, inverse, double, device, dense=dense)
         _check("cufftSetStream", L.cufftSetStream(h, ctypes.c_void_p(int(stream) or None)))
-        pr = ctypes.c_void_p(int(real_ptr) + r0 * N * item)
+        pr = ctypes.c_void_p(int(real_ptr) + r0 * R * item)
         pc = ctypes.c_void_p(int(cplx_ptr) + r0 * 2 * F * item)
         _check(fn, getattr(L, fn)(h, pc, pr) if inverse else getattr(L, fn)(h, pr, pc))
 
