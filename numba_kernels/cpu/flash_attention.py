@@ -165,7 +165,7 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
     # the keys its rows can see: less masked work, and the full part keeps the large BLAS calls
     a_lo = _key_range(i0 + m - 1, i0 + m, Sq, Sk, left, right)[0]
     a_hi = _key_range(i0, i0 + 1, Sq, Sk, left, right)[1]
-    if a_hi - a_lo < ROW_GROUP:  # no useful full part: all edge
+    if a_hi - a_lo < ROW_GROUP and (a_lo > lo or a_hi < hi):  # a narrow full part between edges: all edge
         a_lo = hi
         a_hi = hi
     for seg in range(3):  # [lo, a_lo) edge, [a_lo, a_hi) full, [a_hi, hi) edge, in key order
