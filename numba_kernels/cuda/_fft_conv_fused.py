@@ -40,7 +40,7 @@ def threads(N, sim=False, rmax=None):
     r = max(passes(max(1, N.bit_length() - 1), rmax or RMAX))
     if sim:
         return max(1, min(N >> r, 4))
-    return max(32, min(N >> r, 1024))
+    return max(32, min(N >> r, 512))  # 1024 threads ran out of registers at N 8192 (H200); more sets per thread
 
 
 _TW = {}

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call of checks and timings; each step under its own time limit, logs in $OUT.
-# usage: bash benchmarks/gpu/session_2026-12-01b.sh STEP...
+# usage: bash benchmarks/gpu/run_steps.sh STEP...   (the steps are the case labels below)
 set -u
 G=benchmarks/gpu
 P="python3 $G/run_patched.py"
