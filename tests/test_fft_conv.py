@@ -322,7 +322,8 @@ def test_fused_twiddles_and_sizes():
     assert fused_size(500, True, "f32") == 0  # an explicit non-power-of-two size keeps cuFFT
     assert fused_size(512, False, "f64") == 0  # float64 keeps cuFFT
     assert fused_size(1 << 20, False, "bf16") == 0
-    assert fz.smem_bytes(8192) == 96 * 1024
+    assert fz.smem_bytes(8192) == 8 * (8191 + 8191 // 32 + 1)  # re + im, one skew word per 32 entries
+    assert fz.passes(9, 4) == (3, 3, 3) and fz.passes(11, 4) == (4, 4, 3) and fz.passes(1, 4) == (1,)
 
 
 OLA_SIM = [("causal", 13, 3, np.float32), ("same", 11, 4, np.float16), ("full", 9, 2, bfloat16)]
