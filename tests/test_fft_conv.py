@@ -62,6 +62,20 @@ def test_forward_backward_vs_reference(rng, L, Lk, mode, forced):
         _check(g, e, np.float64, name)
 
 
+@pytest.mark.skipif(SIM, reason="CPU tests run without the simulator")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dt", [np.float64, np.float32], ids=dtype_id)
+def test_direct_forward_tiles(rng, mode, dt):
+    # the fused direct forward in DIRECT_TILE-output tiles: rows spanning three tiles, taps crossing tile edges
+    from numba_kernels.cpu.fft_conv import DIRECT_TILE
+
+    L, Lk = 2 * DIRECT_TILE + 333, 41
+    u, k, kw, _ = _inputs(rng, dt, 2, 3, L, Lk, mode)
+    for opts in ({}, kw, {"bias": kw["bias"]}, {"postgate": kw["postgate"]}):
+        y = nk.fft_conv(u, k, mode=mode, backend="cpu", method="direct", **opts)
+        _check(y, fft_conv_ref(u, k, mode, **opts), dt, f"y (direct, {sorted(opts)})")
+
+
 OLA_SIZES = [(1009, 13), (2003, 97), (997, 1), (1000, 300), (64, 64)]
 
 

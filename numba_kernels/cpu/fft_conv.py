@@ -9,7 +9,8 @@ Backward: G = rfft(dout * postgate, N); dk = crop(irfft(sum_b G conj(V)), -start
 (one more forward irfft, only with a postgate). Correlations come out of circular FFTs at offset -start
 mod N; N >= L + Lk - 1 (Lk -> min(Lk, L) for "causal") guarantees no wrap-around.
 
-Direct path: the same crop kernel on a directly computed convolution (one vectorizable pass per tap).
+Direct path: forward in one fused pass over L1-sized output tiles (``direct_fwd``); the backward runs the crop
+kernel on a directly computed convolution / correlation (one vectorizable pass per tap).
 
 Overlap-add path (forward, L >> Lk): v is cut into nb blocks of M samples, each transformed at a small size
 P >= M + Lk - 1 and multiplied by K = rfft(k, P); the crop adds each block's tail (P - M <= M values) onto the
@@ -31,8 +32,10 @@ FFT_LIBS = ("auto", "scipy", "pyfftw")
 ENV_FFT_LIB = "NUMBA_KERNELS_FFT_LIB"
 #: direct path only for filters this short (after the causal truncation to min(Lk, L))
 DIRECT_MAX_LK = 64
-#: direct when Lout * Lk <= DIRECT_FACTOR * N * log2(N) (taps per output vs FFT work per output)
-DIRECT_FACTOR = 3.0
+#: direct when Lout * Lk <= DIRECT_FACTOR * N * log2(N) (taps per output vs FFT work per output). 6 since the
+#: fused direct forward (2026-12-01, B8 H256 float32, min CPU ms, load 2.4): L1k Lk32 direct 11 vs FFT 23,
+#: L1k Lk64 20 vs 44 (both took the FFT at 3), L4k Lk64 82 vs 84 (now direct; overlap-add 68 would be best)
+DIRECT_FACTOR = 6.0
 
 
 #: overlap-add block FFT sizes tried: next_fast_len(c * Lk_eff) for these c (c >= 2 keeps P - M <= M)
@@ -95,9 +98,10 @@ def choose(L, Lk_eff, Lout, N, forced=False, method="auto"):
 
 def use_direct(L, Lk_eff, Lout, N):
     """The cost model: direct costs Lout * Lk_eff taps per row, the FFT path about N log2 N "units" per row
-    (two transforms, k's cached, plus the pointwise passes). Measured on the 2-core AVX-512 box (float32,
-    B8 H256): 0.14 ns per direct tap, 0.44 ns per FFT unit, so direct wins below ~3 N log2 N taps
-    (``DIRECT_FACTOR = 3``; e.g. Lk <= ~44 at L = 16k). Direct also needs ``Lk_eff <= DIRECT_MAX_LK``."""
+    (two transforms, k's cached, plus the pointwise passes). Measured on the 2-core EPYC (float32, B8 H256, one
+    core's worth under load): about 0.15 ns CPU per direct tap (fused forward) and 0.8-1.9 ns per FFT unit (more at
+    small N), so ``DIRECT_FACTOR = 6`` (e.g. Lk <= 64 up to L = 16k). Direct also needs
+    ``Lk_eff <= DIRECT_MAX_LK``."""
     return Lk_eff <= DIRECT_MAX_LK and Lout * Lk_eff <= DIRECT_FACTOR * N * max(1.0, np.log2(N))
 
 
@@ -225,6 +229,50 @@ def direct_conv(v, k, start, Lout):
     return out
 
 
+#: output tile of the fused direct forward (float32: 4 KB, so the tile and its input window stay in L1)
+DIRECT_TILE = 1024
+
+
+@njit_parallel
+def direct_fwd(u, pre, k, bias, post, start, out):
+    """The whole direct forward in one pass: out[b, h, t] = (sum_s k[h, s] v[t + start - s] + bias[h] v[t]
+    (t < L)) * post[b, h, t], v = u * pre (empty pre / bias / post: absent). Each row is done in tiles of
+    DIRECT_TILE outputs: the taps accumulate into the tile while it sits in L1, then bias and postgate are
+    applied and the tile is final (no full-size intermediate, no second pass). The taps add up in the same
+    order as in ``direct_conv``."""
+    B, H, L = u.shape
+    Lk = k.shape[1]
+    Lout = out.shape[2]
+    TB = DIRECT_TILE
+    for r in prange(B * H):
+        b, h = r // H, r % H
+        if pre.shape[0] > 0:
+            x = np.empty(L, dtype=u.dtype)
+            for i in range(L):
+                x[i] = u[b, h, i] * pre[b, h, i]
+        else:
+            x = u[b, h]
+        o = out[b, h]
+        for t0 in range(0, Lout, TB):
+            t1 = min(Lout, t0 + TB)
+            for i in range(t0, t1):
+                o[i] = 0.0
+            for s in range(Lk):
+                ks = k[h, s]
+                lo, hi = max(t0, s - start), min(t1, L + s - start)
+                if hi > lo:  # slices with non-negative indices: the tap loop vectorizes
+                    os_, xs = o[lo:hi], x[lo + start - s:hi + start - s]
+                    for i in range(hi - lo):
+                        os_[i] += ks * xs[i]
+            if bias.shape[0] > 0:
+                bh = bias[h]
+                for i in range(t0, min(t1, L)):
+                    o[i] += bh * x[i]
+            if post.shape[0] > 0:
+                for i in range(t0, t1):
+                    o[i] *= post[b, h, i]
+
+
 @njit_parallel
 def direct_corr(g, k, start, L):
     """dv[b, h, t] = sum_s k[h, s] * g[b, h, t + s - start] (0 <= t + s - start < Lout) -> (B, H, L)."""
@@ -288,9 +336,7 @@ def fwd_cpu(u, k, bias, pre, post, start, Lout, N, method, lib, kf, M=0):
     if method == "fft":
         return fwd_rows(u, pre, bias, post, kf(), start, Lout, N, N, 1, lib.name)
     out = np.empty((B, H, Lout), dtype=u.dtype)
-    v = mul(u, pre) if pre.shape[0] else u
-    e3 = np.zeros((0, 0, 0), u.dtype)
-    crop(direct_conv(v, k, start, Lout), 0, u, pre, bias, L, post, e3, out, e3)
+    direct_fwd(u, pre, k, bias, post, start, out)
     return out
 
 
