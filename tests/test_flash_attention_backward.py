@@ -372,3 +372,25 @@ def test_cpu_dq_shares_in_head_groups(rng, monkeypatch, opt):
     for name, a, b, r in zip("qkv", one, groups, ref):
         assert a.tobytes() == b.tobytes(), name
         assert max_err(b, r) < TOL[np.dtype(np.float32)], f"d{name}: {max_err(b, r)}"
+
+
+@pytest.mark.parametrize("opt", ["plain", "causal", "all"])
+def test_cpu_task_runner_matches_parallel_region(rng, monkeypatch, opt):
+    """Calls above PARALLEL_REGION_MAX_FLOPS run on this thread plus helper threads (``_tasks.run_tasks``), short
+    ones in one parallel region: forward and backward give the same bits either way, and match the reference."""
+    from numba_kernels.cpu import flash_attention as ff
+
+    shape = (2, 530, 600, 4, 2, 64)
+    kw = BIG[opt](rng, shape[0], shape[3])
+    q, k, v, do = _inputs(rng, np.float32, *shape)
+    monkeypatch.setattr(ff, "PARALLEL_REGION_MAX_FLOPS", 1 << 62)  # everything in the parallel region
+    region = nk.flash_attention(q, k, v, return_lse=True, backend="cpu", **kw)
+    region_g = nk.flash_attention_backward(do, q, k, v, *region, backend="cpu", **kw)
+    monkeypatch.setattr(ff, "PARALLEL_REGION_MAX_FLOPS", 0)  # everything through run_tasks
+    tasks = nk.flash_attention(q, k, v, return_lse=True, backend="cpu", **kw)
+    tasks_g = nk.flash_attention_backward(do, q, k, v, *tasks, backend="cpu", **kw)
+    for a, b in zip(region + region_g, tasks + tasks_g):
+        assert a.tobytes() == b.tobytes()
+    ref = flash_attention_backward_ref(do, q, k, v, *tasks, **kw)
+    for name, g, r in zip("qkv", tasks_g, ref):
+        assert max_err(g, r) < TOL[np.dtype(np.float32)], f"d{name}: {max_err(g, r)}"

@@ -11,6 +11,7 @@ See benchmarks/bench_cpu_tuning_notes.md for what was measured.
 Layout here is head-major and packed: q (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens,
 so batched and varlen calls share one kernel.
 """
+import numba
 import numpy as np
 from numba import prange
 
@@ -18,6 +19,7 @@ from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fmax_fast
+from numba_kernels.cpu._tasks import run_tasks
 
 BLOCK_Q = 256
 BLOCK_K = 512
@@ -199,7 +201,51 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
             _fill(o, zero)
 
 
+@njit
+def _fwd_drain(counter, ntask, q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right,
+               slopes, dropout_p, seed, thresh, block_k):
+    """Run (query block, head) tasks from the shared counter until none is left (``_tasks.run_tasks``):
+    task t is block t // H, head t % H, in the order of blk_seq/blk_row (heaviest first)."""
+    H = q.shape[0]
+    group = H // k.shape[0]
+    t = atomic_fetch_add(counter, 0, 1)
+    while t < ntask:
+        blk = t // H
+        h = t - blk * H
+        _attend_block(q, k, v, cu_q, cu_k, blk_seq[blk], h, h // group, blk_row[blk], out, lse, lse_a, lse_c,
+                      consts, left, right, slopes, dropout_p, seed, thresh, block_k)
+        atomic_fetch_add(counter, 1, 1)
+        t = atomic_fetch_add(counter, 0, 1)
+
+
 @njit_parallel
+def _fwd_parallel(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
+                  dropout_p, seed, thresh, block_k):
+    """The same tasks in one parallel region: the first prange iteration of each thread drains the queue."""
+    ntask = blk_seq.shape[0] * q.shape[0]
+    counter = np.zeros(2, dtype=np.int64)
+    for _ in prange(ntask):
+        _fwd_drain(counter, ntask, q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left,
+                   right, slopes, dropout_p, seed, thresh, block_k)
+
+
+#: calls of fewer tile FLOPs than this (4 D H sum(Sq Sk), about 2 ms on one core) use the parallel region, whose
+#: threads are usually still spinning from the previous call; longer ones use ``_tasks.run_tasks``, which never
+#: waits for a thread that another process keeps off its core (S 512 H8 D64 at load 2.7: 24 ms in the region,
+#: 10 ms with run_tasks; on an idle machine run_tasks costs 0-8% there: a helper thread has to be woken)
+PARALLEL_REGION_MAX_FLOPS = 1 << 27
+
+
+def run_parallel(drain, region, ntask, flops, args):
+    """Run ``ntask`` tasks through the parallel-region kernel ``region(*args)`` (short calls, one thread) or
+    ``_tasks.run_tasks(drain, ntask, args)`` (longer calls); ``flops`` sizes the call."""
+    nthreads = numba.get_num_threads()
+    if flops < PARALLEL_REGION_MAX_FLOPS or nthreads == 1 or ntask < 2:
+        region(*args)
+    else:
+        run_tasks(drain, ntask, args, nthreads)
+
+
 def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
                   dropout_p, seed, thresh, block_k):
     """q (H, Tq, D), k/v (Hk, Tk, D) contiguous; out (H, Tq, D); lse flat float32, row i of sequence b
@@ -209,22 +255,16 @@ def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c,
     slopes (B, H) in the compute dtype, or shape (0, 0) for no ALiBi; seed and thresh uint64 (dropout);
     left/right the window (-1 unbounded, causal already folded into right = 0).
 
-    Tasks (query block, head) differ in cost (causal, windows, varlen) and numba splits a prange
-    statically, so the threads pull tasks from a shared atomic counter instead, in the order of
-    blk_seq/blk_row (heaviest first): the first prange iteration of each thread drains the queue.
+    Tasks (query block, head) differ in cost (causal, windows, varlen), so the threads pull them from a
+    shared atomic counter in the order of blk_seq/blk_row (heaviest first), in one parallel region (short
+    calls) or on this thread plus helper threads (:func:`run_parallel`). Each task writes only its own rows,
+    so the result is the same bits whichever thread ran what.
     """
-    H = q.shape[0]
-    group = H // k.shape[0]
-    ntask = blk_seq.shape[0] * H
-    counter = np.zeros(1, dtype=np.int64)
-    for _ in prange(ntask):
-        t = atomic_fetch_add(counter, 0, 1)
-        while t < ntask:
-            blk = t // H
-            h = t - blk * H
-            _attend_block(q, k, v, cu_q, cu_k, blk_seq[blk], h, h // group, blk_row[blk], out, lse, lse_a, lse_c,
-                          consts, left, right, slopes, dropout_p, seed, thresh, block_k)
-            t = atomic_fetch_add(counter, 0, 1)
+    H, _, D = q.shape
+    flops = 4 * D * H * float(np.dot(np.diff(cu_q).astype(np.float64), np.diff(cu_k).astype(np.float64)))
+    run_parallel(_fwd_drain, _fwd_parallel, blk_seq.shape[0] * H, flops,
+                 (q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
+                  dropout_p, seed, thresh, block_k))
 
 
 def plan_blocks(cu_q, causal_like):

@@ -20,7 +20,8 @@ against only the key columns its rows can see, so about half of a diagonal tile'
 Every output element (and every dQ share) is written by exactly one task in a fixed order of additions,
 so the gradients are bitwise reproducible whatever the thread count. The tile products go to BLAS (np.dot
 on contiguous tiles; keep BLAS single-threaded, see ``_blas``). Tasks are pulled from an atomic counter,
-heaviest first, as in the forward.
+heaviest first, in one parallel region (short calls) or on the calling thread plus helper threads, as in the
+forward (``flash_attention.run_parallel``).
 
 Layout: head-major and packed, q/dout (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens.
 """
@@ -31,7 +32,7 @@ from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LOG2E, atomic_fetch_add, exp2_fast
-from numba_kernels.cpu.flash_attention import _fill, _key_range, _row_span
+from numba_kernels.cpu.flash_attention import _fill, _key_range, _row_span, run_parallel
 
 BLOCK_KV = 256  # key rows per dK/dV task
 BLOCK_Q = 256  # query rows per dQ task, and query chunk of a dK/dV task
@@ -318,38 +319,74 @@ def _dq_sum_task(dqp, hq0, cu_q, cu_k, h, b, i0, dq, consts, left, right):
             o[d] *= scale
 
 
-@njit_parallel
-def _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, hk0, hk1, consts,
+@njit
+def _dkdv_drain(counter, ntask, q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, dk, dv, dqp, hk0, hk1, consts,
                 left, right, slopes, dropout_p, seed, thresh):
-    """Both passes (see :func:`flash_bwd_cpu`) for k/v heads [hk0, hk1) and their query heads; dqp
-    (nkb, (hk1 - hk0) * group, Tq, D) scratch for those heads' dQ shares, or shape (0, 1, 1, 1): dQ by its own
-    pass."""
+    """Pass 1 for k/v heads [hk0, hk1): run (key block, k/v head) tasks from the shared counter until none is
+    left; dqp (nkb, (hk1 - hk0) * group, Tq, D) receives those heads' dQ shares, or has shape (0, 1, 1, 1)."""
     group = q.shape[0] // k.shape[0]
     nhk = hk1 - hk0
-    ntask = kv_seq.shape[0] * nhk
+    t = atomic_fetch_add(counter, 0, 1)
+    while t < ntask:
+        blk = t // nhk
+        hk = hk0 + t - blk * nhk
+        _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, dqp, hk0 * group,
+                   consts, left, right, slopes, dropout_p, seed, thresh)
+        atomic_fetch_add(counter, 1, 1)
+        t = atomic_fetch_add(counter, 0, 1)
+
+
+@njit
+def _dq_drain(counter, ntask, q, k, v, do, lse2, di, cu_q, cu_k, q_seq, q_row, dq, dqp, hk0, hk1, consts, left,
+              right, slopes, dropout_p, seed, thresh):
+    """Pass 2 for the query heads of k/v heads [hk0, hk1): (query block, head) tasks, summing the dQ shares
+    (dqp.shape[0] > 0) or recomputing S and dP (:func:`_dq_task`)."""
+    group = q.shape[0] // k.shape[0]
+    nh = (hk1 - hk0) * group
+    t = atomic_fetch_add(counter, 0, 1)
+    while t < ntask:
+        blk = t // nh
+        h = hk0 * group + t - blk * nh
+        if dqp.shape[0] > 0:
+            _dq_sum_task(dqp, hk0 * group, cu_q, cu_k, h, q_seq[blk], q_row[blk], dq, consts, left, right)
+        else:
+            _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, q_seq[blk], h, h // group, q_row[blk], dq, consts, left,
+                     right, slopes, dropout_p, seed, thresh)
+        atomic_fetch_add(counter, 1, 1)
+        t = atomic_fetch_add(counter, 0, 1)
+
+
+@njit_parallel
+def _dkdv_parallel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, dk, dv, dqp, hk0, hk1, consts, left, right,
+                   slopes, dropout_p, seed, thresh):
+    """Pass 1 in one parallel region (the first prange iteration of each thread drains the queue)."""
+    ntask = kv_seq.shape[0] * (hk1 - hk0)
     counter = np.zeros(2, dtype=np.int64)
     for _ in prange(ntask):
-        t = atomic_fetch_add(counter, 0, 1)
-        while t < ntask:
-            blk = t // nhk
-            hk = hk0 + t - blk * nhk
-            _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq[blk], hk, group, kv_row[blk], dk, dv, dqp,
-                       hk0 * group, consts, left, right, slopes, dropout_p, seed, thresh)
-            t = atomic_fetch_add(counter, 0, 1)
-    nh = nhk * group
-    ntask = q_seq.shape[0] * nh
-    fused = dqp.shape[0] > 0
+        _dkdv_drain(counter, ntask, q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, dk, dv, dqp, hk0, hk1,
+                    consts, left, right, slopes, dropout_p, seed, thresh)
+
+
+@njit_parallel
+def _dq_parallel(q, k, v, do, lse2, di, cu_q, cu_k, q_seq, q_row, dq, dqp, hk0, hk1, consts, left, right, slopes,
+                 dropout_p, seed, thresh):
+    """Pass 2 in one parallel region."""
+    ntask = q_seq.shape[0] * (hk1 - hk0) * (q.shape[0] // k.shape[0])
+    counter = np.zeros(2, dtype=np.int64)
     for _ in prange(ntask):
-        t = atomic_fetch_add(counter, 1, 1)
-        while t < ntask:
-            blk = t // nh
-            h = hk0 * group + t - blk * nh
-            if fused:
-                _dq_sum_task(dqp, hk0 * group, cu_q, cu_k, h, q_seq[blk], q_row[blk], dq, consts, left, right)
-            else:
-                _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, q_seq[blk], h, h // group, q_row[blk], dq, consts,
-                         left, right, slopes, dropout_p, seed, thresh)
-            t = atomic_fetch_add(counter, 1, 1)
+        _dq_drain(counter, ntask, q, k, v, do, lse2, di, cu_q, cu_k, q_seq, q_row, dq, dqp, hk0, hk1, consts, left,
+                  right, slopes, dropout_p, seed, thresh)
+
+
+def _passes(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, hk0, hk1, consts,
+            left, right, slopes, dropout_p, seed, thresh, flops):
+    """Both passes for k/v heads [hk0, hk1), each through ``run_parallel`` (sized by the call's ``flops``)."""
+    group = q.shape[0] // k.shape[0]
+    opts = (consts, left, right, slopes, dropout_p, seed, thresh)
+    run_parallel(_dkdv_drain, _dkdv_parallel, kv_seq.shape[0] * (hk1 - hk0), flops,
+                 (q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, dk, dv, dqp, hk0, hk1) + opts)
+    run_parallel(_dq_drain, _dq_parallel, q_seq.shape[0] * (hk1 - hk0) * group, flops,
+                 (q, k, v, do, lse2, di, cu_q, cu_k, q_seq, q_row, dq, dqp, hk0, hk1) + opts)
 
 
 #: most bytes of dQ shares (nkb x heads x Tq x D, nkb = key blocks of the longest sequence) held at once: the
@@ -377,10 +414,12 @@ def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_ro
     Hk = k.shape[0]
     group = H // Hk
     nkb = max((-(-int(s) // BLOCK_KV) for s in np.diff(cu_k)), default=0)
+    flops = 10 * D * H * float(np.dot(np.diff(cu_q).astype(np.float64), np.diff(cu_k).astype(np.float64)))
+    opts = (consts, left, right, slopes, dropout_p, seed, thresh, flops)
     per_kv_head = nkb * group * Tq * D * q.itemsize
     if nkb == 0 or per_kv_head > DQ_SHARES_MAX_BYTES:
-        _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv,
-                    np.empty((0, 1, 1, 1), dtype=q.dtype), 0, Hk, consts, left, right, slopes, dropout_p, seed, thresh)
+        _passes(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv,
+                np.empty((0, 1, 1, 1), dtype=q.dtype), 0, Hk, *opts)
         return
     ngroups = -(-Hk // min(Hk, DQ_SHARES_MAX_BYTES // per_kv_head))  # as few k/v head groups as fit,
     step = -(-Hk // ngroups)  # of near-equal size
@@ -389,8 +428,7 @@ def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_ro
         hk1 = min(Hk, hk0 + step)
         nh = (hk1 - hk0) * group
         dqp = buf[: nkb * nh * Tq * D].reshape((nkb, nh, Tq, D))  # contiguous for any group size
-        _bwd_kernel(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, hk0, hk1,
-                    consts, left, right, slopes, dropout_p, seed, thresh)
+        _passes(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, dqp, hk0, hk1, *opts)
 
 
 def plan_blocks(cu_q, cu_k, left, right):
