@@ -246,7 +246,7 @@ def fft_conv_backward(dout, u, k, *, mode="causal", bias=None, pregate=None, pos
 
         lib = cf.fft_lib(fft_lib)
         kc = np.ascontiguousarray(_host_compute(k, cdt, 2)[:, :Lke])  # (H, Lke): causal taps beyond L get zero gradient
-        direct = cf.choose(L, Lke, Lout, N, forced, method)[0] == "direct"
+        direct = cf.choose(L, Lke, Lout, N, forced, method, backward=True)[0] == "direct"
         du, dkc, db, dpre, dpost = cf.bwd_cpu(
             _host_compute(dout, cdt, 3), _host_compute(u, cdt, 3), kc, _host_compute(bias, cdt, 1),
             _host_compute(pregate, cdt, 3), _host_compute(postgate, cdt, 3), start, N, direct, lib,

@@ -36,6 +36,9 @@ DIRECT_MAX_LK = 64
 #: fused direct forward (2026-12-01, B8 H256 float32, min CPU ms, load 2.4): L1k Lk32 direct 11 vs FFT 23,
 #: L1k Lk64 20 vs 44 (both took the FFT at 3), L4k Lk64 82 vs 84 (now direct; overlap-add 68 would be best)
 DIRECT_FACTOR = 6.0
+#: the same for the backward, whose direct path (correlation, filter gradient, crop passes) is not fused: kept
+#: at the earlier calibration
+DIRECT_FACTOR_BWD = 3.0
 
 
 #: overlap-add block FFT sizes tried: next_fast_len(c * Lk_eff) for these c (c >= 2 keeps P - M <= M)
@@ -74,9 +77,10 @@ def ola_sizes(L, Lk_eff, N, force=False):
     return best
 
 
-def choose(L, Lk_eff, Lout, N, forced=False, method="auto"):
+def choose(L, Lk_eff, Lout, N, forced=False, method="auto", backward=False):
     """("direct" | "fft" | "overlap_add", FFT size, block length M): the cost models below, or ``method``.
-    A user-given fft_size (``forced``) means the single FFT of that size."""
+    A user-given fft_size (``forced``) means the single FFT of that size; ``backward`` uses the backward's
+    direct-path cost (DIRECT_FACTOR_BWD)."""
     if method == "direct":
         return "direct", N, 0
     if method == "fft" or forced:
@@ -89,20 +93,21 @@ def choose(L, Lk_eff, Lout, N, forced=False, method="auto"):
             P = scipy.fft.next_fast_len(2 * Lk_eff, real=True)
             ola = (P, P - Lk_eff + 1)
         return "overlap_add", ola[0], ola[1]
-    if use_direct(L, Lk_eff, Lout, N):
+    if use_direct(L, Lk_eff, Lout, N, DIRECT_FACTOR_BWD if backward else DIRECT_FACTOR):
         return "direct", N, 0
     if ola is not None:
         return "overlap_add", ola[0], ola[1]
     return "fft", N, 0
 
 
-def use_direct(L, Lk_eff, Lout, N):
+def use_direct(L, Lk_eff, Lout, N, factor=None):
     """The cost model: direct costs Lout * Lk_eff taps per row, the FFT path about N log2 N "units" per row
     (two transforms, k's cached, plus the pointwise passes). Measured on the 2-core EPYC (float32, B8 H256, one
     core's worth under load): about 0.15 ns CPU per direct tap (fused forward) and 0.8-1.9 ns per FFT unit (more at
     small N), so ``DIRECT_FACTOR = 6`` (e.g. Lk <= 64 up to L = 16k). Direct also needs
     ``Lk_eff <= DIRECT_MAX_LK``."""
-    return Lk_eff <= DIRECT_MAX_LK and Lout * Lk_eff <= DIRECT_FACTOR * N * max(1.0, np.log2(N))
+    factor = DIRECT_FACTOR if factor is None else factor
+    return Lk_eff <= DIRECT_MAX_LK and Lout * Lk_eff <= factor * N * max(1.0, np.log2(N))
 
 
 class _Lib:
