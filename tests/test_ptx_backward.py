@@ -6,7 +6,7 @@ import pytest
 
 pytestmark = pytest.mark.ptx
 
-N_CONFIGS = 26  # 2 head dims x (3 tensor-core variants x 3 kernels + 2 CUDA-core dtypes x 2 kernels)
+N_CONFIGS = 28  # 2 head dims x (3 tensor-core variants x 3 kernels + 2 CUDA-core dtypes x 2 kernels) + 2 short-range D64
 
 
 @pytest.fixture(scope="module")
