@@ -30,6 +30,7 @@ import numpy as np
 from numba import cuda
 
 from numba_kernels import _dispatch as dsp
+from numba_kernels.cuda import _fft_conv_fused as fz
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
@@ -248,11 +249,10 @@ def fused_size(N, forced, kind):
 _TWD = {}
 
 
-def _fwd_fused(ud, k, pred, postd, bias, Lke, N, start, Lout, kind, ft):
-    from numba_kernels.cuda import _fft_conv_fused as fz
+def _fwd_fused(ud, k, pred, postd, biasd, Lke, N, start, Lout, kind, ft):
     from numba_kernels.fft_conv import cached_filter
 
-    B, H, L = ud.shape
+    B, H, _ = ud.shape
     LOGN = N.bit_length() - 1
     dev = _device_key()
 
@@ -267,7 +267,6 @@ def _fwd_fused(ud, k, pred, postd, bias, Lke, N, start, Lout, kind, ft):
     tw = _TWD.get((N, dev))
     if tw is None:
         tw = _TWD[(N, dev)] = cuda.to_device(fz.twiddles(N))
-    biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
     out = out_array((B, H, Lout), ELEM[kind])
     nt = fz.threads(N, intr.SIM)
     fl.launch(fz.make_fused_kernel(kind, LOGN, nt, fz.RMAX), (-(-B // 2), H), nt, fz.smem_bytes(N),
@@ -280,6 +279,7 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
     kind, ft, _ = _kinds(dt)
     B, H, L = u.shape
     ud, pred, postd = _elem(u, kind, 3), _elem(pre, kind, 3), _elem(post, kind, 3)
+    biasd = _compute(bias, ft, 1)  # empty when absent
     e3 = _none(3, ELEM[kind])
     ola = None
     if not forced and method == "overlap_add":
@@ -290,14 +290,12 @@ def fwd_cuda(u, k, bias, pre, post, start, Lout, Lke, N, dt, method="auto", forc
         ola = use_overlap_add(L, Lke, N)
     if ola is not None:
         P, M = ola
-        return _fwd_ola(ud, pred, postd, _compute(bias, ft, 1), _filter_spectrum(k, Lke, P, ft), start, Lout,
-                        P, M, kind, ft)
+        return _fwd_ola(ud, pred, postd, biasd, _filter_spectrum(k, Lke, P, ft), start, Lout, P, M, kind, ft)
     Nf = fused_size(N, forced, kind)
     if Nf:
-        return _fwd_fused(ud, k, pred, postd, bias, Lke, Nf, start, Lout, kind, ft)
+        return _fwd_fused(ud, k, pred, postd, biasd, Lke, Nf, start, Lout, kind, ft)
     K = _filter_spectrum(k, Lke, N, ft)
     buf = scratch((B, H, 2 * (N // 2 + 1)), ft)
-    biasd = _none(1, ft) if bias is None else _compute(bias, ft, 1)
     lto_on = USE_LTO is True or (USE_LTO == "auto" and N >= LTO_MIN_N)
     if lto_on and not intr.SIM and all(a.is_c_contiguous() for a in (ud, pred, postd, biasd)):
         from numba_kernels.cuda import _fft_conv_lto as lto
@@ -384,8 +382,6 @@ def ptx_signatures():
         out.append((f"ola_crop_{kind}", make_ola_crop_kernel(kind, nt).py_func,
                     (f3, ft, i64, i64, i64, i64, a, a, f1, i64, a, a)))
         if kind != "f64":
-            from numba_kernels.cuda import _fft_conv_fused as fz
-
             logn = {"f32": 9, "bf16": 11, "f16": 10}[kind]  # one used size per kind (each compiles in 15-30 s)
             out.append((f"fused_{kind}_N{1 << logn}", fz.make_fused_kernel(kind, logn, fz.threads(1 << logn),
                                                                              fz.RMAX).py_func,
@@ -394,8 +390,6 @@ def ptx_signatures():
             out.append((f"cmul_blocks_{kind}", make_cmul_blocks_kernel(kind == "f64", nt).py_func, (f3, f3, i64)))
             out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
             out.append((f"conj_sum_{kind}", make_conj_sum_kernel(kind == "f64", nt).py_func, (f3, f3, f3)))
-    from numba_kernels.cuda import _fft_conv_fused as fz
-
     out.append(("fused_expand", fz.make_expand_kernel(9, nt).py_func,
                 (types.Array(types.float32, 3, "C"), types.Array(types.float32, 2, "C"))))
     return out

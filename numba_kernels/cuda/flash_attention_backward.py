@@ -128,12 +128,12 @@ def flash_bwd_simt(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, ft, scal
     if deterministic:
         dq = cuda.device_array(q.shape, dtype=ft)
         fl.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
-                    (q, k, v, dout, lse, di, dq, dk, dv) + tail + (False,))
+                  (q, k, v, dout, lse, di, dq, dk, dv) + tail + (False,))
         fl.launch(dqk, (max(1, -(-max_sq // br)), H, B), NTH, SMEM, (q, k, v, dout, lse, di, dq) + tail)
     else:
         dq = _zeros(q.shape, ft)
         fl.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
-                    (q, k, v, dout, lse, di, dq, dk, dv) + tail + (True,))
+                  (q, k, v, dout, lse, di, dq, dk, dv) + tail + (True,))
     return dq, dk, dv
 
 
