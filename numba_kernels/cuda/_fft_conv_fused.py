@@ -32,7 +32,7 @@ RMAX = 4
 
 def smem_bytes(N):
     """Dynamic shared memory of the fused kernel for FFT size N (re and im, one skew word per 32)."""
-    return 8 * (_pad(N - 1) + 1) if N > 1 else 8
+    return 8 * (_pad(N - 1) + 1)
 
 
 def threads(N, sim=False, rmax=None):
@@ -43,19 +43,12 @@ def threads(N, sim=False, rmax=None):
     return max(32, min(N >> r, 512))  # 1024 threads ran out of registers at N 8192 (H200); more sets per thread
 
 
-_TW = {}
-
-
 def twiddles(N):
     """Host float32 (N,) table: [2m] = cos(-2 pi m / N), [2m + 1] = sin(-2 pi m / N), m < N / 2 (computed in
-    float64)."""
-    t = _TW.get(N)
-    if t is None:
-        m = np.arange(N // 2, dtype=np.float64)
-        ang = -2.0 * np.pi * m / N
-        t = np.empty(N, np.float32)
-        t[0::2], t[1::2] = np.cos(ang), np.sin(ang)
-        _TW[N] = t
+    float64; the caller keeps the device copy)."""
+    ang = -2.0 * np.pi * np.arange(N // 2, dtype=np.float64) / N
+    t = np.empty(N, np.float32)
+    t[0::2], t[1::2] = np.cos(ang), np.sin(ang)
     return t
 
 
@@ -88,7 +81,7 @@ def make_expand_kernel(LOGN, NT):
     return jit_kernel(kernel)
 
 
-def passes(LOGN, RMAX=3):
+def passes(LOGN, RMAX):
     """Radix-2 stages per register pass (each <= RMAX, largest first): the forward runs them in this order from
     the top index bits down, the inverse in the reverse order from the bottom bits up."""
     k = -(-LOGN // RMAX)
@@ -101,7 +94,7 @@ def _pad(i):
 
 
 @functools.lru_cache(maxsize=None)
-def make_fused_kernel(kind, LOGN, NT, RMAX=3):
+def make_fused_kernel(kind, LOGN, NT, RMAX):
     """The fused conv for element kind ``kind`` ("f16" | "bf16" | "f32"), FFT size 2^LOGN, NT threads.
 
     kernel(u (B, H, L), pre (B, H, L) | empty, post (B, H, Lout) | empty, bias (H,) float32 | empty,
