@@ -100,13 +100,12 @@ def choose(L, Lk_eff, Lout, N, forced=False, method="auto", backward=False):
     return "fft", N, 0
 
 
-def use_direct(L, Lk_eff, Lout, N, factor=None):
+def use_direct(L, Lk_eff, Lout, N, factor):
     """The cost model: direct costs Lout * Lk_eff taps per row, the FFT path about N log2 N "units" per row
     (two transforms, k's cached, plus the pointwise passes). Measured on the 2-core EPYC (float32, B8 H256, one
     core's worth under load): about 0.15 ns CPU per direct tap (fused forward) and 0.8-1.9 ns per FFT unit (more at
-    small N), so ``DIRECT_FACTOR = 6`` (e.g. Lk <= 64 up to L = 16k). Direct also needs
+    small N), so ``factor`` = DIRECT_FACTOR = 6 for the forward (e.g. Lk <= 64 up to L = 16k). Direct also needs
     ``Lk_eff <= DIRECT_MAX_LK``."""
-    factor = DIRECT_FACTOR if factor is None else factor
     return Lk_eff <= DIRECT_MAX_LK and Lout * Lk_eff <= factor * N * max(1.0, np.log2(N))
 
 
