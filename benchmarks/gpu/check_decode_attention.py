@@ -312,21 +312,26 @@ def profile_call():
 
     from numba_kernels.cuda.decode_attention import attend_cuda
 
-    c = _setup(1, 4096, "page16")
-    kw = dict(block_table=c["bt"], cache_seqlens=c["seqlens"])
-    for fn, label in ((lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16"), "attend_cuda"),
-                      (lambda: nk.flash_attention_with_kvcache(c["qd"], c["kc"], c["vc"], **kw), "public call")):
-        fn()
-        cuda.synchronize()
-        pr = cProfile.Profile()
-        t = time.perf_counter()
-        pr.enable()
-        for _ in range(50):
+    for B, S, layout in ((1, 4096, "page16"), (1, 16384, "contig")):
+        c = _setup(B, S, layout)
+        kw = dict(block_table=c["bt"], cache_seqlens=c["seqlens"])
+        for fn, label in ((lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16"),  # noqa: B023
+                           "attend_cuda"),
+                          (lambda: nk.flash_attention_with_kvcache(c["qd"], c["kc"], c["vc"], **kw),  # noqa: B023
+                           "public call")):
             fn()
-        pr.disable()
-        cuda.synchronize()
-        print(f"--- {label}: {(time.perf_counter() - t) / 50 * 1e6:.1f} us per call (host, incl. sync at end)")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+            cuda.synchronize()
+            t1 = tbench(fn, iters=20)
+            pr = cProfile.Profile()
+            t = time.perf_counter()
+            pr.enable()
+            for _ in range(50):
+                fn()
+            pr.disable()
+            cuda.synchronize()
+            print(f"--- B{B} S{S} {layout} {label}: {(time.perf_counter() - t) / 50 * 1e6:.1f} us per call (host, "
+                  f"incl. sync at end; profiled) | one call between events {t1 * 1e6:.1f} us")
+            pstats.Stats(pr).sort_stats("tottime").print_stats(14)
 
 
 def bench(quick):

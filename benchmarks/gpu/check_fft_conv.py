@@ -41,6 +41,64 @@ def fc_size(L, Lk, mode):
     return scipy.fft.next_fast_len(L + (min(Lk, L) if mode == "causal" else Lk) - 1, real=True)
 
 
+def pool_checks():
+    """The output cache (``cuda.fft_conv.out_array``) never hands out memory something still references: a live
+    result, a slice of one, a torch tensor over one; and reuses it once all are gone."""
+    import torch
+    from numba import cuda
+
+    from numba_kernels.cuda import fft_conv as cfc
+
+    def ptr(a):
+        return a.__cuda_array_interface__["data"][0]
+
+    def ok(name, cond):
+        print(f"{'ok ' if cond else 'FAIL'} output cache: {name}", flush=True)
+        if not cond:
+            fails.append(f"pool: {name}")
+
+    B, H, L = 4, 16, 256
+    u1 = rng.standard_normal((B, H, L)).astype(np.float32)
+    u2 = rng.standard_normal((B, H, L)).astype(np.float32)
+    k = (rng.standard_normal((H, L)) / np.sqrt(L)).astype(np.float32)
+    ud1, ud2, kd = cuda.to_device(u1), cuda.to_device(u2), cuda.to_device(k)
+    ref1 = fft_conv_ref(u1.astype(np.float64), k.astype(np.float64))
+    nk.clear_fft_conv_cache()
+    saved = cfc.OUT_POOL
+    cfc.OUT_POOL = 4
+    try:
+        y1 = nk.fft_conv(ud1, kd, backend="cuda")
+        p1 = ptr(y1)
+        y2 = nk.fft_conv(ud2, kd, backend="cuda")
+        ok("two live results get two buffers", ptr(y2) != p1)
+        ok("the first result is intact after the second call", err(y1.copy_to_host(), ref1) < 1e-5)
+        del y2
+        view = y1[1:]
+        del y1
+        y3 = nk.fft_conv(ud2, kd, backend="cuda")
+        ok("a live slice keeps its buffer out of reuse", ptr(y3) != p1 and err(view.copy_to_host(), ref1[1:]) < 1e-5)
+        del view, y3
+        y4 = nk.fft_conv(ud1, kd, backend="cuda")
+        ok("a buffer nothing references is reused", ptr(y4) == p1 and err(y4.copy_to_host(), ref1) < 1e-5)
+        t = torch.as_tensor(y4, device="cuda")
+        del y4
+        y5 = nk.fft_conv(ud2, kd, backend="cuda")
+        ok("a torch tensor over a result keeps it out of reuse",
+           ptr(y5) != p1 and err(t.cpu().numpy(), ref1) < 1e-5)
+        del t, y5
+        cfc.OUT_POOL_BYTES, saved_b = B * H * L * 4 * 2, cfc.OUT_POOL_BYTES
+        try:
+            ys = [nk.fft_conv(ud1, kd, backend="cuda") for _ in range(4)]
+            held = sum(m.nbytes for e in cfc._local.outs.values() for m, _, _ in e)
+            ok("the byte cap bounds the cache", held <= cfc.OUT_POOL_BYTES and all(
+                err(y.copy_to_host(), ref1) < 1e-5 for y in ys) and len({ptr(y) for y in ys}) == 4)
+        finally:
+            cfc.OUT_POOL_BYTES = saved_b
+    finally:
+        cfc.OUT_POOL = saved
+        nk.clear_fft_conv_cache()
+
+
 def correctness():
     B, H = (1, 2) if SIM else (2, 8)
     sizes = [(7, 3), (5, 9)] if SIM else [(1, 3), (97, 300), (1009, 97), (1024, 1024)]
@@ -266,8 +324,13 @@ def bench():
     tdt = {np.float32: torch.float32, np.float16: torch.float16}
     # (dtype, [(B, H) tried in order], L, Lk); Lk = L is FlashFFTConv's setting
     iters = 5 if PROBE else 10
-    cases = [(np.float32, [(64, 768)], 256, 256), (np.float32, [(64, 768)], 1024, 1024),
-             (np.float32, [(64, 768)], 8192, 8192), (np.float32, [(16, 768)], 65536, 65536),
+    cases = [(np.float32, [(64, 768)], 256, 256), (np.float32, [(64, 768)], 512, 512),
+             (np.float32, [(64, 768)], 1024, 1024), (np.float32, [(64, 768)], 2048, 2048),
+             (np.float32, [(64, 768)], 4096, 4096), (np.float32, [(64, 768)], 8192, 8192),
+             (np.float32, [(32, 768)], 16384, 16384), (np.float32, [(16, 768)], 32768, 32768),
+             (np.float32, [(16, 768)], 65536, 65536), (np.float32, [(8, 768)], 1 << 17, 1 << 17),
+             (np.float32, [(4, 768)], 1 << 18, 1 << 18), (np.float32, [(2, 768)], 1 << 19, 1 << 19),
+             (np.float16, [(64, 768)], 256, 256),
              (np.float16, [(64, 768)], 1024, 1024), (np.float16, [(64, 768)], 8192, 8192),
              (np.float32, [(1, 768), (1, 256)], 1 << 20, 1 << 20), (np.float32, [(1, 768), (1, 256)], 1 << 20, 4096),
              (np.float16, [(1, 768), (1, 256)], 1 << 20, 1 << 20)]
@@ -345,6 +408,7 @@ if __name__ == "__main__":
     else:
         if not SIM:
             lto_checks()
+            pool_checks()
         correctness()
         rows = [] if SIM else bench()
     print("\n==== summary ====")

@@ -25,10 +25,12 @@ for s in "$@"; do case $s in
   fft_fused) step fft_fused 150 python3 $G/probe_fft_parts.py fused ;;
   fft_fused_check) step fft_fused_check 200 python3 $G/check_fft_fused.py ;;
   bwd_bench_1k) BWD_BENCH_D=64 BWD_BENCH_S=1024 step bwd_bench_1k 150 python3 $G/check_flash_attention_backward.py bench ;;
-  fft) step fft 300 python3 $G/check_fft_conv.py --quick ;;
+  fft) step fft 420 python3 $G/check_fft_conv.py --quick ;;
   bwd_check) step bwd_check 240 python3 $G/check_flash_attention_backward.py check=quick ;;
   bwd_bench) step bwd_bench 300 python3 $G/check_flash_attention_backward.py bench ;;
   bwd_sweep1k) step bwd_sweep1k 240 python3 $G/check_flash_attention_backward.py sweep1k ;;
   conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
+  fft_host) step fft_host 200 python3 $G/probe_fft_host.py ;;
+  dec_profile) step dec_profile 150 python3 $G/check_decode_attention.py profile ;;
   *) echo "unknown step $s" ;;
 esac; done
