@@ -47,7 +47,7 @@ def test_bf16_scan_computes_some_exps_as_polynomials():
 
 
 # ---- the backward kernels (N = 16; time-varying and time-invariant B / C) and the partial-sum kernel ------
-BWD_NAMES = ([f"bwd_{k}_N16_{v}" for k in KINDS for v in ("var", "const")] + [f"group_sum_{k}" for k in KINDS])
+BWD_NAMES = ([f"bwd_{k}_N16_{v}" for k in KINDS for v in ("var_seq", "const")] + [f"group_sum_{k}" for k in KINDS])
 
 
 def _bwd_configs():

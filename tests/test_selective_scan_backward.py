@@ -184,13 +184,15 @@ def test_bad_inputs(rng, name, call, err, msg):
     assert msg in str(ei.value)
 
 
-# ---- the CUDA kernel under the simulator (NUMBA_ENABLE_CUDASIM=1; chunk K = 4, one warp per channel block) --
+# ---- the CUDA kernel under the simulator (NUMBA_ENABLE_CUDASIM=1; chunk K = 4, 16 channels x Q lanes per block:
+# Q = 1 for N = 3, Q = 2 (states split over two lanes, shuffle sums) for N = 4) --------------------------------
 @pytest.mark.sim
-@pytest.mark.parametrize("dt,bform,cform", [(np.float32, "grouped", "BNL"), (bfloat16, "const", "grouped")],
-                         ids=["f32-grouped-BNL", "bf16-const-grouped"])
-def test_sim_backward(rng, dt, bform, cform):
-    # Dm 6 in 2 groups: 2 channel blocks per batch row; L 7: two chunks, the second partial
-    dout, kw = _with_grads(rng, _inputs(rng, dt, B=2, Dm=6, L=7, N=3, G=2, bform=bform, cform=cform, segments=2),
+@pytest.mark.parametrize("dt,bform,cform,N", [(np.float32, "grouped", "BNL", 3), (bfloat16, "const", "grouped", 3),
+                                              (np.float32, "BNL", "grouped", 4), (np.float64, "const", "const", 4)],
+                         ids=["f32-grouped-BNL-N3", "bf16-const-grouped-N3", "f32-BNL-grouped-N4", "f64-const-N4"])
+def test_sim_backward(rng, dt, bform, cform, N):
+    # Dm 6 in 2 groups: 2 channel blocks per batch row (3 of 16 channels busy); L 7: two chunks, the second partial
+    dout, kw = _with_grads(rng, _inputs(rng, dt, B=2, Dm=6, L=7, N=N, G=2, bform=bform, cform=cform, segments=2),
                            dt)
     got = nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cuda")
     _compare(got, selective_scan_backward_ref(dout, **kw, delta_softplus=True), kw, dt)

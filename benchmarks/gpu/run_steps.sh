@@ -31,6 +31,7 @@ for s in "$@"; do case $s in
   bwd_sweep1k) step bwd_sweep1k 240 python3 $G/check_flash_attention_backward.py sweep1k ;;
   conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
   fft_host) step fft_host 200 python3 $G/probe_fft_host.py ;;
+  scan_ab) OLD_SCAN_BWD=${OLD_SCAN_BWD:-} step scan_ab 300 python3 $G/ab_scan_bwd.py ;;
   dec_profile) step dec_profile 150 python3 $G/check_decode_attention.py profile ;;
   *) echo "unknown step $s" ;;
 esac; done

@@ -1,84 +1,188 @@
 """Mamba-1 selective scan backward on CUDA cores (host wrapper: ``numba_kernels.selective_scan_backward``).
 
-* One warp per block of up to 32 consecutive channels of one batch row (blocks never cross a group of B or
-  of C, see ``channel_blocks``); one lane per channel (b, d), its N states, state gradients and the
-  per-channel accumulators (dA, time-invariant dB / dC) in registers.
-* Recomputation: a forward pass writes the state entering every chunk of K steps to a global scratch
-  (B, L / K, N, Dm) float32 (float64), coalesced over the lanes. The reverse scan then takes the chunks from
-  the end: it recomputes the chunk's K + 1 states into shared memory ((K + 1) x N x 32, lane fastest: no bank
-  conflicts) and walks them backwards.
-* Time-varying dB / dC (summed over the channels of a group): every step the lanes put their N values in a
-  padded (N, 33) shared tile and lane n adds row n (no bank conflicts, 32 loads per step instead of 5 N
-  shuffles) into per-(b, block) partials (B, nblk, N, L); a second
-  kernel adds the blocks of each group in a fixed order. dA, dD, ddelta_bias and time-invariant dB / dC go
-  to per-(b, d) partials summed over the batch the same way: deterministic, no atomics.
-* u, delta, z and dout are read (and du, ddelta, dz written) per lane straight from global memory: correct,
-  not tuned (the forward is the tuned kernel).
-Whether B / C are time-varying is compile-time (VB, VC); the other options switch at run time.
+* Block = NC consecutive channels of one batch row (never crossing a group of B or of C, see
+  ``channel_blocks``) x Q lanes per channel: lane (c, q) owns the states n = q * NQ + i (i < NQ = N / Q) of
+  channel c, their state gradients and dA in registers. The per-step sums over a channel's states (du, ddelta,
+  the pre-gate output for dz) are Q-lane shuffle reductions.
+* Time runs in chunks of K steps. Every chunk is first staged in shared memory by the whole block, coalesced
+  along time: u, delta + bias, dt = softplus(...), dout, z, the gated dout, time-varying B / C ([t][n]), the
+  seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced.
+* Recomputation: a forward pass over the chunks writes the state entering every chunk to a global scratch
+  (B, L / K, N, Dm); the reverse pass takes the chunks from the end, recomputes the chunk's K + 1 states into
+  shared memory ([j][i][thread]: no bank conflicts) and walks them backwards.
+* Time-varying dC (sum over the block's channels of g_t h_t) is one pass over the recomputed states before the
+  walk; time-varying dB (sum of dh_t dt_t u_t) reuses the state slot of step t, free once step t is walked, and
+  is summed after the walk: per (b, block) partials (B, nblk, N, L) that a second kernel adds over the blocks of
+  each group in a fixed order. dA, dD, ddelta_bias and time-invariant dB / dC go to per-(b, d) partials summed
+  over the batch the same way: deterministic, no atomics.
+Whether B / C are time-varying and whether seq_idx is given are compile-time (VB, VC, SEQ); the other options
+switch at run time.
 """
 import functools
 
 import numpy as np
-from numba import cuda
+from numba import cuda, int32
 
 from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
 from numba_kernels.cuda._selective_scan_fwd import SOFTPLUS_THRESHOLD, _fast_fns, _sigmoid_fn
 from numba_kernels.cuda.selective_scan import _bc
 
-WARP = 32
-#: shared memory budget of the recomputed chunk (bytes): K is the largest power of two that fits
-SMEM_BUDGET = 96 * 1024
+#: channels per block NC, preferred lanes per channel Q (GPU, simulator)
+CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
+#: shared memory budget of one block (bytes): K is the largest power of two <= KMAX that fits. H200 2026-12-02,
+#: bf16 B8 Dm1536 N16 z (benchmarks/gpu/ab_scan_bwd.py): Q4 30 KB (K 8) 8.86 / 22.3 ms at L 2048 / 8192, 56 KB (K 16)
+#: 9.24 / 22.7, 100 KB (K 32) 10.8 / 33.4; Q8 K16 8.43 / 28.5; Q2 K8 9.07 / 30.2; Q16 K32 10.1 / 34.6
+SMEM_BUDGET = 30 * 1024
+KMAX = 64
 SIM_CHUNK = 4
 
 
-def chunk_len(N, f64):
+def config(N, q=None):
+    """(NC, Q): Q the largest power of two <= the preferred Q dividing N."""
+    NC, Qp = CONFIG["sim" if intr.SIM else "gpu"]
+    Qp = q or Qp
+    Q = 1
+    while Q * 2 <= Qp and N % (Q * 2) == 0:
+        Q *= 2
+    return NC, Q
+
+
+def chunk_len(N, f64, NC, Q, VB=True, VC=True):
     if intr.SIM:
         return SIM_CHUNK
-    k = 64
-    while k > 1 and smem_bytes(N, k, f64) > SMEM_BUDGET:
+    k = KMAX
+    while k > 1 and smem_bytes(N, k, NC, Q, VB, VC, f64) > SMEM_BUDGET:
         k //= 2
     return k
 
 
-def smem_bytes(N, K, f64):
-    return ((K + 1) * N * WARP + 2 * N * (WARP + 1)) * (8 if f64 else 4)
+@functools.lru_cache(maxsize=None)
+def layout(N, K, NC, Q, VB, VC):
+    """(offsets of the shared arrays in words of the compute type, total words): the recomputed states HS
+    ((K + 1) N / Q rows of NC Q + 1 words: row (j, i), column thread), the per-channel rows U, X, DT, DO, Z, GG
+    (NC rows of K + 1 words each), B / C ([t][n], K x N), per-channel bias and D (PRM), the reset flags RS (K int32,
+    as one word each). The padding word of each row puts consecutive rows on consecutive banks."""
+    o = {}
+    n = 0
+    NCK = NC * (K + 1)
+    for name, count in (("HS", (K + 1) * (N // Q) * (NC * Q + 1)), ("U", NCK), ("X", NCK), ("DT", NCK), ("DO", NCK),
+                        ("Z", NCK), ("GG", NCK), ("BS", K * N if VB else 0), ("CS", K * N if VC else 0),
+                        ("PRM", 2 * NC), ("RS", K)):
+        o[name] = n
+        n += count
+    return o, n
+
+
+def smem_bytes(N, K, NC, Q, VB, VC, f64):
+    return layout(N, K, NC, Q, VB, VC)[1] * (8 if f64 else 4)
 
 
 @functools.lru_cache(maxsize=None)
-def make_bwd_kernel(kind, N, K, VB, VC):
+def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
     cin, cout, ft = _converters(kind)
     exps, SCALE, softplus_f, _ = _fast_fns(kind == "f64")
     sigmoid_f = _sigmoid_fn(kind == "f64")
     ZERO, ONE = ft(0.0), ft(1.0)
     THR = ft(SOFTPLUS_THRESHOLD)
-    RED = (K + 1) * N * WARP  # start of the (2N, 33) reduction tiles of dB / dC
-    WP1 = WARP + 1  # padded rows: lane r reading row r hits bank (r + k) % 32
+    NQ = N // Q
+    NT = NC * Q
+    o, _ = layout(N, K, NC, Q, VB, VC)
+    HS, U, X, DT, DO, Z, GG, BS, CS, PRM, RS = (o[k] for k in ("HS", "U", "X", "DT", "DO", "Z", "GG", "BS", "CS",
+                                                               "PRM", "RS"))
+    NCK = NC * K
+    NK = N * K
+    KP = K + 1  # padded channel rows
+    NTP = NT + 1  # padded state rows
+    RSW = RS * (2 if kind == "f64" else 1)  # RS in int32 words
+
+    @cuda.jit(device=True, inline=True)
+    def qsum(v):  # sum over the Q lanes of a channel (consecutive lanes of one warp)
+        m = 1
+        while m < Q:
+            v += intr.shfl_xor(v, m)
+            m *= 2
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, full, b, d0, nch, gb, gc, t0, tl, L, tid,
+              has_z):
+        """Chunk [t0, t0 + tl) into shared memory (zeros past tl); ``full``: also dout, z, the gated dout, C."""
+        for idx in range(tid, NCK, NT):
+            c = idx // K
+            j = idx - c * K
+            dd = d0 + min(c, nch - 1)
+            t = t0 + j
+            uv = ZERO
+            x = ZERO
+            dt = ZERO
+            if j < tl:
+                uv = ft(cin(u[b, dd, t]))
+                x = ft(cin(delta[b, dd, t])) + sf[PRM + c]
+                dt = x
+                if softplus:
+                    dt = softplus_f(x)
+            r = c * KP + j
+            sf[U + r] = uv
+            sf[DT + r] = dt
+            if full:
+                sf[X + r] = x
+                g = ZERO
+                zv = ZERO
+                if j < tl:
+                    g = ft(cin(dout[b, dd, t]))
+                    if has_z:
+                        zv = ft(cin(z[b, dd, t]))
+                sf[DO + r] = g
+                sf[Z + r] = zv
+                if has_z:
+                    g = g * zv * sigmoid_f(zv)
+                sf[GG + r] = g
+        if VB or (VC and full):
+            for idx in range(tid, NK, NT):
+                n = idx // K
+                j = idx - n * K
+                if VB:
+                    sf[BS + j * N + n] = ft(cin(bvar[b, gb, n, t0 + j])) if j < tl else ZERO
+                if VC and full:
+                    sf[CS + j * N + n] = ft(cin(cvar[b, gc, n, t0 + j])) if j < tl else ZERO
+        if SEQ:
+            for j in range(tid, K, NT):
+                t = t0 + j
+                rs = 0
+                if (t > 0) & (t < L) & (j < tl):
+                    if seq[b, t] != seq[b, t - 1]:
+                        rs = 1
+                ri[RSW + j] = rs
 
     def kernel(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, z, dbias, init, seq, dlast, softplus,
                blk_start, blk_len, ck, du, ddelta, dz, dA_p, dBc_p, dCc_p, dBv_p, dCv_p, dD_p, ddb_p, dinit):
-        lane = cuda.threadIdx.x
+        tid = cuda.threadIdx.x
+        c = tid // Q
+        q = tid - c * Q
         blk = cuda.blockIdx.x
         b = cuda.blockIdx.y
         Dm = u.shape[1]
         L = u.shape[2]
         d0 = blk_start[blk]
         nch = blk_len[blk]
-        act = lane < nch
-        d = d0 + min(lane, nch - 1)
-        hs = cuda.shared.array(0, ft)  # (K + 1, N, WARP) recomputed states of one chunk, then (2N, WARP + 1)
-        h = cuda.local.array(N, ft)
-        dh = cuda.local.array(N, ft)
-        av = cuda.local.array(N, ft)
-        a2 = cuda.local.array(N, ft)
-        dAa = cuda.local.array(N, ft)
-        bl = cuda.local.array(N, ft)
-        cl = cuda.local.array(N, ft)
-        dBa = cuda.local.array(N, ft)
-        dCa = cuda.local.array(N, ft)
-        has_seq = seq.shape[0] > 0
+        act = c < nch
+        cr = min(c, nch - 1)
+        d = d0 + cr
+        sf = cuda.shared.array(0, ft)
+        ri = cuda.shared.array(0, int32)  # the RS words (word size of ft: 4 bytes f32, 8 bytes f64)
+        h = cuda.local.array(NQ, ft)
+        dh = cuda.local.array(NQ, ft)
+        av = cuda.local.array(NQ, ft)
+        a2 = cuda.local.array(NQ, ft)
+        dAa = cuda.local.array(NQ, ft)
+        bl = cuda.local.array(NQ, ft)
+        cl = cuda.local.array(NQ, ft)
+        dBa = cuda.local.array(NQ, ft)
+        dCa = cuda.local.array(NQ, ft)
         has_z = z.shape[0] > 0
         gb = 0
         if VB:
@@ -86,166 +190,170 @@ def make_bwd_kernel(kind, N, K, VB, VC):
         gc = 0
         if VC:
             gc = d0 // (Dm // cvar.shape[1])
-        bias = ZERO
-        if dbias.shape[0] > 0:
-            bias = dbias[d]
-        Dd = ZERO
-        if Dv.shape[0] > 0:
-            Dd = Dv[d]
-        for n in range(N):
-            h[n] = ZERO
-            if init.shape[0] > 0:
-                h[n] = init[b, d, n]
-            dh[n] = ZERO
-            if dlast.shape[0] > 0:
-                dh[n] = dlast[b, d, n]
-            av[n] = A[d, n]
-            a2[n] = av[n] * SCALE  # exp(dt A) = exps(dt a2)
-            dAa[n] = ZERO
-            dBa[n] = ZERO
-            dCa[n] = ZERO
-            bl[n] = ZERO
-            cl[n] = ZERO
-            if not VB:
-                bl[n] = bconst[d, n]
-            if not VC:
-                cl[n] = cconst[d, n]
-        # forward: the state entering every chunk
-        for t in range(L):
-            if t % K == 0 and act:
-                for n in range(N):
-                    ck[b, t // K, n, d] = h[n]
-            if has_seq and t > 0:
-                if seq[b, t] != seq[b, t - 1]:
-                    for n in range(N):
-                        h[n] = ZERO
-            dt = ft(cin(delta[b, d, t])) + bias
-            if softplus:
-                dt = softplus_f(dt)
-            dtu = dt * ft(cin(u[b, d, t]))
-            for n in range(N):
-                bn = bl[n]
-                if VB:
-                    bn = ft(cin(bvar[b, gb, n, t]))
-                h[n] = exps(dt * a2[n]) * h[n] + dtu * bn
+        for i in range(tid, NC, NT):
+            dd = d0 + min(i, nch - 1)
+            sf[PRM + i] = dbias[dd] if dbias.shape[0] > 0 else ZERO
+            sf[PRM + NC + i] = Dv[dd] if Dv.shape[0] > 0 else ZERO
+        for i in range(NQ):
+            n = q * NQ + i
+            h[i] = init[b, d, n] if init.shape[0] > 0 else ZERO
+            dh[i] = dlast[b, d, n] if dlast.shape[0] > 0 else ZERO
+            av[i] = A[d, n]
+            a2[i] = av[i] * SCALE  # exp(dt A) = exps(dt a2)
+            dAa[i] = ZERO
+            dBa[i] = ZERO
+            dCa[i] = ZERO
+            bl[i] = ZERO if VB else bconst[d, n]
+            cl[i] = ZERO if VC else cconst[d, n]
+        cuda.syncthreads()
+        nc = (L + K - 1) // K
+        crow = cr * KP
+        # forward over the chunks: the state entering each one
+        for cc in range(nc):
+            t0 = cc * K
+            tl = min(K, L - t0)
+            stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, False, b, d0, nch, gb, gc, t0, tl, L,
+                  tid, has_z)
+            cuda.syncthreads()
+            if act:
+                for i in range(NQ):
+                    ck[b, cc, q * NQ + i, d] = h[i]
+            for j in range(tl):
+                if SEQ:
+                    if ri[RSW + j] != 0:
+                        for i in range(NQ):
+                            h[i] = ZERO
+                dt = sf[DT + crow + j]
+                dtu = dt * sf[U + crow + j]
+                for i in range(NQ):
+                    bn = sf[BS + j * N + q * NQ + i] if VB else bl[i]
+                    h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
+            cuda.syncthreads()
+        Dd = sf[PRM + NC + cr]
         sD = ZERO
         sb = ZERO
-        nc = (L + K - 1) // K
-        for cc in range(nc):
-            c = nc - 1 - cc
-            t0 = c * K
+        for cb in range(nc):
+            cc = nc - 1 - cb
+            t0 = cc * K
             tl = min(K, L - t0)
-            for n in range(N):
-                h[n] = ck[b, c, n, d]
-                hs[n * WARP + lane] = h[n]
+            stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, True, b, d0, nch, gb, gc, t0, tl, L,
+                  tid, has_z)
+            for i in range(NQ):
+                h[i] = ck[b, cc, q * NQ + i, d]
+                sf[HS + i * NTP + tid] = h[i]
+            cuda.syncthreads()
             for j in range(tl):  # recompute the chunk's states
-                t = t0 + j
-                rs = False
-                if has_seq and t > 0:
-                    rs = seq[b, t] != seq[b, t - 1]
-                dt = ft(cin(delta[b, d, t])) + bias
-                if softplus:
-                    dt = softplus_f(dt)
-                dtu = dt * ft(cin(u[b, d, t]))
-                for n in range(N):
-                    bn = bl[n]
-                    if VB:
-                        bn = ft(cin(bvar[b, gb, n, t]))
-                    hp = h[n]
-                    if rs:
-                        hp = ZERO
-                    h[n] = exps(dt * a2[n]) * hp + dtu * bn
-                    hs[((j + 1) * N + n) * WARP + lane] = h[n]
+                if SEQ:
+                    if ri[RSW + j] != 0:
+                        for i in range(NQ):
+                            h[i] = ZERO
+                dt = sf[DT + crow + j]
+                dtu = dt * sf[U + crow + j]
+                for i in range(NQ):
+                    bn = sf[BS + j * N + q * NQ + i] if VB else bl[i]
+                    h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
+                    sf[HS + ((j + 1) * NQ + i) * NTP + tid] = h[i]
+            if VC:  # dC[t, n] = sum over the channels of g_t h_t[n]
+                cuda.syncthreads()
+                for idx in range(tid, NK, NT):  # consecutive threads: consecutive state rows (distinct banks)
+                    qq = idx // (NQ * K)
+                    rr = idx - qq * (NQ * K)
+                    j = rr // NQ
+                    n = qq * NQ + rr - j * NQ
+                    if j < tl:
+                        hb = HS + (NQ + rr) * NTP + qq
+                        acc = ZERO
+                        for c2 in range(nch):
+                            acc += sf[GG + c2 * KP + j] * sf[hb + c2 * Q]
+                        dCv_p[b, blk, n, t0 + j] = acc
+                cuda.syncthreads()
             for jj in range(tl):  # walk back
                 j = tl - 1 - jj
-                t = t0 + j
+                dt = sf[DT + crow + j]
+                ut = sf[U + crow + j]
+                g = sf[GG + crow + j]
                 rs = False
-                if has_seq and t > 0:
-                    rs = seq[b, t] != seq[b, t - 1]
-                x = ft(cin(delta[b, d, t])) + bias
-                dt = x
-                if softplus:
-                    dt = softplus_f(x)
-                ut = ft(cin(u[b, d, t]))
-                g = ft(cin(dout[b, d, t]))
+                if SEQ:
+                    rs = ri[RSW + j] != 0
+                ypre = ZERO
                 if has_z:
-                    zv = ft(cin(z[b, d, t]))
-                    s = sigmoid_f(zv)
-                    ypre = Dd * ut
-                    for n in range(N):
-                        cn = cl[n]
-                        if VC:
-                            cn = ft(cin(cvar[b, gc, n, t]))
-                        ypre += cn * hs[((j + 1) * N + n) * WARP + lane]
-                    if act:
-                        dz[b, d, t] = cout(g * ypre * s * (ONE + zv * (ONE - s)))
-                    g = g * zv * s
+                    for i in range(NQ):
+                        cn = sf[CS + j * N + q * NQ + i] if VC else cl[i]
+                        ypre += cn * sf[HS + ((j + 1) * NQ + i) * NTP + tid]
+                    ypre = qsum(ypre)
                 dtu = dt * ut
                 dus = ZERO
                 ddt = ZERO
-                for n in range(N):
-                    bn = bl[n]
-                    if VB:
-                        bn = ft(cin(bvar[b, gb, n, t]))
-                    cn = cl[n]
-                    if VC:
-                        cn = ft(cin(cvar[b, gc, n, t]))
-                    dhn = dh[n] + g * cn
-                    an = exps(dt * a2[n])
-                    hp = hs[(j * N + n) * WARP + lane]
-                    if rs:
-                        hp = ZERO
-                    vc = g * hs[((j + 1) * N + n) * WARP + lane]
+                for i in range(NQ):
+                    n = q * NQ + i
+                    bn = sf[BS + j * N + n] if VB else bl[i]
+                    cn = sf[CS + j * N + n] if VC else cl[i]
+                    dhn = dh[i] + g * cn
+                    an = exps(dt * a2[i])
+                    hp = ZERO if rs else sf[HS + (j * NQ + i) * NTP + tid]
+                    slot = HS + ((j + 1) * NQ + i) * NTP + tid
+                    if not VC:
+                        dCa[i] += g * sf[slot]
                     vb = dhn * dtu
-                    if not act:
-                        vb = ZERO
-                        vc = ZERO
                     if VB:
-                        hs[RED + n * WP1 + lane] = vb
+                        sf[slot] = vb  # step t's state is no longer needed: its slot takes dB's term
                     else:
-                        dBa[n] += vb
-                    if VC:
-                        hs[RED + (N + n) * WP1 + lane] = vc
-                    else:
-                        dCa[n] += vc
+                        dBa[i] += vb
                     dus += dhn * bn
-                    ddt += dhn * (av[n] * an * hp + bn * ut)
-                    dAa[n] += dhn * dt * an * hp
-                    dh[n] = an * dhn
-                    if rs:
-                        dh[n] = ZERO
-                if VB or VC:  # sum the channels' dB / dC of step t: lane r adds row r of the (N, 32) tiles
-                    intr.syncwarp()
-                    for r in range(lane, N, WARP):
-                        if VB:
-                            acc = ZERO
-                            for k in range(WARP):
-                                acc += hs[RED + r * WP1 + k]
-                            dBv_p[b, blk, r, t] = acc
-                        if VC:
-                            acc = ZERO
-                            for k in range(WARP):
-                                acc += hs[RED + (N + r) * WP1 + k]
-                            dCv_p[b, blk, r, t] = acc
-                    intr.syncwarp()
-                sD += g * ut
-                if softplus and x <= THR:
-                    ddt = ddt * sigmoid_f(x)
-                sb += ddt
-                if act:
-                    du[b, d, t] = cout(dus * dt + g * Dd)
-                    ddelta[b, d, t] = cout(ddt)
+                    ddt += dhn * (av[i] * an * hp + bn * ut)
+                    dAa[i] += dhn * dt * an * hp
+                    dh[i] = ZERO if rs else an * dhn
+                dus = qsum(dus)
+                ddt = qsum(ddt)
+                if (q == 0) & act:  # after the shuffles every lane of the channel has read this step's u
+                    x = sf[X + crow + j]
+                    if softplus and x <= THR:
+                        ddt = ddt * sigmoid_f(x)
+                    sD += g * ut
+                    sb += ddt
+                    sf[U + crow + j] = dus * dt + g * Dd
+                    sf[X + crow + j] = ddt
+                    if has_z:
+                        zv = sf[Z + crow + j]
+                        s = sigmoid_f(zv)
+                        sf[Z + crow + j] = sf[DO + crow + j] * (ypre + Dd * ut) * s * (ONE + zv * (ONE - s))
+            cuda.syncthreads()
+            if VB:  # dB[t, n] = sum over the channels of dh_t[n] dt_t u_t
+                for idx in range(tid, NK, NT):
+                    qq = idx // (NQ * K)
+                    rr = idx - qq * (NQ * K)
+                    j = rr // NQ
+                    n = qq * NQ + rr - j * NQ
+                    if j < tl:
+                        hb = HS + (NQ + rr) * NTP + qq
+                        acc = ZERO
+                        for c2 in range(nch):
+                            acc += sf[hb + c2 * Q]
+                        dBv_p[b, blk, n, t0 + j] = acc
+            for idx in range(tid, NCK, NT):
+                c2 = idx // K
+                j = idx - c2 * K
+                if (c2 < nch) & (j < tl):
+                    dd = d0 + c2
+                    r = c2 * KP + j
+                    du[b, dd, t0 + j] = cout(sf[U + r])
+                    ddelta[b, dd, t0 + j] = cout(sf[X + r])
+                    if has_z:
+                        dz[b, dd, t0 + j] = cout(sf[Z + r])
+            cuda.syncthreads()
         if act:
-            dD_p[b, d] = sD
-            ddb_p[b, d] = sb
-            for n in range(N):
-                dA_p[b, d, n] = dAa[n]
+            if q == 0:
+                dD_p[b, d] = sD
+                ddb_p[b, d] = sb
+            for i in range(NQ):
+                n = q * NQ + i
+                dA_p[b, d, n] = dAa[i]
                 if not VB:
-                    dBc_p[b, d, n] = dBa[n]
+                    dBc_p[b, d, n] = dBa[i]
                 if not VC:
-                    dCc_p[b, d, n] = dCa[n]
+                    dCc_p[b, d, n] = dCa[i]
                 if dinit.shape[0] > 0:
-                    dinit[b, d, n] = dh[n]
+                    dinit[b, d, n] = dh[i]
 
     return jit_kernel(kernel)
 
@@ -278,7 +386,7 @@ def _group_sum(part3, starts, kind, shape):
     G = len(starts) - 1
     out = cuda.device_array((Bt, G, M), dtype=ELEM[kind])
     NT = 32 if intr.SIM else 256
-    intr.launch(make_group_sum_kernel(kind), -(-(Bt * G * M) // NT), NT, 0,
+    fl.launch(make_group_sum_kernel(kind), -(-(Bt * G * M) // NT), NT, 0,
                 (part3, cuda.to_device(np.asarray(starts, np.int32)), out))
     return out.reshape(shape)
 
@@ -301,8 +409,9 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
     fkind = "f64" if f64 else "f32"
     Bt, Dm, L = u.shape
     N = A.shape[1]
-    K = chunk_len(N, f64)
-    st, ln, bgrp, cgrp = channel_blocks(Dm, gb, gc, WARP)
+    NC, Q = config(N)
+    K = chunk_len(N, f64, NC, Q, bool(gb), bool(gc))
+    st, ln, bgrp, cgrp = channel_blocks(Dm, gb, gc, NC)
     nblk = len(st)
     nc = -(-L // K)
     bv, bc = _bc(B, kind, ft, Bt, N, L)
@@ -324,8 +433,9 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
             _compute(D, ft, 1), _elem(z, kind, 3), _compute(dbias, ft, 1), _compute(init, ft, 3), _int(seq, 2),
             _compute(dlast, ft, 3), np.int32(softplus), cuda.to_device(st), cuda.to_device(ln), ck,
             du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit)
-    smem = smem_bytes(N, K, f64)
-    intr.launch(make_bwd_kernel(kind, N, K, bool(gb), bool(gc)), (nblk, Bt), WARP, smem, args)
+    smem = smem_bytes(N, K, NC, Q, bool(gb), bool(gc), f64)
+    fl.launch(make_bwd_kernel(kind, N, K, NC, Q, bool(gb), bool(gc), seq is not None), (nblk, Bt), NC * Q, smem,
+              args)
 
     def var(part, G, grp, M):  # (B, nblk, N, L) -> (B, G, N, L) -> M's shape, in u's element type
         starts = np.searchsorted(grp, np.arange(G + 1)).astype(np.int32)
@@ -351,9 +461,11 @@ def ptx_signatures(states=(4, 16)):
         f1, f2, f3, f4 = (types.Array(ft, n, "C") for n in (1, 2, 3, 4))
         i1, i2 = types.Array(types.int32, 1, "C"), types.Array(types.int32, 2, "C")
         for N in states:
-            for vb, vc in ((True, True), (False, False)):
-                K = chunk_len(N, kind == "f64")
-                out.append((f"bwd_{kind}_N{N}_{'var' if vb else 'const'}", make_bwd_kernel(kind, N, K, vb, vc).py_func,
+            for vb, vc, sq in ((True, True, True), (False, False, False)):
+                NC, Q = config(N)
+                K = chunk_len(N, kind == "f64", NC, Q, vb, vc)
+                out.append((f"bwd_{kind}_N{N}_{'var' if vb else 'const'}{'_seq' if sq else ''}",
+                            make_bwd_kernel(kind, N, K, NC, Q, vb, vc, sq).py_func,
                             (e3, e3, e3, f2, e4, f2, e4, f2, f1, e3, f1, f3, i2, f3, types.int32, i1, i1, f4,
                              e3, e3, e3, f3, f3, f3, f4, f4, f2, f2, f3)))
         out.append((f"group_sum_{kind}", make_group_sum_kernel(kind).py_func,

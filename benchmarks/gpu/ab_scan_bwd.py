@@ -1,0 +1,94 @@
+"""A/B of the CUDA selective-scan backward: a previous version of ``cuda/selective_scan_backward.py`` (path in
+OLD_SCAN_BWD, e.g. from ``git show 0a70d98:numba_kernels/cuda/selective_scan_backward.py``: one lane per channel)
+against the current one at several (Q, chunk budget) settings, bf16 B8 Dm1536 N16, z, B / C (B, 1, N, L),
+delta_bias + softplus, D; gradients compared between the two; the time of one ``scan_bwd_cuda`` call between CUDA
+events (median of 5, queued allocations included). GPU only.
+
+    python benchmarks/gpu/ab_scan_bwd.py
+"""
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from numba import cuda
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import import_library, tbench  # noqa: E402
+
+nk = import_library()
+from numba_kernels.cuda import selective_scan_backward as new  # noqa: E402
+from numba_kernels._dispatch import bfloat16  # noqa: E402
+
+old = None
+if os.environ.get("OLD_SCAN_BWD"):
+    spec = importlib.util.spec_from_file_location("old_scan_bwd", os.environ["OLD_SCAN_BWD"])
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+
+
+def main():
+    print(torch.cuda.get_device_name(), time.strftime("%Y-%m-%d %H:%M"), flush=True)
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    tc = tbench(lambda: y.copy_(x))
+    copy_bw = 2 * x.numel() / tc
+    del x, y
+    print(f"device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+    B, Dm, N = 8, 1536, 16
+    A = cuda.as_cuda_array(-torch.rand(Dm, N, device="cuda") - 0.5)
+    D = cuda.as_cuda_array(torch.randn(Dm, device="cuda"))
+    dbias = cuda.as_cuda_array(torch.randn(Dm, device="cuda") * 0.5)
+
+    def devarr(t):
+        return cuda.as_cuda_array(t.view(torch.int16)).view(np.uint16)
+
+    for L in (2048, 8192):
+        u, delta, z, Bt, Ct = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in
+                               ((B, Dm, L), (B, Dm, L), (B, Dm, L), (B, 1, N, L), (B, 1, N, L)))
+        dout = torch.randn_like(u)
+        args = [devarr(t) for t in (dout, u, delta)]
+        Bd, Cd, zd = (devarr(t) for t in (Bt, Ct, z))
+        nb = 7 * B * Dm * L * 2 + 4 * B * N * L * 2
+
+        def run(mod):
+            return mod.scan_bwd_cuda(*args, A, Bd, Cd, D, zd, dbias, None, None, None, True, 1, 1, bfloat16)
+
+        def host(g):
+            if g is None:
+                return None
+            a = g.copy_to_host()
+            return a.view(bfloat16).astype(np.float32) if a.dtype == np.uint16 else a.astype(np.float32)
+
+        t_old = tbench(lambda: run(old), 5) if old is not None and L <= 2048 else float("nan")
+        ref = [host(g) for g in run(old)] if old is not None and L <= 2048 else None
+        print(f"L{L} old kernel: {t_old * 1e3:.3f} ms ({nb / t_old / 1e9:.0f} GB/s)", flush=True)
+        names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddb", "dinit")
+        for q, budget in ((4, 56), (4, 30), (4, 100), (8, 56), (8, 100), (2, 30), (16, 100)):
+            new.CONFIG["gpu"] = (32, q)
+            new.SMEM_BUDGET = budget * 1024
+            try:
+                got = run(new)
+                cuda.synchronize()
+                t = tbench(lambda: run(new), 5)
+                diff = ""
+                if ref is not None:
+                    es = []
+                    for n, g, r in zip(names, got, ref):
+                        if r is not None:
+                            gh = host(g)
+                            es.append(f"{n} {float(np.abs(gh - r).max() / max(1e-30, np.abs(r).max())):.1e}")
+                    diff = " | rel diff vs old: " + ", ".join(es)
+                K = new.chunk_len(N, False, 32, new.config(N)[1], True, True)
+                print(f"L{L} new Q{q} K{K} (budget {budget} KB): {t * 1e3:.3f} ms ({nb / t / 1e9:.0f} GB/s, "
+                      f"{100 * nb / t / copy_bw:.1f}% of copy) = {t_old / t:.1f}x old{diff}", flush=True)
+            except Exception as ex:
+                print(f"L{L} new Q{q} budget {budget}: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+        new.CONFIG["gpu"] = (32, 4)
+        new.SMEM_BUDGET = 56 * 1024
+
+
+if __name__ == "__main__":
+    main()
