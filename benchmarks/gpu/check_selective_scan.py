@@ -47,14 +47,15 @@ def inputs(dt, B, Dm, L, N, G, bform, cform):
                 seq_idx=np.sort(rng.integers(0, 3, size=(B, L)), axis=1).astype(np.int32))
 
 
-def backward_checks():
+def backward_checks(shape=None, cases=None):
     """selective_scan_backward on the GPU against the float64 reference: every gradient, all options on (with
     dlast_state), each dtype; B / C forms (time-varying grouped and BNL, time-invariant) and options off."""
-    B, Dm, L, N, G = (1, 6, 7, 3, 2) if SIM else (2, 64, 150, 16, 2)
+    B, Dm, L, N, G = shape or ((1, 6, 7, 3, 2) if SIM else (2, 64, 150, 16, 2))
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinit")
-    cases = [(dt, "grouped", "BNL", "all") for dt in ((np.float32, bfloat16) if SIM else
-                                                        (np.float32, np.float16, bfloat16, np.float64))]
-    cases += [(np.float32, "const", "grouped", "all"), (np.float32, "BNL", "const", "plain")]
+    if cases is None:
+        cases = [(dt, "grouped", "BNL", "all") for dt in ((np.float32, bfloat16) if SIM else
+                                                            (np.float32, np.float16, bfloat16, np.float64))]
+        cases += [(np.float32, "const", "grouped", "all"), (np.float32, "BNL", "const", "plain")]
     for dt, bform, cform, opt in cases:
         kw = inputs(dt, B, Dm, L, N, G, bform, cform)
         if dt == np.float64:  # parameters in float64 too, so every gradient is judged at float64
@@ -75,7 +76,8 @@ def backward_checks():
                 worst, e = f"{n} missing", np.inf
             elif g is not None and err(g, r) > e:
                 worst, e = n, err(g, r)
-        report(f"backward {opt} B:{bform} C:{cform}", dt, e, f"(worst {worst}; {tc:.1f}s incl. compile)")
+        report(f"backward {opt} B:{bform} C:{cform} (B{B} Dm{Dm} L{L} N{N} G{G})", dt, e,
+               f"(worst {worst}; {tc:.1f}s incl. compile)")
 
 
 def correctness():
@@ -454,6 +456,12 @@ def bench():
 if __name__ == "__main__":
     print(f"numba_kernels from {os.path.dirname(nk.__file__)}; simulator={SIM}", flush=True)
     t0 = time.perf_counter()
+    if "--bwd" in sys.argv:  # the backward's checks only, plus odd shapes (N 5: one lane per channel; 20-channel
+        backward_checks()      # blocks; L 77: a partial chunk)
+        backward_checks((2, 40, 77, 5, 2), [(np.float32, "grouped", "grouped", "all"), (bfloat16, "BNL", "BNL", "all")])
+        backward_checks((1, 96, 1, 8, 3), [(np.float32, "grouped", "const", "all")])
+        print("correctness:", "all ok" if not fails else f"FAILED {fails}")
+        sys.exit(1 if fails else 0)
     if "--sweep" in sys.argv:
         rows = sweep()
         print("\n==== summary ====")

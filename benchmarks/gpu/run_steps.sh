@@ -21,6 +21,7 @@ for s in "$@"; do case $s in
   dec_bench) step dec_bench 200 python3 $G/check_decode_attention.py bench --quick ;;
   dec_bench_notpf) step dec_bench_notpf 200 $P "import numba_kernels.cuda.decode_attention as m; m.TC_TILES['gpu'] = (4, 3, 16, False, False, False)" $G/check_decode_attention.py bench --quick ;;
   scan) step scan 300 python3 $G/check_selective_scan.py --quick ;;
+  scan_bwd) step scan_bwd 200 python3 $G/check_selective_scan.py --bwd ;;
   fft_probe) step fft_probe 150 python3 $G/probe_fft_parts.py ;;
   fft_fused) step fft_fused 150 python3 $G/probe_fft_parts.py fused ;;
   fft_fused_check) step fft_fused_check 200 python3 $G/check_fft_fused.py ;;
