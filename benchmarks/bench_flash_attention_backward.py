@@ -6,7 +6,8 @@ The ratios use the larger of the two matmul figures (start and end of the run: t
 while the machine is busy or warming up), so they err on the low side.
 
 "kern ms" columns time the CPU kernels alone on inputs already in their head-major layout (what the public
-functions do after their layout copies), so the difference to "fwd ms" / "bwd ms" is the wrappers' cost.
+functions do after packing q/k/v/dout; the outputs are written in the caller's (S, H, D) layout either way), so
+the difference to "fwd ms" / "bwd ms" is the wrappers' cost.
 
     python benchmarks/bench_flash_attention_backward.py [--lengths 512 1024 2048 4096] [--repeats 3]
 """
@@ -54,12 +55,12 @@ def kernel_times(q, k, v, do, out, lse, causal, repeats):
     bplan = cpu_bwd.plan_blocks(cu, cu, left, right)
 
     def fwd():
-        o, ls = np.empty_like(qh), np.empty(H * S, np.float32)
+        o, ls = np.empty_like(q[0]), np.empty(H * S, np.float32)  # out (S, H, D)
         cpu_fwd.flash_fwd_cpu(qh, kh, vh, cu, cu, *fplan, o, ls, 0, S, cpu_fwd.make_consts(np.float32, scale, 0, 0),
                               left, right, none, 0.0, seed, thresh, cpu_fwd.BLOCK_K)
 
     def bwd():
-        dq, dk, dv = np.zeros_like(qh), np.zeros_like(kh), np.zeros_like(vh)
+        dq, dk, dv = np.zeros_like(q[0]), np.zeros_like(k[0]), np.zeros_like(v[0])  # (S, H, D)
         cpu_bwd.flash_bwd_cpu(qh, kh, vh, doh, lse2, di, cu, cu, *bplan, dq, dk, dv,
                               cpu_bwd.make_consts(np.float32, scale, 0, 0), left, right, none, 0.0, seed, thresh)
 

@@ -116,10 +116,10 @@ def _run_cpu(q, k, v, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, sl
     from numba_kernels.cpu._blas import single_threaded_blas
 
     cdt = dsp.compute_dtype(dt)
-    # head-major packed tiles: (H, T, D); one copy, and float16/bfloat16 widen to float32 here
-    qh, kh, vh = (np.ascontiguousarray(np.transpose(dsp.to_host(x), (1, 0, 2)), dtype=cdt) for x in (q, k, v))
-    H, Tq, D = qh.shape
-    out = np.empty((H, Tq, D), dtype=cdt)
+    q, k, v = (dsp.to_host(x) for x in (q, k, v))
+    Tq, H, D = q.shape
+    qh, kh, vh = cpu.pack_heads((q, k, v), cdt)  # head-major (H, T, D) in the compute dtype, a reused scratch buffer
+    out = np.empty((Tq, H, D), dtype=cdt)  # the caller's layout: the kernel writes it row by row, no copy back
     lse = np.empty(H * Tq, dtype=np.float32)
     lse_a, lse_c = _lse_coeffs(H, Tq, batched_sq)
     seqs, rows = cpu.plan_blocks(cu_q, left >= 0 or right >= 0)
@@ -127,8 +127,9 @@ def _run_cpu(q, k, v, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, sl
     sl = np.zeros((0, 0), dtype=cdt) if slopes is None else slopes.astype(cdt)
     with single_threaded_blas():
         cpu.flash_fwd_cpu(qh, kh, vh, cu_q.astype(np.int64), cu_k.astype(np.int64), seqs, rows, out, lse, lse_a,
-                          lse_c, consts, left, right, sl, dropout_p, np.uint64(seed), keep_threshold(dropout_p), cpu.BLOCK_K)
-    return np.ascontiguousarray(np.transpose(out, (1, 0, 2)), dtype=dt), lse
+                          lse_c, consts, left, right, sl, dropout_p, np.uint64(seed), keep_threshold(dropout_p),
+                          cpu.BLOCK_K)
+    return out.astype(dt, copy=False), lse
 
 
 def _finish(out, lse, dt, on_device, return_lse, drawn_seed):

@@ -49,26 +49,30 @@ def _run_bwd(dout, q, k, v, out, lse, cu_q, cu_k, dt, backend, scale, left, righ
             dout, q, k, v, out, lse, cu_q, cu_k, causal=False, softmax_scale=scale, window_size=(left, right),
             softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p, seed=seed)
         return tuple(g.astype(dt) for g in grads)
-    from numba_kernels.cpu import flash_attention_backward as cpu
+    from numba_kernels.cpu import flash_attention as cpu_fwd, flash_attention_backward as cpu
     from numba_kernels.cpu._blas import single_threaded_blas
     from numba_kernels.cpu._math import LOG2E
 
     cdt = dsp.compute_dtype(dt)
-    # head-major packed tiles (H, T, D) in the compute dtype: one copy each, fp16/bf16 widen here
-    qh, kh, vh, doh = (np.ascontiguousarray(np.transpose(x, (1, 0, 2)), dtype=cdt) for x in (q, k, v, dout))
-    di = np.ascontiguousarray(np.einsum("thd,thd->ht", dout.astype(cdt), out.astype(cdt)))  # (H, Tq)
+    (Tq, H, D), (Tk, Hk) = q.shape, k.shape[:2]
+    # head-major packed tiles (H, T, D) in the compute dtype (fp16/bf16 widen here), in a reused scratch buffer
+    qh, kh, vh, doh = cpu_fwd.pack_heads((q, k, v, dout), cdt)
+    # D_i = rowsum(dO * O), (H, Tq); no copies when dout/out already are contiguous in the compute dtype
+    di = np.ascontiguousarray(np.einsum("thd,thd->ht", np.ascontiguousarray(dout, dtype=cdt),
+                                        np.ascontiguousarray(out, dtype=cdt)))
     lse = np.asarray(lse, dtype=np.float64)
     lse2 = np.ascontiguousarray(np.where(np.isfinite(lse), lse * LOG2E, np.inf), dtype=cdt)  # (H, Tq); +inf: P = 0
-    dq = np.zeros(qh.shape, dtype=cdt)
-    dk = np.zeros(kh.shape, dtype=cdt)
-    dv = np.zeros(vh.shape, dtype=cdt)
+    # gradients in the caller's layout (T, H, D): the kernels write them row by row, no copy back
+    dq = np.zeros((Tq, H, D), dtype=cdt)
+    dk = np.zeros((Tk, Hk, D), dtype=cdt)
+    dv = np.zeros((Tk, Hk, D), dtype=cdt)
     plan = cpu.plan_blocks(cu_q, cu_k, left, right)
     consts = cpu.make_consts(cdt, scale, softcap, dropout_p)
     sl = np.zeros((0, 0), dtype=cdt) if slopes is None else slopes.astype(cdt)
     with single_threaded_blas():
         cpu.flash_bwd_cpu(qh, kh, vh, doh, lse2, di, cu_q.astype(np.int64), cu_k.astype(np.int64), *plan, dq, dk, dv,
                           consts, left, right, sl, dropout_p, np.uint64(seed), keep_threshold(dropout_p))
-    return tuple(np.ascontiguousarray(np.transpose(g, (1, 0, 2)), dtype=dt) for g in (dq, dk, dv))
+    return tuple(g.astype(dt, copy=False) for g in (dq, dk, dv))
 
 
 def _run_cuda(dout, q, k, v, out, lse, cu_q, cu_k, dt, scale, left, right, softcap, dropout_p, slopes, seed, lse_a,

@@ -8,9 +8,12 @@ vectorized passes per row in log2 units (max; exp2 + sum), which costs ~15% on t
 Large tiles matter: D = 64 is a short inner dimension, and the BLAS rate falls off below ~256 x 512.
 See benchmarks/bench_cpu_tuning_notes.md for what was measured.
 
-Layout here is head-major and packed: q (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens,
-so batched and varlen calls share one kernel.
+Layout here is packed, with cu_seqlens, so batched and varlen calls share one kernel: the inputs head-major
+(q (H, total_q, D), k/v (Hk, total_k, D): contiguous tiles for BLAS), the output in the caller's layout
+(total_q, H, D), each row written where it belongs (no copy back).
 """
+import threading
+
 import numba
 import numpy as np
 from numba import prange
@@ -190,7 +193,7 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
     lse0 = qs * lse_a + h * lse_c + i0
     for r in range(m):
         lr = lrow[r]
-        o = out[h, qs + i0 + r]
+        o = out[qs + i0 + r, h]
         if lr > 0:
             inv = one / lr
             lse[lse0 + r] = (mrow[r] + np.log2(lr)) * LN2
@@ -246,10 +249,90 @@ def run_parallel(drain, region, ntask, flops, args):
         run_tasks(drain, ntask, args, nthreads)
 
 
+#: scratch buffers of at most this many bytes are kept (per thread and slot) and reused by the next call: on the
+#: 2-core benchmark VM fresh pages cost ~0.5-1 ms per MiB (first touch), more than the copies into them (S 512 H8
+#: D64 backward: 4 MiB of packed q/k/v/dout, 2 MiB of dQ shares); larger ones are allocated per call, where the
+#: O(S^2) work hides them. At most 2 slots ("pack", "dqp") per dtype and thread are kept
+SCRATCH_KEEP_BYTES = 16 << 20
+
+_scratch = threading.local()
+
+
+def scratch(slot, n, dtype):
+    """A 1-D array of ``n`` elements of ``dtype`` for temporaries of one call (contents undefined). Up to
+    ``SCRATCH_KEEP_BYTES`` it is a view of this thread's buffer for ``slot`` (grown as needed, reused by the next
+    call that asks for the slot on this thread), so two arrays that live at the same time need two slots and
+    nothing handed to the caller may come from here."""
+    dtype = np.dtype(dtype)
+    if n * dtype.itemsize > SCRATCH_KEEP_BYTES:
+        return np.empty(n, dtype=dtype)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.shape[0] < n:
+        buf = bufs[slot, dtype] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+@njit(inline="always")
+def _pack_head(x, xh, h):
+    for t in range(x.shape[0]):
+        src = x[t, h]
+        dst = xh[h, t]
+        for d in range(src.shape[0]):
+            dst[d] = src[d]
+
+
+@njit
+def _pack_drain(counter, ntask, a, b, c, d, ah, bh, ch, dh):
+    """Task t copies one head of a, b, c, d (in that order; (T, H, D) -> ah.. (H, T, D)) until none is left."""
+    na, nb, nc = a.shape[1], b.shape[1], c.shape[1]
+    t = atomic_fetch_add(counter, 0, 1)
+    while t < ntask:
+        if t < na:
+            _pack_head(a, ah, t)
+        elif t < na + nb:
+            _pack_head(b, bh, t - na)
+        elif t < na + nb + nc:
+            _pack_head(c, ch, t - na - nb)
+        else:
+            _pack_head(d, dh, t - na - nb - nc)
+        atomic_fetch_add(counter, 1, 1)
+        t = atomic_fetch_add(counter, 0, 1)
+
+
+#: packs of at least this many bytes are copied by the calling thread plus helper threads (``_tasks.run_tasks``)
+PACK_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def pack_heads(xs, dtype):
+    """Head-major copies (H, T, D) in ``dtype`` of the 2 to 4 host arrays ``xs`` (each (T, H, D)), from one scratch
+    buffer (slot "pack"): valid until the next call that packs on this thread. One task per head (several
+    threads) when they are large and already in ``dtype`` (float32/float64), else NumPy copies (these also widen
+    float16/bfloat16)."""
+    dtype = np.dtype(dtype)
+    ws = scratch("pack", sum(x.size for x in xs), dtype)
+    out, o = [], 0
+    for x in xs:
+        T, H, D = x.shape
+        out.append(ws[o: o + x.size].reshape((H, T, D)))
+        o += x.size
+    nthreads = numba.get_num_threads()
+    if ws.nbytes >= PACK_PARALLEL_MIN_BYTES and nthreads > 1 and all(x.dtype == dtype for x in xs):
+        pad = 4 - len(xs)  # the unused slots repeat the first array; no task reaches them
+        run_tasks(_pack_drain, sum(x.shape[1] for x in xs), tuple(xs) + (xs[0],) * pad + tuple(out) + (out[0],) * pad,
+                  nthreads)
+    else:
+        for x, xh in zip(xs, out):
+            np.copyto(xh, np.transpose(x, (1, 0, 2)), casting="unsafe")
+    return out
+
+
 def flash_fwd_cpu(q, k, v, cu_q, cu_k, blk_seq, blk_row, out, lse, lse_a, lse_c, consts, left, right, slopes,
                   dropout_p, seed, thresh, block_k):
-    """q (H, Tq, D), k/v (Hk, Tk, D) contiguous; out (H, Tq, D); lse flat float32, row i of sequence b
-    and head h at ``cu_q[b] * lse_a + h * lse_c + i``.
+    """q (H, Tq, D), k/v (Hk, Tk, D) contiguous (head-major); out (Tq, H, D) contiguous (the caller's layout,
+    written row by row); lse flat float32, row i of sequence b and head h at ``cu_q[b] * lse_a + h * lse_c + i``.
 
     blk_seq/blk_row (nblk,) list the query blocks (sequence, first row); consts from make_consts;
     slopes (B, H) in the compute dtype, or shape (0, 0) for no ALiBi; seed and thresh uint64 (dropout);

@@ -23,7 +23,8 @@ on contiguous tiles; keep BLAS single-threaded, see ``_blas``). Tasks are pulled
 heaviest first, in one parallel region (short calls) or on the calling thread plus helper threads, as in the
 forward (``flash_attention.run_parallel``).
 
-Layout: head-major and packed, q/dout (H, total_q, D), k/v (Hk, total_k, D) with cu_seqlens.
+Layout: packed with cu_seqlens; the inputs head-major, q/dout (H, total_q, D), k/v (Hk, total_k, D), the
+gradients in the caller's layout, dq (total_q, H, D), dk/dv (total_k, Hk, D).
 """
 import numpy as np
 from numba import prange
@@ -32,7 +33,7 @@ from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels._jit import njit, njit_parallel
 from numba_kernels.cpu._math import LOG2E, atomic_fetch_add, exp2_fast
-from numba_kernels.cpu.flash_attention import _fill, _key_range, _row_span, run_parallel
+from numba_kernels.cpu.flash_attention import _fill, _key_range, _row_span, run_parallel, scratch
 
 BLOCK_KV = 256  # key rows per dK/dV task
 BLOCK_Q = 256  # query rows per dQ task, and query chunk of a dK/dV task
@@ -229,9 +230,11 @@ def _dkdv_task(q, k, v, do, lse2, di, cu_q, cu_k, b, hk, group, j0, dk, dv, dqp,
                     np.dot(dp, ks_, dqp[jb, h - hq0, qs + a: qs + a + mm])
     scale = consts[C_SCALE]
     for r in range(n):
+        ok = dk[ks + j0 + r, hk]
+        ov = dv[ks + j0 + r, hk]
         for d in range(D):
-            dk[hk, ks + j0 + r, d] = acc_k[r, d] * scale
-            dv[hk, ks + j0 + r, d] = acc_v[r, d]
+            ok[d] = acc_k[r, d] * scale
+            ov[d] = acc_v[r, d]
 
 
 @njit
@@ -289,8 +292,9 @@ def _dq_task(q, k, v, do, lse2, di, cu_q, cu_k, b, h, hk, i0, dq, consts, left, 
             _add(acc[a: a + mm], t)
     scale = consts[C_SCALE]
     for r in range(m):
+        o = dq[qs + i0 + r, h]
         for d in range(D):
-            dq[h, qs + i0 + r, d] = acc[r, d] * scale
+            o[d] = acc[r, d] * scale
 
 
 @njit
@@ -307,7 +311,7 @@ def _dq_sum_task(dqp, hq0, cu_q, cu_k, h, b, i0, dq, consts, left, right):
         lo, hi = _key_range(i, i + 1, Sq, Sk, left, right)
         if hi <= lo:  # a fully masked row: dq stays 0
             continue
-        o = dq[h, qs + i]
+        o = dq[qs + i, h]
         src = dqp[lo // BLOCK_KV, h - hq0, qs + i]
         for d in range(D):
             o[d] = src[d]
@@ -398,8 +402,8 @@ DQ_SHARES_MAX_BYTES = 64 << 20
 def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_row, dq, dk, dv, consts, left, right,
                   slopes, dropout_p, seed, thresh):
     """Both passes. q/do (H, Tq, D), k/v (Hk, Tk, D) contiguous in the compute dtype; lse2 (H, Tq): the
-    LSE times log2(e) (+inf for fully masked rows); di (H, Tq) = rowsum(dO * O); dq (H, Tq, D),
-    dk/dv (Hk, Tk, D) outputs (zero-filled: rows no task visits stay 0).
+    LSE times log2(e) (+inf for fully masked rows); di (H, Tq) = rowsum(dO * O); dq (Tq, H, D),
+    dk/dv (Tk, Hk, D) contiguous outputs in the caller's layout (zero-filled: rows no task visits stay 0).
 
     kv_seq/kv_row list the key blocks (sequence, first key), q_seq/q_row the query blocks (both from
     :func:`plan_blocks`, heaviest first); consts from :func:`make_consts`; slopes (B, H) in the compute
@@ -423,7 +427,7 @@ def flash_bwd_cpu(q, k, v, do, lse2, di, cu_q, cu_k, kv_seq, kv_row, q_seq, q_ro
         return
     ngroups = -(-Hk // min(Hk, DQ_SHARES_MAX_BYTES // per_kv_head))  # as few k/v head groups as fit,
     step = -(-Hk // ngroups)  # of near-equal size
-    buf = np.empty(nkb * step * group * Tq * D, dtype=q.dtype)
+    buf = scratch("dqp", nkb * step * group * Tq * D, q.dtype)  # every slot is written before it is read
     for hk0 in range(0, Hk, step):
         hk1 = min(Hk, hk0 + step)
         nh = (hk1 - hk0) * group
