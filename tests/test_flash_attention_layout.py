@@ -87,10 +87,10 @@ def test_scratch_reuse_keeps_bits_and_never_reaches_the_caller(rng, monkeypatch)
 
 
 def test_concurrent_calls_from_two_threads(rng):
-    """Scratch buffers are per thread: two threads calling forward and backward at once get the serial results.
-    Not bitwise: concurrent calls already differed from serial ones in the last bits (up to ~1e-6) with the
-    previous per-call copies (cause not pinned down; the process-wide BLAS thread limit is one candidate), so
-    this checks that no call reads another's scratch (that would be far off), not the bits."""
+    """Scratch buffers are per thread, the calling threads' own OpenBLAS counts are limited too and a shared limit
+    is only restored by the last block to end (``cpu._blas``): two threads calling forward and backward at once
+    get the serial (main-thread) results bit for bit. Before, calls from another thread ran two-threaded gemms
+    (a limit set from a non-main thread does not reach its own calls) and differed in the last bits."""
     cases = [_inputs(rng, np.float32, 1, 400, 400, 4, 2, 64), _inputs(rng, np.float32, 2, 200, 260, 4, 4, 48)]
     serial = [_fwd_bwd(*c, causal=True) for c in cases]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(cases)) as ex:  # .result() re-raises
@@ -99,4 +99,36 @@ def test_concurrent_calls_from_two_threads(rng):
     for i, ref in enumerate(serial):
         for res in got[i]:
             for a, b in zip(ref, res):
-                assert max_err(b, a) < TOL[np.dtype(np.float32)]
+                assert a.tobytes() == b.tobytes()
+
+
+def test_single_threaded_blas_reaches_a_worker_thread():
+    """Inside ``single_threaded_blas`` on a thread other than the main one, OpenBLAS runs one thread for that
+    thread's own calls (same gemm bits as on the main thread), and the count is restored afterwards."""
+    import numba
+
+    from numba_kernels.cpu import _blas
+
+    @numba.njit(nogil=True)
+    def dot(a, b):
+        return np.dot(a, b)
+
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((256, 64)).astype(np.float32), g.standard_normal((64, 256)).astype(np.float32)
+    with _blas.single_threaded_blas():
+        main = dot(a, b)
+    res = {}
+
+    def work():
+        before = [i["num_threads"] for i in _blas._get_controller().info()]
+        with _blas.single_threaded_blas():
+            res["inside"] = [i["num_threads"] for i in _blas._get_controller().info()]
+            res["dot"] = dot(a, b)
+        res["before"], res["after"] = before, [i["num_threads"] for i in _blas._get_controller().info()]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as ex:
+        ex.submit(work).result()
+    assert res["dot"].tobytes() == main.tobytes()
+    if _blas._local_setters():
+        assert set(res["inside"]) == {1}
+    assert res["after"] == res["before"]

@@ -4,10 +4,22 @@
 OpenBLAS, a different library from NumPy's). threadpoolctl only sees libraries that are loaded when
 the controller is built, so that module is imported first: otherwise the limit misses the very BLAS
 the kernels use, and every task's gemm spawns BLAS threads on top of the prange threads.
+
+OpenBLAS >= 0.3.27 keeps a per-thread thread count: a limit set from a thread other than the main one
+(threadpoolctl calls ``openblas_set_num_threads``) does not reach that thread's own calls, which then ran
+two-threaded gemms (oversubscribed, and other bits than the same call from the main thread). So the block also
+sets the calling thread's own count (``openblas_set_num_threads_local``), and the task runner's helper threads,
+which only run kernel tasks, are pinned to one BLAS thread when they start (``pin_thread``).
 """
 import contextlib
+import ctypes
+import threading
 
 _controller = None
+_setters = None
+_lock = threading.Lock()
+_active = 0  # blocks running now (all threads)
+_limiter = None
 
 
 def _get_controller():
@@ -20,8 +32,52 @@ def _get_controller():
     return _controller
 
 
+def _local_setters():
+    """``openblas_set_num_threads_local`` of every loaded OpenBLAS that has it (OpenBLAS >= 0.3.27)."""
+    global _setters
+    if _setters is None:
+        fns = []
+        for info in _get_controller().info():
+            if info.get("internal_api") != "openblas":
+                continue
+            try:
+                fn = ctypes.CDLL(info["filepath"]).openblas_set_num_threads_local
+            except (OSError, AttributeError):
+                continue
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_int]
+            fns.append(fn)
+        _setters = fns
+    return _setters
+
+
+def pin_thread():
+    """Make this thread's OpenBLAS calls single-threaded for good (threads that only run kernel tasks)."""
+    for fn in _local_setters():
+        fn(1)
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Limit every loaded BLAS (NumPy's and scipy's) to one thread for the duration of the block."""
-    with _get_controller().limit(limits=1):
+    """Limit every loaded BLAS (NumPy's and scipy's) to one thread for the duration of the block, this thread's
+    own OpenBLAS count included. Blocks on several threads at once share the limit: it is restored when the last
+    of them ends (restoring a count while another thread's call runs changed that call's gemms), so a thread
+    whose block ended while another was running keeps single-threaded OpenBLAS until a later block of its own
+    ends alone."""
+    global _active, _limiter
+    setters = _local_setters()
+    with _lock:
+        if _active == 0:
+            _limiter = _get_controller().limit(limits=1)
+        _active += 1
+        prev = [fn(1) for fn in setters]
+    try:
         yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                for fn, p in zip(setters, prev):
+                    fn(p)
+                _limiter.restore_original_limits()
+                _limiter = None

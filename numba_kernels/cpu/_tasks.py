@@ -28,8 +28,10 @@ def executor():
     global _pool
     with _lock:
         if _pool is None:
+            from numba_kernels.cpu._blas import pin_thread  # kernel tasks call BLAS single-threaded
+
             _pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
-                                                          thread_name_prefix="nk_tasks")
+                                                          thread_name_prefix="nk_tasks", initializer=pin_thread)
         return _pool
 
 

@@ -240,10 +240,13 @@ PARALLEL_REGION_MAX_FLOPS = 1 << 27
 
 
 def run_parallel(drain, region, ntask, flops, args):
-    """Run ``ntask`` tasks through the parallel-region kernel ``region(*args)`` (short calls, one thread) or
-    ``_tasks.run_tasks(drain, ntask, args)`` (longer calls); ``flops`` sizes the call."""
+    """Run ``ntask`` tasks through the parallel-region kernel ``region(*args)`` (short calls, or one thread) or
+    ``_tasks.run_tasks(drain, ntask, args)`` (longer calls, and every call from a thread other than the main
+    one: the region's worker threads would run their gemms with the process-wide OpenBLAS thread count, which a
+    limit set from such a thread does not change, see ``_blas``); ``flops`` sizes the call."""
     nthreads = numba.get_num_threads()
-    if flops < PARALLEL_REGION_MAX_FLOPS or nthreads == 1 or ntask < 2:
+    short = flops < PARALLEL_REGION_MAX_FLOPS and threading.current_thread() is threading.main_thread()
+    if short or nthreads == 1 or ntask < 2:
         region(*args)
     else:
         run_tasks(drain, ntask, args, nthreads)
