@@ -132,3 +132,34 @@ def test_single_threaded_blas_reaches_a_worker_thread():
     if _blas._local_setters():
         assert set(res["inside"]) == {1}
     assert res["after"] == res["before"]
+
+
+def test_overlapping_blas_limits_are_restored():
+    """A main-thread block that ends while a worker's block runs leaves the counts to the last one out: nothing is
+    restored under the running call, and the main thread's next block that ends alone restores them all."""
+    import threading
+
+    from numba_kernels.cpu import _blas
+
+    def counts():
+        return [i["num_threads"] for i in _blas._get_controller().info()]
+
+    before = counts()
+    inside, release = threading.Event(), threading.Event()
+
+    def work():
+        with _blas.single_threaded_blas():
+            inside.set()
+            release.wait(30)
+
+    cm = _blas.single_threaded_blas()
+    cm.__enter__()
+    t = threading.Thread(target=work)
+    t.start()
+    assert inside.wait(30)
+    cm.__exit__(None, None, None)  # the main thread's block ends first: the worker's call must keep its limit
+    release.set()
+    t.join()
+    with _blas.single_threaded_blas():
+        pass
+    assert counts() == before

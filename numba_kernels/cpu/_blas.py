@@ -19,7 +19,8 @@ _controller = None
 _setters = None
 _lock = threading.Lock()
 _active = 0  # blocks running now (all threads)
-_limiter = None
+_limiter = None  # the process-wide limit, set and restored from the main thread
+_tl = threading.local()  # .orig: this thread's own counts before its first unrestored block
 
 
 def _get_controller():
@@ -59,25 +60,32 @@ def pin_thread():
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Limit every loaded BLAS (NumPy's and scipy's) to one thread for the duration of the block, this thread's
-    own OpenBLAS count included. Blocks on several threads at once share the limit: it is restored when the last
-    of them ends (restoring a count while another thread's call runs changed that call's gemms), so a thread
-    whose block ended while another was running keeps single-threaded OpenBLAS until a later block of its own
-    ends alone."""
+    """Limit BLAS to one thread for the duration of the block: this thread's own OpenBLAS count, and (from the
+    main thread) the process-wide count of every loaded BLAS, which numba's parallel-region threads follow.
+
+    Counts are only restored when no block is running on any thread (restoring one while another thread's call
+    ran changed that call's gemms). A thread whose block ended while another was running restores its own count
+    when a later block of its own ends alone; the process-wide count can only be changed from the main thread,
+    so it is restored when a main-thread block ends alone. Until then that thread's BLAS stays single-threaded."""
     global _active, _limiter
     setters = _local_setters()
+    main = threading.current_thread() is threading.main_thread()
     with _lock:
-        if _active == 0:
+        if main and _limiter is None:
             _limiter = _get_controller().limit(limits=1)
         _active += 1
         prev = [fn(1) for fn in setters]
+        if getattr(_tl, "orig", None) is None:
+            _tl.orig = prev
     try:
         yield
     finally:
         with _lock:
             _active -= 1
             if _active == 0:
-                for fn, p in zip(setters, prev):
+                for fn, p in zip(setters, _tl.orig):
                     fn(p)
-                _limiter.restore_original_limits()
-                _limiter = None
+                _tl.orig = None
+                if main and _limiter is not None:
+                    _limiter.restore_original_limits()
+                    _limiter = None
