@@ -9,7 +9,9 @@
   seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced.
 * Recomputation: a forward pass over the chunks writes the state entering every chunk to a global scratch
   (B, L / K, N, Dm); the reverse pass takes the chunks from the end, recomputes the chunk's K + 1 states into
-  shared memory ([j][i][thread]: no bank conflicts) and walks them backwards.
+  shared memory (rows [j][i] of one word per thread plus a pad word: conflict-free for the walk and for the
+  sums over channels) and walks them backwards. The walk's per-step chain (shared loads, shuffles, the lane-0
+  epilogue) bounds the kernel: 8.9 ms at bf16 B8 Dm1536 N16 L2048 on the H200, ~1% of copy bandwidth.
 * Time-varying dC (sum over the block's channels of g_t h_t) is one pass over the recomputed states before the
   walk; time-varying dB (sum of dh_t dt_t u_t) reuses the state slot of step t, free once step t is walked, and
   is summed after the walk: per (b, block) partials (B, nblk, N, L) that a second kernel adds over the blocks of
