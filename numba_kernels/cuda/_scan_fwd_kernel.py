@@ -109,6 +109,16 @@ def _codecs(kind):
     return dec, enc
 
 
+@dev
+def channel_params(sf, prm, nc, nt, tid, d0, nch, dbias, Dv, zero):
+    """sf[prm + i] = delta_bias, sf[prm + nc + i] = D of channel d0 + i (i < nc; channels past nch repeat the last
+    one), loaded by the block's nt threads (the forward and the backward kernel's shared PRM rows)."""
+    for i in range(tid, nc, nt):
+        dd = d0 + min(i, nch - 1)
+        sf[prm + i] = dbias[dd] if dbias.shape[0] > 0 else zero
+        sf[prm + nc + i] = Dv[dd] if Dv.shape[0] > 0 else zero
+
+
 @functools.lru_cache(maxsize=None)
 def _math(f64, FG):
     """(exp of a pre-scaled argument, the scale, polynomial exp2, softplus, silu) in the compute type."""
@@ -267,10 +277,7 @@ def make_kernel(kind, N, NC, Q, TL, VB, VC, SEQ, PM=0, FG=False):
         crw = 0
         if VC:
             crw = (b * GC + d0 // (Dm // GC)) * N * Lp
-        for i in range(tid, NC, NT):  # per-channel bias and D
-            dd = d0 + min(i, nch - 1)
-            sf[PRM + i] = dbias[dd] if dbias.shape[0] > 0 else ZERO
-            sf[PRM + NC + i] = Dv[dd] if Dv.shape[0] > 0 else ZERO
+        channel_params(sf, PRM, NC, NT, tid, d0, nch, dbias, Dv, ZERO)  # per-channel bias and D
         for i in range(NQ):
             n = q * NQ + i
             h[i] = init[b, d, n] if init.shape[0] > 0 else ZERO

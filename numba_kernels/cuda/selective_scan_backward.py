@@ -30,6 +30,7 @@ from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
+from numba_kernels.cuda._scan_fwd_kernel import channel_params
 from numba_kernels.cuda._selective_scan_fwd import SOFTPLUS_THRESHOLD, _fast_fns, _sigmoid_fn
 from numba_kernels.cuda.selective_scan import _bc
 
@@ -108,6 +109,32 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
             v += intr.shfl_xor(v, m)
             m *= 2
         return v
+
+    @cuda.jit(device=True, inline=True)
+    def scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, keep):
+        """Advance this lane's states h over the staged chunk's tl steps; ``keep``: store each step's states in
+        HS row j + 1 (the recomputation) too."""
+        for j in range(tl):
+            if SEQ:
+                if ri[RSW + j] != 0:
+                    for i in range(NQ):
+                        h[i] = ZERO
+            dt = sf[DT + crow + j]
+            dtu = dt * sf[U + crow + j]
+            for i in range(NQ):
+                bn = sf[BS + j * N + q * NQ + i] if VB else bl[i]
+                h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
+                if keep:
+                    sf[HS + ((j + 1) * NQ + i) * NTP + tid] = h[i]
+
+    @cuda.jit(device=True, inline=True)
+    def sum_slot(idx):
+        """(state n, step j, HS offset of channel 0's value of step j + 1) summed by channel-sum thread idx:
+        consecutive idx take consecutive HS rows of one lane group, so their loads hit distinct banks."""
+        qq = idx // (NQ * K)
+        rr = idx - qq * (NQ * K)
+        j = rr // NQ
+        return qq * NQ + rr - j * NQ, j, HS + (NQ + rr) * NTP + qq
 
     @cuda.jit(device=True, inline=True)
     def stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, full, b, d0, nch, gb, gc, t0, tl, L, tid,
@@ -192,10 +219,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
         gc = 0
         if VC:
             gc = d0 // (Dm // cvar.shape[1])
-        for i in range(tid, NC, NT):
-            dd = d0 + min(i, nch - 1)
-            sf[PRM + i] = dbias[dd] if dbias.shape[0] > 0 else ZERO
-            sf[PRM + NC + i] = Dv[dd] if Dv.shape[0] > 0 else ZERO
+        channel_params(sf, PRM, NC, NT, tid, d0, nch, dbias, Dv, ZERO)
         for i in range(NQ):
             n = q * NQ + i
             h[i] = init[b, d, n] if init.shape[0] > 0 else ZERO
@@ -220,16 +244,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
             if act:
                 for i in range(NQ):
                     ck[b, cc, q * NQ + i, d] = h[i]
-            for j in range(tl):
-                if SEQ:
-                    if ri[RSW + j] != 0:
-                        for i in range(NQ):
-                            h[i] = ZERO
-                dt = sf[DT + crow + j]
-                dtu = dt * sf[U + crow + j]
-                for i in range(NQ):
-                    bn = sf[BS + j * N + q * NQ + i] if VB else bl[i]
-                    h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
+            scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, False)
             cuda.syncthreads()
         Dd = sf[PRM + NC + cr]
         sD = ZERO
@@ -244,26 +259,12 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
                 h[i] = ck[b, cc, q * NQ + i, d]
                 sf[HS + i * NTP + tid] = h[i]
             cuda.syncthreads()
-            for j in range(tl):  # recompute the chunk's states
-                if SEQ:
-                    if ri[RSW + j] != 0:
-                        for i in range(NQ):
-                            h[i] = ZERO
-                dt = sf[DT + crow + j]
-                dtu = dt * sf[U + crow + j]
-                for i in range(NQ):
-                    bn = sf[BS + j * N + q * NQ + i] if VB else bl[i]
-                    h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
-                    sf[HS + ((j + 1) * NQ + i) * NTP + tid] = h[i]
+            scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, True)  # recompute the chunk's states
             if VC:  # dC[t, n] = sum over the channels of g_t h_t[n]
                 cuda.syncthreads()
                 for idx in range(tid, NK, NT):  # consecutive threads: consecutive state rows (distinct banks)
-                    qq = idx // (NQ * K)
-                    rr = idx - qq * (NQ * K)
-                    j = rr // NQ
-                    n = qq * NQ + rr - j * NQ
+                    n, j, hb = sum_slot(idx)
                     if j < tl:
-                        hb = HS + (NQ + rr) * NTP + qq
                         acc = ZERO
                         for c2 in range(nch):
                             acc += sf[GG + c2 * KP + j] * sf[hb + c2 * Q]
@@ -322,12 +323,8 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
             cuda.syncthreads()
             if VB:  # dB[t, n] = sum over the channels of dh_t[n] dt_t u_t
                 for idx in range(tid, NK, NT):
-                    qq = idx // (NQ * K)
-                    rr = idx - qq * (NQ * K)
-                    j = rr // NQ
-                    n = qq * NQ + rr - j * NQ
+                    n, j, hb = sum_slot(idx)
                     if j < tl:
-                        hb = HS + (NQ + rr) * NTP + qq
                         acc = ZERO
                         for c2 in range(nch):
                             acc += sf[hb + c2 * Q]
