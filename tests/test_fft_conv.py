@@ -293,7 +293,8 @@ def test_sim_forward_backward(rng, monkeypatch, mode, L, Lk, dt, fused):
 
 FUSED_SIM = [("causal", 3, 37, 20, np.float32, True), ("causal", 2, 33, 3, np.float16, False),
              ("same", 1, 16, 16, bfloat16, True), ("full", 3, 5, 9, np.float32, True),
-             ("causal", 2, 1, 1, np.float32, False)]
+             ("causal", 2, 1, 1, np.float32, False),
+             ("causal", 1, 200, 200, np.float32, True)]  # N 512: three register passes (an inner one with lo > 0)
 
 
 @pytest.mark.sim

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.ptx
 # the kernel names, fixed here so collection needs no numba-cuda target
 NAMES = [f"{k}_{kind}" for kind in ("f32", "f64", "f16", "bf16") for k in ("pad", "crop", "dbias", "pad_blocks", "ola_crop")] + \
         [f"{k}_{kind}" for kind in ("f32", "f64") for k in ("cmul", "conj_sum", "cmul_blocks")] + \
-        ["fused_f32_N512", "fused_bf16_N2048", "fused_f16_N1024", "fused_expand"]
+        ["fused_f32_N512", "fused_bf16_N2048", "fused_f16_N1024", "fused_f32_N2048_plain", "fused_expand"]
 
 
 def _configs():
@@ -32,6 +32,8 @@ def test_fft_conv_kernel_compiles_for_sm90(name):
     assert ".entry" in ptx
     if name.startswith("dbias") or name.startswith("fused_f"):
         assert "bar.sync" in ptx, "the block reduction / the FFT stages must synchronize"
+    if name.startswith("fused_f"):  # the register passes stay in registers (straight-line stage code)
+        assert ".local" not in ptx, f"{name}: local memory"
 
 
 LTO_KINDS = ("f32", "f64", "f16", "bf16")

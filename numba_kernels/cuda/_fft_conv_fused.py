@@ -94,13 +94,15 @@ def _pad(i):
 
 
 @functools.lru_cache(maxsize=None)
-def make_fused_kernel(kind, LOGN, NT, RMAX):
+def make_fused_kernel(kind, LOGN, NT, RMAX, opts=(True, True, True)):
     """The fused conv for element kind ``kind`` ("f16" | "bf16" | "f32"), FFT size 2^LOGN, NT threads.
 
     kernel(u (B, H, L), pre (B, H, L) | empty, post (B, H, Lout) | empty, bias (H,) float32 | empty,
     Kp (H, 2N) float32 (``make_expand_kernel``), tw (N,) float32 (``twiddles``), out (B, H, Lout), start):
     out[b, h, t] = (conv(u * pre, k)[(t + start) mod N] + bias[h] u[b, h, t] pre[b, h, t] (t < L)) * post[b, h, t].
-    Grid (ceil(B / 2), H); dynamic shared memory ``smem_bytes(N)``.
+    Grid (ceil(B / 2), H); dynamic shared memory ``smem_bytes(N)``. ``opts`` = (bias, pregate, postgate) may be
+    given: an option marked False is compiled out (its array must then be empty), one marked True is used when
+    its array is not empty.
 
     Each pass holds R = 2^r elements per thread in registers and runs r radix-2 stages on them: the forward
     (decimation in frequency) from the top index bits down, the last forward pass multiplies by the filter
@@ -113,64 +115,77 @@ def make_fused_kernel(kind, LOGN, NT, RMAX):
     ZERO = float32(0.0)
     PS = passes(LOGN, RMAX)
     pad = dev(_pad)
+    HB, HPRE, HPOST = (bool(o) for o in opts)
+    MASK = N - 1
 
     def make_stages(lo, r, fwd):
-        """r radix-2 stages on the R = 2^r registers of the index set base + m 2^lo (m < R)."""
+        """r radix-2 stages on the R = 2^r registers of the index set base + m 2^lo (m < R), as straight-line
+        code generated here (constant register indices whatever LLVM's unroll limits: no local memory).
+
+        The twiddle of the pair (m, m + half) in a stage is W^((low << sh) + (m mod half) 2^(lo + sh)), low = base
+        mod 2^lo: a per-thread factor t = W^(low << sh) (one table load per stage; 1 when lo = 0) times a
+        compile-time constant c, so unit and -i constants cost no multiply and lo = 0 passes load no twiddles."""
         R = 1 << r
         S = 1 << lo
-
-        def run(tw, xr, xi, base):
-            for st in range(r):
-                if fwd:   # DIF stage on bit lo + r - 1 - st: span (R >> (st + 1)) * S, twiddle exponent shift
-                    half = R >> (st + 1)
-                    sh = LOGN - lo - r + st
-                else:     # DIT stage on bit lo + st
-                    half = 1 << st
-                    sh = LOGN - 1 - lo - st
-                hs = half * S
-                for m in range(R):
-                    if (m & half) == 0:
-                        i = base + m * S
-                        w = (i & (hs - 1)) << sh
-                        wr = tw[2 * w]
-                        wi = tw[2 * w + 1]
-                        ar = xr[m]
-                        ai = xi[m]
-                        br = xr[m + half]
-                        bi = xi[m + half]
-                        if fwd:
-                            dr = ar - br
-                            di = ai - bi
-                            xr[m] = ar + br
-                            xi[m] = ai + bi
-                            xr[m + half] = dr * wr - di * wi
-                            xi[m + half] = dr * wi + di * wr
-                        else:  # conjugate twiddle
-                            tr = br * wr + bi * wi
-                            ti = bi * wr - br * wi
-                            xr[m] = ar + tr
-                            xi[m] = ai + ti
-                            xr[m + half] = ar - tr
-                            xi[m + half] = ai - ti
-
-        return dev(run)
+        src = ["def run(tw, xr, xi, base):", f"    low = base & {S - 1}"]
+        consts = {}
+        for st in range(r):
+            if fwd:   # DIF stage on bit lo + r - 1 - st: span (R >> (st + 1)) * S
+                half = R >> (st + 1)
+                sh = LOGN - lo - r + st
+            else:     # DIT stage on bit lo + st (conjugate twiddles)
+                half = 1 << st
+                sh = LOGN - 1 - lo - st
+            if S > 1:
+                src += [f"    w = low << {sh}", "    tr = tw[2 * w]", "    ti = tw[2 * w + 1]"]
+            for m in range(R):
+                if m & half:
+                    continue
+                e = ((m & (half - 1)) << (lo + sh)) % N  # constant part of the exponent, units of 1 / N
+                ang = -2.0 * np.pi * e / N
+                cr, ci = f"C{len(consts)}", f"C{len(consts) + 1}"
+                consts[cr], consts[ci] = float32(np.cos(ang)), float32(np.sin(ang))
+                a, b = m, m + half
+                src += [f"    ar = xr[{a}]", f"    ai = xi[{a}]", f"    dr = xr[{b}]", f"    di = xi[{b}]"]
+                if fwd:
+                    src += [f"    xr[{a}] = ar + dr", f"    xi[{a}] = ai + di", "    dr = ar - dr", "    di = ai - di"]
+                if S > 1 and e != 0:
+                    src += [f"    wr = tr * {cr} - ti * {ci}", f"    wi = tr * {ci} + ti * {cr}"]
+                elif S > 1:
+                    src += ["    wr = tr", "    wi = ti"]
+                elif e != 0 and 4 * e != N:
+                    src += [f"    wr = {cr}", f"    wi = {ci}"]
+                if e == 0 and S == 1:          # w = 1
+                    src += ["    pr = dr", "    pi = di"]
+                elif 4 * e == N and S == 1:    # w = -i: d (-i) = di - i dr; d conj(w) = d i = -di + i dr
+                    src += ["    pr = di", "    pi = -dr"] if fwd else ["    pr = -di", "    pi = dr"]
+                elif fwd:
+                    src += ["    pr = dr * wr - di * wi", "    pi = dr * wi + di * wr"]
+                else:
+                    src += ["    pr = dr * wr + di * wi", "    pi = di * wr - dr * wi"]
+                if fwd:
+                    src += [f"    xr[{b}] = pr", f"    xi[{b}] = pi"]
+                else:
+                    src += [f"    xr[{a}] = ar + pr", f"    xi[{a}] = ai + pi", f"    xr[{b}] = ar - pr",
+                            f"    xi[{b}] = ai - pi"]
+        ns = dict(consts)
+        exec(compile("\n".join(src), f"<fft stages lo={lo} r={r} {'fwd' if fwd else 'inv'} N={N}>", "exec"), ns)
+        return dev(ns["run"])
 
     def crop_fn(ya, yb, j, u, pre, post, bias, out, b0, h, two, L, Lout, start):
-        t = j - start
-        if t < 0:
-            t += N
+        t = (j - start) & MASK   # (j - start) mod N, known non-negative (no index wrap-around code)
         if t < Lout:
-            if bias.shape[0] > 0 and t < L:
+            if HB and bias.shape[0] > 0 and t < L:
                 sa = bias[h] * cin(u[b0, h, t])
-                if pre.shape[0] > 0:
+                if HPRE and pre.shape[0] > 0:
                     sa *= cin(pre[b0, h, t])
                 ya += sa
                 if two:
                     sb = bias[h] * cin(u[b0 + 1, h, t])
-                    if pre.shape[0] > 0:
+                    if HPRE and pre.shape[0] > 0:
                         sb *= cin(pre[b0 + 1, h, t])
                     yb += sb
-            if post.shape[0] > 0:
+            if HPOST and post.shape[0] > 0:
                 ya *= cin(post[b0, h, t])
                 if two:
                     yb *= cin(post[b0 + 1, h, t])
@@ -188,7 +203,7 @@ def make_fused_kernel(kind, LOGN, NT, RMAX):
             a = cin(u[b0, h, i])
             if two:
                 c = cin(u[b0 + 1, h, i])
-            if pre.shape[0] > 0:
+            if HPRE and pre.shape[0] > 0:
                 a *= cin(pre[b0, h, i])
                 if two:
                     c *= cin(pre[b0 + 1, h, i])
@@ -229,7 +244,8 @@ def make_fused_kernel(kind, LOGN, NT, RMAX):
         SETS = N >> r
 
         def run(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid):
-            for q in range(tid, SETS, NT):
+            for q0 in range(tid, SETS, NT):
+                q = q0 & MASK    # provably in [0, N): every index below non-negative (no wrap-around code)
                 low = q & (S - 1)
                 base = ((q >> lo) << (lo + r)) | low
                 for m in range(R):
@@ -283,6 +299,6 @@ def make_fused_kernel(kind, LOGN, NT, RMAX):
         h = cuda.blockIdx.y
         b0 = 2 * cuda.blockIdx.x
         body(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, b0 + 1 < u.shape[0], u.shape[2], out.shape[2],
-             start, cuda.threadIdx.x)
+             start, cuda.threadIdx.x & 1023)  # the mask: indices provably non-negative (no wrap-around code)
 
     return jit_kernel(kernel)

@@ -290,7 +290,8 @@ def _fwd_fused(ud, k, pred, postd, biasd, Lke, N, start, Lout, kind, ft):
         tw = _TWD[(N, dev)] = cuda.to_device(fz.twiddles(N))
     out = out_array((B, H, Lout), ELEM[kind])
     nt = fz.threads(N, intr.SIM)
-    fl.launch(fz.make_fused_kernel(kind, LOGN, nt, fz.RMAX), (-(-B // 2), H), nt, fz.smem_bytes(N),
+    opts = (biasd.shape[0] > 0, pred.shape[0] > 0, postd.shape[0] > 0)  # absent options compiled out
+    fl.launch(fz.make_fused_kernel(kind, LOGN, nt, fz.RMAX, opts), (-(-B // 2), H), nt, fz.smem_bytes(N),
               (ud, pred, postd, biasd, Kp, tw, out, np.int64(start % N)))
     return out
 
@@ -411,6 +412,11 @@ def ptx_signatures():
             out.append((f"cmul_blocks_{kind}", make_cmul_blocks_kernel(kind == "f64", nt).py_func, (f3, f3, i64)))
             out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
             out.append((f"conj_sum_{kind}", make_conj_sum_kernel(kind == "f64", nt).py_func, (f3, f3, f3)))
+    out.append(("fused_f32_N2048_plain", fz.make_fused_kernel("f32", 11, fz.threads(1 << 11), fz.RMAX,
+                                                             (False, False, False)).py_func,
+                (types.Array(types.float32, 3, "C"),) * 3 + (types.Array(types.float32, 1, "C"),
+                 types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"),
+                 types.Array(types.float32, 3, "C"), types.int64)))  # no options: the default call
     out.append(("fused_expand", fz.make_expand_kernel(9, nt).py_func,
                 (types.Array(types.float32, 3, "C"), types.Array(types.float32, 2, "C"))))
     return out
