@@ -472,7 +472,7 @@ def test_bad_contiguous_inputs_leave_caches_unchanged(rng):
 @pytest.mark.parametrize("dt", [np.float32, np.float16], ids=dtype_id)
 @pytest.mark.parametrize("num_splits", [1, 7], ids=["1split", "7splits"])
 def test_cpu_position_blocking_remainders(rng, dt, num_splits):
-    """The CPU kernel's two-position score pass and four-position value pass, with every remainder (key
+    """The CPU kernel's four-position score and value passes, with every remainder (key
     counts 0-3 mod 4 per split and tile), GQA rows 4 + 1 per k/v head, many tasks on the work counter."""
     B, Sq, H, Hk, D, Smax = 4, 1, 10, 2, 24, 140
     seqlens = np.array([129, 130, 131, 132], dtype=np.int32)

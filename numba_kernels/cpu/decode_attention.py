@@ -8,11 +8,14 @@ each K/V value is read once and used G * Sq times (the query heads of its GQA gr
 Rows are read straight from the cache through the page table (a contiguous cache is a paged one with one
 page per cache row); float16/bfloat16 caches arrive as uint16 bits and are widened one position at a time
 through a lookup table. Per key tile: scores by vectorized dot products (accumulated in the compute
-dtype; two positions x four query rows of a GQA group per pass, so 6 loads feed 8 FMAs), an online softmax
-in log2 units (one simple loop per step), then O += P V four value positions per pass (each accumulator row
-is loaded and stored once per four positions). K and V rows PREFETCH positions ahead are software-prefetched
-through the page table (one hint per cache line). Decode rows are few, so plain loops beat
-BLAS calls here.
+dtype; four positions x four query rows of a GQA group per pass, so 8 loads feed 16 FMAs), an online softmax
+in log2 units (one simple loop per step), then O += P V for four rows x four value positions per pass (each V
+row is loaded once per four rows, each accumulator row once per four positions). Software prefetch runs
+PREFETCH positions ahead in reading order (this tile's K, its V, the next tile's K) through the page table,
+one hint per cache line, issued per k/v head inside each four-position step: spread over the compute, the
+hints overlap the DRAM reads with it (one position's 64 hints in a burst stalled the loads behind them; a
+single thread read 12-14 GB/s from DRAM that way, 17-20 GB/s spread). Decode rows are few, so plain loops
+beat BLAS calls here.
 Each task writes a partial output and LSE for its key split; :func:`combine_cpu` merges the splits.
 """
 import numpy as np
@@ -26,7 +29,7 @@ from numba_kernels.cpu._tasks import run_tasks
 
 BLOCK_K = 64
 #: software prefetch distance, in cache positions (each Hk * D values of K or V) ahead of the one in use
-PREFETCH = 8
+PREFETCH = 4
 
 _key_range = njit(_masks.key_range, inline="always")
 _row_span = njit(_masks.row_span, inline="always")
@@ -58,14 +61,28 @@ def _cache_rows_ol(cache, page, slot, buf, lut):
 
 
 @njit(inline="always")
-def prefetch_position(cache, table, b, p, lim):
-    """Prefetch the Hk * D values of logical position p (< lim) of sequence b: one hint per cache line."""
-    if p < lim:
-        page = cache.shape[1]
-        n = cache.shape[2] * cache.shape[3]
-        base = (table[b, p // page] * page + p % page) * n
-        for e in range(0, n, 64 // cache.itemsize):
-            prefetch(cache, base + e)
+def position_base(cache, table, b, p, lim):
+    """Flat index of the first of the Hk * D values of logical position p of sequence b, or -1 if p >= lim."""
+    if p >= lim:
+        return -1
+    page = cache.shape[1]
+    return (table[b, p // page] * page + p % page) * (cache.shape[2] * cache.shape[3])
+
+
+@njit(inline="always")
+def prefetch_head(kc, vc, kbase, vbase, hk):
+    """Prefetch the D values of k/v head hk of the positions whose flat bases are in kbase / vbase (-1: none):
+    one hint per cache line. Called once per head of a four-position step, so the hints are spread over the
+    step's compute (a burst of a whole position's hints stalls the loads behind them)."""
+    D = kc.shape[3]
+    step = 64 // kc.itemsize
+    for e in range(kbase.shape[0]):
+        if kbase[e] >= 0:
+            for x in range(0, D, step):
+                prefetch(kc, kbase[e] + hk * D + x)
+        if vbase[e] >= 0:
+            for x in range(0, D, step):
+                prefetch(vc, vbase[e] + hk * D + x)
 
 
 def make_consts(dtype, scale, softcap):
@@ -108,6 +125,8 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
     slots = np.empty(BLOCK_K, dtype=np.int64)
     buf = np.empty((4, Hk, D), dtype=q.dtype)  # widened half-precision rows, one per position in flight
     dist = np.empty(1, dtype=q.dtype)
+    pfk = np.empty(4, dtype=np.int64)  # flat bases of the K / V positions to prefetch (-1: none)
+    pfv = np.empty(4, dtype=np.int64)
     for j0 in range(k0, k1, BLOCK_K):
         n = min(BLOCK_K, k1 - j0)
         for c in range(n):
@@ -117,17 +136,23 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
         pos0 = start[b] + j0
         pend = start[b] + k1
         c = 0
-        while c + 2 <= n:  # two positions x four rows of a group per pass: 6 loads per 8 FMAs
-            prefetch_position(kc, table, b, pos0 + c + PREFETCH, pend)
-            prefetch_position(kc, table, b, pos0 + c + 1 + PREFETCH, pend)
+        while c + 4 <= n:  # four positions x four rows of a group per pass: 8 loads per 16 FMAs
+            for e in range(4):  # the position PREFETCH ahead in reading order: this tile's K, then its V
+                t = c + e + PREFETCH
+                pfk[e] = position_base(kc, table, b, pos0 + t, min(pend, pos0 + n))
+                pfv[e] = position_base(vc, table, b, pos0 + t - n, pend) if t >= n else -1
             k0r = cache_rows(kc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
             k1r = cache_rows(kc, pages[c + 1], slots[c + 1], buf[1], lut)
+            k2r = cache_rows(kc, pages[c + 2], slots[c + 2], buf[2], lut)
+            k3r = cache_rows(kc, pages[c + 3], slots[c + 3], buf[3], lut)
             for hk in range(Hk):
+                prefetch_head(kc, vc, pfk, pfv, hk)
                 r, r_end = hk * M, (hk + 1) * M
                 while r + 4 <= r_end:
                     x0 = x1 = x2 = x3 = y0 = y1 = y2 = y3 = zero
+                    u0 = u1 = u2 = u3 = w0 = w1 = w2 = w3 = zero
                     for d in range(D):
-                        ka, kb = k0r[hk, d], k1r[hk, d]
+                        ka, kb, kc_, kd = k0r[hk, d], k1r[hk, d], k2r[hk, d], k3r[hk, d]
                         q0, q1, q2, q3 = qt[r, d], qt[r + 1, d], qt[r + 2, d], qt[r + 3, d]
                         x0 += q0 * ka
                         x1 += q1 * ka
@@ -137,18 +162,30 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
                         y1 += q1 * kb
                         y2 += q2 * kb
                         y3 += q3 * kb
+                        u0 += q0 * kc_
+                        u1 += q1 * kc_
+                        u2 += q2 * kc_
+                        u3 += q3 * kc_
+                        w0 += q0 * kd
+                        w1 += q1 * kd
+                        w2 += q2 * kd
+                        w3 += q3 * kd
                     s[r, c], s[r + 1, c], s[r + 2, c], s[r + 3, c] = x0, x1, x2, x3
                     s[r, c + 1], s[r + 1, c + 1], s[r + 2, c + 1], s[r + 3, c + 1] = y0, y1, y2, y3
+                    s[r, c + 2], s[r + 1, c + 2], s[r + 2, c + 2], s[r + 3, c + 2] = u0, u1, u2, u3
+                    s[r, c + 3], s[r + 1, c + 3], s[r + 2, c + 3], s[r + 3, c + 3] = w0, w1, w2, w3
                     r += 4
                 while r < r_end:
-                    x = y = zero
+                    x = y = u = w = zero
                     for d in range(D):
                         x += qt[r, d] * k0r[hk, d]
                         y += qt[r, d] * k1r[hk, d]
-                    s[r, c], s[r, c + 1] = x, y
+                        u += qt[r, d] * k2r[hk, d]
+                        w += qt[r, d] * k3r[hk, d]
+                    s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3] = x, y, u, w
                     r += 1
-            c += 2
-        if c < n:
+            c += 4
+        while c < n:
             krows = cache_rows(kc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
             for hk in range(Hk):
                 for r in range(hk * M, (hk + 1) * M):
@@ -156,8 +193,7 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
                     for d in range(D):
                         x += qt[r, d] * krows[hk, d]
                     s[r, c] = x
-        for c in range(min(n, PREFETCH)):
-            prefetch_position(vc, table, b, pos0 + c, pend)
+            c += 1
         for r in range(R):
             i = r % Sq
             c0, c1 = _row_span(i, off, left, right, j0, n)
@@ -193,17 +229,34 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
                 acc[r, d] *= alpha
         c = 0
         while c + 4 <= n:  # four positions per pass: each accumulator row is loaded and stored once per 4
-            for e in range(4):
-                prefetch_position(vc, table, b, pos0 + c + e + PREFETCH, pos0 + n)
+            for e in range(4):  # the position PREFETCH ahead in reading order: this tile's V, then the next K
+                t = c + e + PREFETCH
+                pfv[e] = position_base(vc, table, b, pos0 + t, pos0 + n)
+                pfk[e] = position_base(kc, table, b, pos0 + t, pend) if t >= n else -1
             v0 = cache_rows(vc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
             v1 = cache_rows(vc, pages[c + 1], slots[c + 1], buf[1], lut)
             v2 = cache_rows(vc, pages[c + 2], slots[c + 2], buf[2], lut)
             v3 = cache_rows(vc, pages[c + 3], slots[c + 3], buf[3], lut)
             for hk in range(Hk):
-                for r in range(hk * M, (hk + 1) * M):
+                prefetch_head(kc, vc, pfk, pfv, hk)
+                r, r_end = hk * M, (hk + 1) * M
+                while r + 4 <= r_end:  # four rows x four positions: each V row is loaded once per four rows
+                    a0, a1, a2, a3 = s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3]
+                    b0, b1, b2, b3 = s[r + 1, c], s[r + 1, c + 1], s[r + 1, c + 2], s[r + 1, c + 3]
+                    e0, e1, e2, e3 = s[r + 2, c], s[r + 2, c + 1], s[r + 2, c + 2], s[r + 2, c + 3]
+                    f0, f1, f2, f3 = s[r + 3, c], s[r + 3, c + 1], s[r + 3, c + 2], s[r + 3, c + 3]
+                    for d in range(D):
+                        x0, x1, x2, x3 = v0[hk, d], v1[hk, d], v2[hk, d], v3[hk, d]
+                        acc[r, d] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                        acc[r + 1, d] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+                        acc[r + 2, d] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
+                        acc[r + 3, d] += f0 * x0 + f1 * x1 + f2 * x2 + f3 * x3
+                    r += 4
+                while r < r_end:
                     p0, p1, p2, p3 = s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3]
                     for d in range(D):
                         acc[r, d] += p0 * v0[hk, d] + p1 * v1[hk, d] + p2 * v2[hk, d] + p3 * v3[hk, d]
+                    r += 1
             c += 4
         while c < n:
             vrows = cache_rows(vc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
