@@ -15,6 +15,7 @@ import time
 SIM = "--sim" in sys.argv
 QUICK = "--quick" in sys.argv
 PROBE = "--probe" in sys.argv  # LTO plan probe, LTO checks and a short timing table only
+BENCH = "--bench" in sys.argv  # the timing table only (FFT_BENCH_MAXL=n: only lengths <= n)
 if SIM:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
 
@@ -336,6 +337,8 @@ def bench():
              (np.float16, [(1, 768), (1, 256)], 1 << 20, 1 << 20)]
     if PROBE:
         cases = cases[:7]
+    if os.environ.get("FFT_BENCH_MAXL"):
+        cases = [c for c in cases if c[2] <= int(os.environ["FFT_BENCH_MAXL"])]
     from numba_kernels.cuda import _fft_conv_lto as lto
     from numba_kernels.cuda import fft_conv as cfc
     from numba_kernels.cuda.fft_conv import use_overlap_add
@@ -401,7 +404,9 @@ def bench():
 
 if __name__ == "__main__":
     print(f"numba_kernels from {os.path.dirname(nk.__file__)}; simulator={SIM}", flush=True)
-    if PROBE:  # short slot: the timing table (with its diff column) first, then the guarded LTO checks
+    if BENCH:
+        rows = bench()
+    elif PROBE:  # short slot: the timing table (with its diff column) first, then the guarded LTO checks
         lto_probe()
         rows = bench()
         lto_checks()
