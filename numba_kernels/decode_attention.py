@@ -20,6 +20,8 @@ def _on_device(x):
 def dtype_of(x):
     """The dtype of an array argument; a uint16 *device* array holds bfloat16 bits (the library's
     convention: numba device arrays cannot carry bfloat16, so our ops return its bits as uint16)."""
+    if isinstance(x, np.ndarray):
+        return x.dtype
     if getattr(type(x), "__cuda_memory__", False):
         dt = np.dtype(x.dtype)
         return dsp.bfloat16 if dt == np.uint16 else dt
@@ -86,9 +88,15 @@ def _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cach
                              "batch rows to pages")
         cap = page * table.shape[1]
     else:
-        rows = np.arange(B) if cache_batch_idx is None else _int_array("cache_batch_idx", cache_batch_idx, (B,))
-        if rows.size and (rows.min() < 0 or rows.max() >= NB):
-            raise ValueError(f"cache_batch_idx entries must be in [0, {NB}) (k_cache rows), got {rows.tolist()}")
+        if cache_batch_idx is None:
+            if B > NB:
+                raise ValueError(f"k_cache must have at least B = {B} rows without cache_batch_idx, got shape "
+                                 f"{tuple(k_cache.shape)}")
+            rows = np.arange(B)
+        else:
+            rows = _int_array("cache_batch_idx", cache_batch_idx, (B,))
+            if rows.min() < 0 or rows.max() >= NB:
+                raise ValueError(f"cache_batch_idx entries must be in [0, {NB}) (k_cache rows), got {rows.tolist()}")
         table = rows[:, None]
         cap = page
     if (k is None) != (v is None):
@@ -241,13 +249,16 @@ def _host_call(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_i
     ns = auto_splits(plan, numba.get_num_threads(), 4 * cpu.BLOCK_K, tasks=plan.B)  # a CPU task: all heads
     out_p = np.empty((ns, plan.B, plan.Sq, plan.H, plan.D), dtype=cdt)
     lse_p = np.empty((ns, plan.B, plan.H, plan.Sq), dtype=cdt)  # float64 LSEs keep float64 merges exact
-    sl = np.zeros((0, 0), dtype=cdt) if plan.slopes is None else plan.slopes.astype(cdt)
-    cpu.decode_cpu(qh, np.ascontiguousarray(kc), np.ascontiguousarray(vc), lut, plan.table.astype(np.int32),
-                   plan.leftpad, plan.end, ns, out_p, lse_p, cpu.make_consts(cdt, plan.scale, plan.softcap),
-                   plan.left, plan.right, sl)
-    if ns == 1:
-        return out_p[0], lse_p[0]
-    return _combine_host(out_p, lse_p, cdt)
+    if ns == 1:  # the kernel writes the result itself
+        out, lse = out_p[0], lse_p[0]
+    else:  # the splits are merged at the end of the kernel call
+        out = np.empty((plan.B, plan.Sq, plan.H, plan.D), dtype=cdt)
+        lse = np.empty((plan.B, plan.H, plan.Sq), dtype=cdt)
+    sl = cpu.NO_SLOPES[np.dtype(cdt)] if plan.slopes is None else plan.slopes.astype(cdt)
+    cpu.decode_cpu(qh, np.ascontiguousarray(kc), np.ascontiguousarray(vc), lut, plan.table, plan.leftpad, plan.end,
+                   ns, out_p, lse_p, cpu.make_consts(cdt, plan.scale, plan.softcap), plan.left, plan.right, sl,
+                   out, lse)
+    return out, lse
 
 
 def _combine_host(out_p, lse_p, out_dtype):

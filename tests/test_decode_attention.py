@@ -489,21 +489,35 @@ def test_cpu_position_blocking_remainders(rng, dt, num_splits):
 
 
 def test_cpu_task_runner_and_combine_variants(rng, monkeypatch):
-    """One thread and helper threads give bitwise-equal results (each task owns its outputs); the serial and
-    parallel split merges agree."""
+    """One thread, helper threads (``run_tasks``) and the OpenMP region give bitwise-equal results (each task owns
+    its outputs, the same serial split merge follows); the serial and parallel ``combine_cpu`` merges agree."""
     from numba_kernels.cpu import decode_attention as cd
 
     B, Sq, H, Hk, D, Smax = 3, 2, 8, 2, 16, 300
     seqlens = np.array([300, 17, 255], dtype=np.int32)
     q, kc, vc, _, _ = _data(rng, np.float32, B, Sq, H, Hk, D, Smax, seqlens)
     outs = []
-    for nt in (1, 2):
-        monkeypatch.setattr(cd, "COMBINE_SERIAL_MAX", 0 if nt == 2 else 1 << 20)  # nt 2: the parallel merge
+    for nt in (1, 2, None):  # None: the OpenMP region (a call this small)
         orig = cd.decode_cpu
         monkeypatch.setattr(cd, "decode_cpu", lambda *a, _o=orig, _n=nt: _o(*a, nthreads=_n))
         outs.append(_run(q, kc, vc, cache_seqlens=seqlens, num_splits=5)[:2])
         monkeypatch.setattr(cd, "decode_cpu", orig)
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
-    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(outs[0][1], o[1])
+        np.testing.assert_array_equal(outs[0][0], o[0])
     ref, rlse, _, _ = _ref(q, kc, vc, cache_seqlens=seqlens)
     assert max_err(outs[1][0], ref) < TOL[np.dtype(np.float32)]
+    _close_lse(outs[1][1], rlse)
+    op = rng.standard_normal((4, 50, 16)).astype(np.float32)
+    lp = rng.standard_normal((4, 50)).astype(np.float32)
+    lp[:, 3] = -np.inf  # a row no split sees
+    lp[1:, 7] = -np.inf
+    res = []
+    for lim in (1 << 20, 0):  # the serial, then the parallel merge
+        monkeypatch.setattr(cd, "COMBINE_SERIAL_MAX", lim)
+        o, l = np.empty((50, 16), np.float32), np.empty(50, np.float32)
+        cd.combine_cpu(op, lp, o, l)
+        res.append((o, l))
+    np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(res[0][1], res[1][1])
+    np.testing.assert_array_equal(res[0][0][3], 0)

@@ -16,7 +16,8 @@ one hint per cache line, issued per k/v head inside each four-position step: spr
 hints overlap the DRAM reads with it (one position's 64 hints in a burst stalled the loads behind them; a
 single thread read 12-14 GB/s from DRAM that way, 17-20 GB/s spread). Decode rows are few, so plain loops
 beat BLAS calls here.
-Each task writes a partial output and LSE for its key split; :func:`combine_cpu` merges the splits.
+Each task writes a partial output and LSE for its key split; the calling thread merges the splits
+(:func:`_merge_splits`; :func:`combine_cpu` is the public ``attention_combine``'s merge).
 """
 import numpy as np
 from numba import prange, types
@@ -40,6 +41,8 @@ LUT = {
     "bfloat16": (np.arange(65536, dtype=np.uint32) << 16).view(np.float32),
 }
 NO_LUT = np.zeros(0, dtype=np.float32)
+#: the empty ``slopes`` argument (no ALiBi), per compute dtype
+NO_SLOPES = {np.dtype(np.float32): np.zeros((0, 0), np.float32), np.dtype(np.float64): np.zeros((0, 0), np.float64)}
 
 
 def cache_rows(cache, page, slot, buf, lut):  # pragma: no cover - replaced by the overload inside njit code
@@ -85,10 +88,20 @@ def prefetch_head(kc, vc, kbase, vbase, hk):
                 prefetch(vc, vbase[e] + hk * D + x)
 
 
+_consts = {}
+
+
 def make_consts(dtype, scale, softcap):
-    """The ``consts`` argument of :func:`decode_cpu`, in the compute dtype."""
-    return np.array([scale * LOG2E, softcap, scale / softcap if softcap > 0 else 0.0, LOG2E, -np.inf, 0.0],
-                    dtype=dtype)
+    """The ``consts`` argument of :func:`decode_cpu`, in the compute dtype (cached: one array per value set,
+    never written)."""
+    key = (np.dtype(dtype), float(scale), float(softcap))
+    c = _consts.get(key)
+    if c is None:
+        c = np.array([scale * LOG2E, softcap, scale / softcap if softcap > 0 else 0.0, LOG2E, -np.inf, 0.0],
+                     dtype=dtype)
+        if len(_consts) < 256:
+            _consts[key] = c
+    return c
 
 
 @njit
@@ -289,13 +302,48 @@ def _drain(counter, ntask, q, kc, vc, lut, table, start, end, nsplit, out_p, lse
         t = atomic_fetch_add(counter, 0, 1)
 
 
+@njit
+def _merge_splits(out_p, lse_p, out, lse):
+    """Merge the nsplit partials out_p (nsplit, B, Sq, H, D), lse_p (nsplit, B, H, Sq) (natural log) into
+    out (B, Sq, H, D), lse (B, H, Sq), as :func:`combine_cpu` does (float64 weights; splits with LSE -inf carry
+    no weight; a row where every split is -inf is 0 with LSE -inf). Serial: decode merges are a few
+    thousand values, and a second parallel region would wait for a descheduled thread again."""
+    S, B, Sq, H, D = out_p.shape
+    for b in range(B):
+        for h in range(H):
+            for i in range(Sq):
+                m = -np.inf
+                for sp in range(S):
+                    m = max(m, lse_p[sp, b, h, i])
+                for d in range(D):
+                    out[b, i, h, d] = 0
+                if m == -np.inf:
+                    lse[b, h, i] = -np.inf
+                    continue
+                tot = 0.0
+                for sp in range(S):
+                    if lse_p[sp, b, h, i] == -np.inf:
+                        continue
+                    wgt = np.exp(np.float64(lse_p[sp, b, h, i]) - m)
+                    tot += wgt
+                    for d in range(D):
+                        out[b, i, h, d] += wgt * out_p[sp, b, i, h, d]
+                inv = 1.0 / tot
+                for d in range(D):
+                    out[b, i, h, d] *= inv
+                lse[b, h, i] = m + np.log(tot)
+
+
 @njit_parallel
-def _decode_parallel(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes):
-    """The same tasks in one parallel region (OpenMP threads, pulled from a counter)."""
+def _decode_parallel(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, out, lse):
+    """The same tasks in one parallel region (OpenMP threads, pulled from a counter), then the split merge
+    on this thread."""
     ntask = q.shape[0] * nsplit
     counter = np.zeros(2, dtype=np.int64)
     for _ in prange(ntask):
         _drain(counter, ntask, q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes)
+    if nsplit > 1:
+        _merge_splits(out_p, lse_p, out, lse)
 
 
 #: calls reading fewer K/V bytes than this (about 2 ms on one core) use the parallel region: its threads are
@@ -304,14 +352,16 @@ def _decode_parallel(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, co
 PARALLEL_REGION_MAX_BYTES = 16 << 20
 
 
-def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, nthreads=None):
+def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, out, lse,
+               nthreads=None):
     """Split-KV decode attention.
 
     q (B, Sq, H, D) compute dtype; kc/vc (num_pages, page, Hk, D), compute dtype or uint16 bits with ``lut``;
-    table (B, max_pages) int32: logical position p of sequence b is row ``p % page`` of page
+    table (B, max_pages) integer: logical position p of sequence b is row ``p % page`` of page
     ``table[b, p // page]``; the keys of sequence b are positions [start[b], end[b]).
     out_p (nsplit, B, Sq, H, D) and lse_p (nsplit, B, H, Sq), compute dtype, receive each split's
-    normalized output and natural-log LSE (-inf and 0 for a split that sees no key).
+    normalized output and natural-log LSE (-inf and 0 for a split that sees no key); with nsplit > 1 the
+    splits are merged into out (B, Sq, H, D) and lse (B, H, Sq) (with nsplit 1, pass out_p[0] and lse_p[0]).
     consts = [softmax_scale * log2(e), softcap, scale / softcap, log2(e), -inf, 0] in the compute dtype
     (:func:`make_consts`; softcap > 0 turns on ``softcap * tanh(s * scale / softcap)``);
     slopes (B, H) ALiBi slopes in the compute dtype, or an empty array.
@@ -324,9 +374,11 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     args = (q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes)
     kv_bytes = 2 * int(np.sum(end - start)) * kc.shape[2] * kc.shape[3] * kc.itemsize
     if nthreads is None and kv_bytes < PARALLEL_REGION_MAX_BYTES:
-        _decode_parallel(*args)
+        _decode_parallel(*args, out, lse)
     else:
         run_tasks(_drain, q.shape[0] * nsplit, args, nthreads or numba.get_num_threads())
+        if nsplit > 1:
+            _merge_splits(out_p, lse_p, out, lse)
 
 
 def _combine(out_p, lse_p, out, lse):
