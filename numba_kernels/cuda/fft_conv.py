@@ -54,10 +54,10 @@ USE_LTO = True if _LTO_ENV == "1" else False if _LTO_ENV == "0" else "auto"
 LTO_MIN_N = 1 << 19
 #: single-FFT forwards with a power-of-two FFT size up to this go through one fused shared-memory kernel
 #: (``_fft_conv_fused``: load, FFT, filter multiply, inverse FFT, crop in one pass; float16 / bfloat16 / float32);
-#: 0 turns it off (environment NUMBA_KERNELS_FFT_FUSED_MAX_N). H200, 2026-12-01, B64 H768 causal Lk = L, device
-#: time: N 512 0.441 ms vs 0.732 (kernels) / 0.386 (torch.fft); N 2048 1.169 vs 1.316 / 1.255; N 8192 7.93 vs
-#: 5.03 / 5.16 (slower: so off above 2048); N 16384 does not launch (registers x threads)
-FUSED_MAX_N = int(os.environ.get("NUMBA_KERNELS_FFT_FUSED_MAX_N", str(1 << 11)))
+#: 0 turns it off (environment NUMBA_KERNELS_FFT_FUSED_MAX_N). H200, 2026-12-02, B64 H768 causal Lk = L float32,
+#: one call (benchmarks/results/gpu_h200_2026-12-02_fft_conv_bench_fused8192.txt): N 4096 fused 1.984 ms vs the
+#: cuFFT kernel path 2.422 ms (torch.fft 2.514); N 8192 fused 5.234 vs 5.096 (slower: so off above 4096)
+FUSED_MAX_N = int(os.environ.get("NUMBA_KERNELS_FFT_FUSED_MAX_N", str(1 << 12)))
 #: the kernel path's single FFTs out of place (padded real rows and spectra in two buffers: twice the memory,
 #: 1.3-1.6x faster transforms at N >= 2^17 on the H200) from this FFT size up; in place below
 OOP_MIN_N = int(os.environ.get("NUMBA_KERNELS_FFT_OOP_MIN_N", str(1 << 15)))
