@@ -11,10 +11,11 @@ through a lookup table. Per key tile: scores by vectorized dot products (accumul
 dtype; four positions x four query rows of a GQA group per pass, so 8 loads feed 16 FMAs), an online softmax
 in log2 units (one simple loop per step), then O += P V for four rows x four value positions per pass (each V
 row is loaded once per four rows, each accumulator row once per four positions). Software prefetch runs
-PREFETCH positions ahead in reading order (this tile's K, its V, the next tile's K) through the page table,
-one hint per cache line, issued per k/v head inside each four-position step: spread over the compute, the
-hints overlap the DRAM reads with it (one position's 64 hints in a burst stalled the loads behind them; a
-single thread read 12-14 GB/s from DRAM that way, 17-20 GB/s spread). Decode rows are few, so plain loops
+PREFETCH positions ahead in reading order (this tile's K, its V, the next tile's K) through the page table
+(page and slot of the tile's positions and of the ones prefetched past it are looked up once per tile),
+one hint per cache line, issued after each k/v head's work in a four-position step: spread over the compute,
+the hints overlap the DRAM reads with it (one position's 64 hints in a burst stalled the loads behind them;
+one thread read 11-14 GB/s from DRAM that way, 19-21 GB/s spread). Decode rows are few, so plain loops
 beat BLAS calls here.
 Each task writes a partial output and LSE for its key split; the calling thread merges the splits
 (:func:`_merge_splits`; :func:`combine_cpu` is the public ``attention_combine``'s merge).
@@ -64,19 +65,11 @@ def _cache_rows_ol(cache, page, slot, buf, lut):
 
 
 @njit(inline="always")
-def position_base(cache, table, b, p, lim):
-    """Flat index of the first of the Hk * D values of logical position p of sequence b, or -1 if p >= lim."""
-    if p >= lim:
-        return -1
-    page = cache.shape[1]
-    return (table[b, p // page] * page + p % page) * (cache.shape[2] * cache.shape[3])
-
-
-@njit(inline="always")
 def prefetch_head(kc, vc, kbase, vbase, hk):
     """Prefetch the D values of k/v head hk of the positions whose flat bases are in kbase / vbase (-1: none):
-    one hint per cache line. Called once per head of a four-position step, so the hints are spread over the
-    step's compute (a burst of a whole position's hints stalls the loads behind them)."""
+    one hint per cache line. Called after each head's work in a four-position step, so the hints are spread
+    over the step's compute (a burst of a whole position's hints stalled the loads behind them, and hints
+    issued before a head's loads slowed them: 17 -> 21 GB/s on one thread from L3)."""
     D = kc.shape[3]
     step = 64 // kc.itemsize
     for e in range(kbase.shape[0]):
@@ -110,6 +103,7 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
     B, Sq, H, D = q.shape
     page = kc.shape[1]
     Hk = kc.shape[2]
+    HD = Hk * D
     G = H // Hk
     M = G * Sq  # rows per k/v head; row r is query token r % Sq of head r // Sq, k/v head r // M
     R = H * Sq
@@ -134,32 +128,32 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
     mrow = np.full(R, neg_inf, dtype=q.dtype)
     lrow = np.zeros(R, dtype=q.dtype)
     s = np.empty((R, BLOCK_K), dtype=q.dtype)
-    pages = np.empty(BLOCK_K, dtype=np.int64)
-    slots = np.empty(BLOCK_K, dtype=np.int64)
+    pages = np.empty(BLOCK_K + PREFETCH + 4, dtype=np.int64)  # the tile's positions and the ones prefetched past it
+    slots = np.empty(BLOCK_K + PREFETCH + 4, dtype=np.int64)
     buf = np.empty((4, Hk, D), dtype=q.dtype)  # widened half-precision rows, one per position in flight
     dist = np.empty(1, dtype=q.dtype)
     pfk = np.empty(4, dtype=np.int64)  # flat bases of the K / V positions to prefetch (-1: none)
     pfv = np.empty(4, dtype=np.int64)
     for j0 in range(k0, k1, BLOCK_K):
         n = min(BLOCK_K, k1 - j0)
-        for c in range(n):
-            p = start[b] + j0 + c
-            pages[c] = table[b, p // page]
-            slots[c] = p % page
         pos0 = start[b] + j0
         pend = start[b] + k1
+        nl = min(n + PREFETCH + 4, pend - pos0)
+        for c in range(nl):
+            p = pos0 + c
+            pages[c] = table[b, p // page]
+            slots[c] = p % page
         c = 0
         while c + 4 <= n:  # four positions x four rows of a group per pass: 8 loads per 16 FMAs
             for e in range(4):  # the position PREFETCH ahead in reading order: this tile's K, then its V
                 t = c + e + PREFETCH
-                pfk[e] = position_base(kc, table, b, pos0 + t, min(pend, pos0 + n))
-                pfv[e] = position_base(vc, table, b, pos0 + t - n, pend) if t >= n else -1
+                pfk[e] = (pages[t] * page + slots[t]) * HD if t < n else -1
+                pfv[e] = (pages[t - n] * page + slots[t - n]) * HD if n <= t < 2 * n else -1
             k0r = cache_rows(kc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
             k1r = cache_rows(kc, pages[c + 1], slots[c + 1], buf[1], lut)
             k2r = cache_rows(kc, pages[c + 2], slots[c + 2], buf[2], lut)
             k3r = cache_rows(kc, pages[c + 3], slots[c + 3], buf[3], lut)
             for hk in range(Hk):
-                prefetch_head(kc, vc, pfk, pfv, hk)
                 r, r_end = hk * M, (hk + 1) * M
                 while r + 4 <= r_end:
                     x0 = x1 = x2 = x3 = y0 = y1 = y2 = y3 = zero
@@ -197,6 +191,7 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
                         w += qt[r, d] * k3r[hk, d]
                     s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3] = x, y, u, w
                     r += 1
+                prefetch_head(kc, vc, pfk, pfv, hk)
             c += 4
         while c < n:
             krows = cache_rows(kc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
@@ -244,14 +239,13 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
         while c + 4 <= n:  # four positions per pass: each accumulator row is loaded and stored once per 4
             for e in range(4):  # the position PREFETCH ahead in reading order: this tile's V, then the next K
                 t = c + e + PREFETCH
-                pfv[e] = position_base(vc, table, b, pos0 + t, pos0 + n)
-                pfk[e] = position_base(kc, table, b, pos0 + t, pend) if t >= n else -1
+                pfv[e] = (pages[t] * page + slots[t]) * HD if t < n else -1
+                pfk[e] = (pages[t] * page + slots[t]) * HD if n <= t < nl else -1
             v0 = cache_rows(vc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
             v1 = cache_rows(vc, pages[c + 1], slots[c + 1], buf[1], lut)
             v2 = cache_rows(vc, pages[c + 2], slots[c + 2], buf[2], lut)
             v3 = cache_rows(vc, pages[c + 3], slots[c + 3], buf[3], lut)
             for hk in range(Hk):
-                prefetch_head(kc, vc, pfk, pfv, hk)
                 r, r_end = hk * M, (hk + 1) * M
                 while r + 4 <= r_end:  # four rows x four positions: each V row is loaded once per four rows
                     a0, a1, a2, a3 = s[r, c], s[r, c + 1], s[r, c + 2], s[r, c + 3]
@@ -270,6 +264,7 @@ def _split_task(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts,
                     for d in range(D):
                         acc[r, d] += p0 * v0[hk, d] + p1 * v1[hk, d] + p2 * v2[hk, d] + p3 * v3[hk, d]
                     r += 1
+                prefetch_head(kc, vc, pfk, pfv, hk)
             c += 4
         while c < n:
             vrows = cache_rows(vc, pages[c], slots[c], buf[0], lut)  # (Hk, D)
