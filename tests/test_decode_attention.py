@@ -521,3 +521,31 @@ def test_cpu_task_runner_and_combine_variants(rng, monkeypatch):
     np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(res[0][1], res[1][1])
     np.testing.assert_array_equal(res[0][0][3], 0)
+
+
+def test_cpu_region_stall_backoff(rng, monkeypatch):
+    """A short call whose OpenMP region stalled sends the next calls to the task runner for REGION_BACKOFF_S
+    seconds (same results), then the region is tried again."""
+    from numba_kernels.cpu import decode_attention as cd
+
+    B, Sq, H, Hk, D, Smax = 2, 1, 8, 2, 16, 64
+    seqlens = np.array([64, 40], dtype=np.int32)
+    q, kc, vc, _, _ = _data(rng, np.float32, B, Sq, H, Hk, D, Smax, seqlens)
+    calls = []
+    orig = cd.run_tasks
+    monkeypatch.setattr(cd, "run_tasks", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    monkeypatch.setattr(cd, "_region_backoff_until", [0.0])
+    monkeypatch.setattr(cd, "REGION_STALL_S", 1e9)  # no call counts as stalled (a busy test machine, a compile)
+    ref = _run(q, kc, vc, cache_seqlens=seqlens)[:2]
+    assert not calls  # a short call: the region
+    monkeypatch.setattr(cd, "REGION_STALL_S", -1.0)  # every region call counts as stalled
+    _run(q, kc, vc, cache_seqlens=seqlens)
+    assert not calls and cd._region_backoff_until[0] > 0
+    monkeypatch.setattr(cd, "REGION_STALL_S", 1e9)
+    out = _run(q, kc, vc, cache_seqlens=seqlens)[:2]
+    assert len(calls) == 1  # backed off to the task runner
+    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[1], ref[1])
+    cd._region_backoff_until[0] = 0.0  # backoff over: the region again
+    _run(q, kc, vc, cache_seqlens=seqlens)
+    assert len(calls) == 1

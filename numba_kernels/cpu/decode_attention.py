@@ -20,6 +20,8 @@ beat BLAS calls here.
 Each task writes a partial output and LSE for its key split; the calling thread merges the splits
 (:func:`_merge_splits`; :func:`combine_cpu` is the public ``attention_combine``'s merge).
 """
+import time
+
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
@@ -345,6 +347,14 @@ def _decode_parallel(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, co
 #: usually still spinning from the previous call, while a helper thread has to be woken (about 0.5 ms);
 #: longer calls use ``run_tasks``, which never waits for a thread another process keeps off its core
 PARALLEL_REGION_MAX_BYTES = 16 << 20
+#: a parallel-region call slower than REGION_STALL_S + its K/V bytes / REGION_STALL_RATE waited for a thread
+#: that another process kept off its core (its barrier waits a scheduler slice: B 1 / 1k took 12-16 ms
+#: instead of 0.2-0.3 ms while another job kept one of 2 cores busy); the calls of the next
+#: REGION_BACKOFF_S seconds then use ``run_tasks`` (0.5 ms there), after which the region is tried again
+REGION_STALL_S = 2e-3
+REGION_STALL_RATE = 2e9
+REGION_BACKOFF_S = 1.0
+_region_backoff_until = [0.0]  # time.monotonic() before which short calls use run_tasks
 
 
 def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes, out, lse,
@@ -362,14 +372,20 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
     slopes (B, H) ALiBi slopes in the compute dtype, or an empty array.
     The (sequence, split) tasks run on this thread and helper threads (``_tasks.run_tasks``: a short call
     does not wait for a thread that another process keeps off its core); nthreads defaults to
-    ``numba.get_num_threads()``.
+    ``numba.get_num_threads()``. Calls under PARALLEL_REGION_MAX_BYTES use one OpenMP region instead, unless
+    one stalled in the last REGION_BACKOFF_S seconds.
     """
     import numba
 
     args = (q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, left, right, slopes)
     kv_bytes = 2 * int(np.sum(end - start)) * kc.shape[2] * kc.shape[3] * kc.itemsize
-    if nthreads is None and kv_bytes < PARALLEL_REGION_MAX_BYTES:
+    if nthreads is None and kv_bytes < PARALLEL_REGION_MAX_BYTES and time.monotonic() >= _region_backoff_until[0]:
+        nsig = len(_decode_parallel.overloads)
+        t0 = time.perf_counter()
         _decode_parallel(*args, out, lse)
+        slow = time.perf_counter() - t0 > REGION_STALL_S + kv_bytes / REGION_STALL_RATE
+        if slow and len(_decode_parallel.overloads) == nsig:  # (a call that compiled or loaded a kernel is slow)
+            _region_backoff_until[0] = time.monotonic() + REGION_BACKOFF_S
     else:
         run_tasks(_drain, q.shape[0] * nsplit, args, nthreads or numba.get_num_threads())
         if nsplit > 1:
