@@ -38,6 +38,7 @@ def main():
     del x, y
     print(f"device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     B, Dm, N = 8, 1536, 16
+    cfg0, budget0 = new.CONFIG["gpu"], new.SMEM_BUDGET
     A = cuda.as_cuda_array(-torch.rand(Dm, N, device="cuda") - 0.5)
     D = cuda.as_cuda_array(torch.randn(Dm, device="cuda"))
     dbias = cuda.as_cuda_array(torch.randn(Dm, device="cuda") * 0.5)
@@ -66,7 +67,9 @@ def main():
         ref = [host(g) for g in run(old)] if old is not None and L <= 2048 else None
         print(f"L{L} old kernel: {t_old * 1e3:.3f} ms ({nb / t_old / 1e9:.0f} GB/s)", flush=True)
         names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddb", "dinit")
-        for q, budget in ((4, 56), (4, 30), (4, 100), (8, 56), (8, 100), (2, 30), (16, 100)):
+        # K per budget (the partial-sum slots count): Q4 30 KB K4, 40 KB K8, 80 KB K16; Q8 56 KB K8, 100 KB K16;
+        # Q2 40 KB K8, 64 KB K16; Q16 80 KB K8
+        for q, budget in ((4, 40), (4, 80), (4, 30), (8, 56), (8, 100), (2, 40), (2, 64), (16, 80)):
             new.CONFIG["gpu"] = (32, q)
             new.SMEM_BUDGET = budget * 1024
             try:
@@ -86,8 +89,8 @@ def main():
                       f"{100 * nb / t / copy_bw:.1f}% of copy) = {t_old / t:.1f}x old{diff}", flush=True)
             except Exception as ex:
                 print(f"L{L} new Q{q} budget {budget}: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
-        new.CONFIG["gpu"] = (32, 4)
-        new.SMEM_BUDGET = 56 * 1024
+        new.CONFIG["gpu"] = cfg0
+        new.SMEM_BUDGET = budget0
 
 
 if __name__ == "__main__":

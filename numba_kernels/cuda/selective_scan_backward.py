@@ -2,19 +2,25 @@
 
 * Block = NC consecutive channels of one batch row (never crossing a group of B or of C, see
   ``channel_blocks``) x Q lanes per channel: lane (c, q) owns the states n = q * NQ + i (i < NQ = N / Q) of
-  channel c, their state gradients and dA in registers. The per-step sums over a channel's states (du, ddelta,
-  the pre-gate output for dz) are Q-lane shuffle reductions.
+  channel c, their state gradients and dA in registers.
 * Time runs in chunks of K steps. Every chunk is first staged in shared memory by the whole block, coalesced
   along time: u, delta + bias, dt = softplus(...), dout, z, the gated dout, time-varying B / C ([t][n]), the
   seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced.
 * Recomputation: a forward pass over the chunks writes the state entering every chunk to a global scratch
   (B, L / K, N, Dm); the reverse pass takes the chunks from the end, recomputes the chunk's K + 1 states into
   shared memory (rows [j][i] of one word per thread plus a pad word: conflict-free for the walk and for the
-  sums over channels) and walks them backwards. The walk's per-step chain (shared loads, shuffles, the lane-0
-  epilogue) bounds the kernel: 8.9 ms at bf16 B8 Dm1536 N16 L2048 on the H200, ~1% of copy bandwidth.
-* Time-varying dC (sum over the block's channels of g_t h_t) is one pass over the recomputed states before the
-  walk; time-varying dB (sum of dh_t dt_t u_t) reuses the state slot of step t, free once step t is walked, and
-  is summed after the walk: per (b, block) partials (B, nblk, N, L) that a second kernel adds over the blocks of
+  sums over channels) and walks them backwards.
+* The walk carries only the recurrence dh = dA_t (dh + g_t C_t): no shuffles, no branches. Each lane writes
+  its partial sums over its NQ states of du, ddelta and the pre-gate output y (for dz) to shared slots
+  (PU / PD / PY, [step][thread]); after the walk, lane q of a channel sums the Q partials of steps q, q + Q, ...
+  and does their epilogue (softplus' derivative, D, the z gate): independent steps, no per-step chain.
+  Shared indices are unsigned (``W``): no negative-index wraparound code per access.
+  Before (8.9 ms at bf16 B8 Dm1536 N16 L2048 on the H200, ~1% of copy bandwidth) the walk did the Q-lane
+  shuffle sums and a lane-0 epilogue every step.
+* Time-varying dC (sum over the block's channels of g_t h_t: channels past the block's own have g = 0, so the
+  sums run over all NC, four interleaved partial sums) is one pass over the recomputed states before the walk;
+  time-varying dB (sum of dh_t dt_t u_t) reuses the state slot of step t, free once step t is walked, and is
+  summed after the walk: per (b, block) partials (B, nblk, N, L) that a second kernel adds over the blocks of
   each group in a fixed order. dA, dD, ddelta_bias and time-invariant dB / dC go to per-(b, d) partials summed
   over the batch the same way: deterministic, no atomics.
 Whether B / C are time-varying and whether seq_idx is given are compile-time (VB, VC, SEQ); the other options
@@ -23,7 +29,7 @@ switch at run time.
 import functools
 
 import numpy as np
-from numba import cuda, int32
+from numba import cuda, int32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
@@ -34,12 +40,15 @@ from numba_kernels.cuda._scan_fwd_kernel import channel_params
 from numba_kernels.cuda._selective_scan_fwd import SOFTPLUS_THRESHOLD, _fast_fns, _sigmoid_fn
 from numba_kernels.cuda.selective_scan import _bc
 
+W = uint64  # shared-memory indices as unsigned: no negative-index wraparound code per access
 #: channels per block NC, preferred lanes per channel Q (GPU, simulator)
 CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
 #: shared memory budget of one block (bytes): K is the largest power of two <= KMAX that fits. H200 2026-12-02,
-#: bf16 B8 Dm1536 N16 z (benchmarks/gpu/ab_scan_bwd.py): Q4 30 KB (K 8) 8.86 / 22.3 ms at L 2048 / 8192, 56 KB (K 16)
-#: 9.24 / 22.7, 100 KB (K 32) 10.8 / 33.4; Q8 K16 8.43 / 28.5; Q2 K8 9.07 / 30.2; Q16 K32 10.1 / 34.6
-SMEM_BUDGET = 30 * 1024
+#: bf16 B8 Dm1536 N16 z (benchmarks/gpu/ab_scan_bwd.py), the kernel before the walk lost its per-step shuffles
+#: and epilogue: Q4 30 KB (K 8) 8.86 / 22.3 ms at L 2048 / 8192, 56 KB (K 16) 9.24 / 22.7, 100 KB (K 32)
+#: 10.8 / 33.4; Q8 K16 8.43 / 28.5; Q2 K8 9.07 / 30.2; Q16 K32 10.1 / 34.6. The partial-sum slots (3 K (NC Q + 1)
+#: words) take 12 KB more at K 8: 40 KB keeps Q4 at K 8 (39 KB; the grid, ~3 blocks per SM, bounds occupancy)
+SMEM_BUDGET = 40 * 1024
 KMAX = 64
 SIM_CHUNK = 4
 
@@ -67,14 +76,16 @@ def chunk_len(N, f64, NC, Q, VB=True, VC=True):
 def layout(N, K, NC, Q, VB, VC):
     """(offsets of the shared arrays in words of the compute type, total words): the recomputed states HS
     ((K + 1) N / Q rows of NC Q + 1 words: row (j, i), column thread), the per-channel rows U, X, DT, DO, Z, GG
-    (NC rows of K + 1 words each), B / C ([t][n], K x N), per-channel bias and D (PRM), the reset flags RS (K int32,
-    as one word each). The padding word of each row puts consecutive rows on consecutive banks."""
+    (NC rows of K + 1 words each), B / C ([t][n], K x N), the walk's per-lane partial sums PU / PD / PY (K rows of
+    NC Q + 1 words: row step, column thread), per-channel bias and D (PRM), the reset flags RS (K int32, as one
+    word each). The padding word of each row puts consecutive rows on consecutive banks."""
     o = {}
     n = 0
     NCK = NC * (K + 1)
-    for name, count in (("HS", (K + 1) * (N // Q) * (NC * Q + 1)), ("U", NCK), ("X", NCK), ("DT", NCK), ("DO", NCK),
+    NTP = NC * Q + 1
+    for name, count in (("HS", (K + 1) * (N // Q) * NTP), ("U", NCK), ("X", NCK), ("DT", NCK), ("DO", NCK),
                         ("Z", NCK), ("GG", NCK), ("BS", K * N if VB else 0), ("CS", K * N if VC else 0),
-                        ("PRM", 2 * NC), ("RS", K)):
+                        ("PU", K * NTP), ("PD", K * NTP), ("PY", K * NTP), ("PRM", 2 * NC), ("RS", K)):
         o[name] = n
         n += count
     return o, n
@@ -94,8 +105,8 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
     NQ = N // Q
     NT = NC * Q
     o, _ = layout(N, K, NC, Q, VB, VC)
-    HS, U, X, DT, DO, Z, GG, BS, CS, PRM, RS = (o[k] for k in ("HS", "U", "X", "DT", "DO", "Z", "GG", "BS", "CS",
-                                                               "PRM", "RS"))
+    HS, U, X, DT, DO, Z, GG, BS, CS, PU, PD, PY, PRM, RS = (
+        o[k] for k in ("HS", "U", "X", "DT", "DO", "Z", "GG", "BS", "CS", "PU", "PD", "PY", "PRM", "RS"))
     NCK = NC * K
     NK = N * K
     KP = K + 1  # padded channel rows
@@ -116,16 +127,43 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
         HS row j + 1 (the recomputation) too."""
         for j in range(tl):
             if SEQ:
-                if ri[RSW + j] != 0:
+                if ri[W(RSW + j)] != 0:
                     for i in range(NQ):
                         h[i] = ZERO
-            dt = sf[DT + crow + j]
-            dtu = dt * sf[U + crow + j]
+            dt = sf[W(DT + crow + j)]
+            dtu = dt * sf[W(U + crow + j)]
             for i in range(NQ):
-                bn = sf[BS + j * N + q * NQ + i] if VB else bl[i]
+                bn = sf[W(BS + j * N + q * NQ + i)] if VB else bl[i]
                 h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
                 if keep:
-                    sf[HS + ((j + 1) * NQ + i) * NTP + tid] = h[i]
+                    sf[W(HS + ((j + 1) * NQ + i) * NTP + tid)] = h[i]
+
+    @cuda.jit(device=True, inline=True)
+    def chsum(sf, a, sa, b, sb):
+        """sum over the NC channels c2 of sf[a + c2 sa] (* sf[b + c2 sb] when sb > 0) in a fixed order: four
+        interleaved partial sums (independent chains), channels past the block's own carry zeros."""
+        s0 = ZERO
+        s1 = ZERO
+        s2 = ZERO
+        s3 = ZERO
+        for m in range(NC // 4):
+            c2 = 4 * m
+            if sb > 0:
+                s0 += sf[W(a + c2 * sa)] * sf[W(b + c2 * sb)]
+                s1 += sf[W(a + (c2 + 1) * sa)] * sf[W(b + (c2 + 1) * sb)]
+                s2 += sf[W(a + (c2 + 2) * sa)] * sf[W(b + (c2 + 2) * sb)]
+                s3 += sf[W(a + (c2 + 3) * sa)] * sf[W(b + (c2 + 3) * sb)]
+            else:
+                s0 += sf[W(a + c2 * sa)]
+                s1 += sf[W(a + (c2 + 1) * sa)]
+                s2 += sf[W(a + (c2 + 2) * sa)]
+                s3 += sf[W(a + (c2 + 3) * sa)]
+        for c2 in range(NC - NC % 4, NC):
+            if sb > 0:
+                s0 += sf[W(a + c2 * sa)] * sf[W(b + c2 * sb)]
+            else:
+                s0 += sf[W(a + c2 * sa)]
+        return (s0 + s1) + (s2 + s3)
 
     @cuda.jit(device=True, inline=True)
     def sum_slot(idx):
@@ -162,7 +200,8 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
                 g = ZERO
                 zv = ZERO
                 if j < tl:
-                    g = ft(cin(dout[b, dd, t]))
+                    if c < nch:  # zero past the block's channels: the channel sums run over all NC
+                        g = ft(cin(dout[b, dd, t]))
                     if has_z:
                         zv = ft(cin(z[b, dd, t]))
                 sf[DO + r] = g
@@ -247,17 +286,18 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
             scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, False)
             cuda.syncthreads()
         Dd = sf[PRM + NC + cr]
-        sD = ZERO
+        sD = ZERO  # this lane's share (steps q, q + Q, ...) of the channel's dD and ddelta_bias
         sb = ZERO
         for cb in range(nc):
             cc = nc - 1 - cb
             t0 = cc * K
             tl = min(K, L - t0)
+            for i in range(NQ):  # issued before the staging loads: both in flight together
+                h[i] = ck[b, cc, q * NQ + i, d]
             stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, True, b, d0, nch, gb, gc, t0, tl, L,
                   tid, has_z)
             for i in range(NQ):
-                h[i] = ck[b, cc, q * NQ + i, d]
-                sf[HS + i * NTP + tid] = h[i]
+                sf[W(HS + i * NTP + tid)] = h[i]
             cuda.syncthreads()
             scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, True)  # recompute the chunk's states
             if VC:  # dC[t, n] = sum over the channels of g_t h_t[n]
@@ -265,81 +305,94 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
                 for idx in range(tid, NK, NT):  # consecutive threads: consecutive state rows (distinct banks)
                     n, j, hb = sum_slot(idx)
                     if j < tl:
-                        acc = ZERO
-                        for c2 in range(nch):
-                            acc += sf[GG + c2 * KP + j] * sf[hb + c2 * Q]
-                        dCv_p[b, blk, n, t0 + j] = acc
+                        dCv_p[b, blk, n, t0 + j] = chsum(sf, GG + j, KP, hb, Q)
                 cuda.syncthreads()
-            for jj in range(tl):  # walk back
+            # walk back: only the recurrence dh = dA_t (dh + g_t C_t) is sequential; the lane's partial sums of
+            # du, ddelta and the pre-gate output go to shared slots (step j, thread), reduced after the walk
+            for jj in range(tl):
                 j = tl - 1 - jj
-                dt = sf[DT + crow + j]
-                ut = sf[U + crow + j]
-                g = sf[GG + crow + j]
+                dt = sf[W(DT + crow + j)]
+                ut = sf[W(U + crow + j)]
+                g = sf[W(GG + crow + j)]
                 rs = False
                 if SEQ:
-                    rs = ri[RSW + j] != 0
-                ypre = ZERO
-                if has_z:
-                    for i in range(NQ):
-                        cn = sf[CS + j * N + q * NQ + i] if VC else cl[i]
-                        ypre += cn * sf[HS + ((j + 1) * NQ + i) * NTP + tid]
-                    ypre = qsum(ypre)
+                    rs = ri[W(RSW + j)] != 0
                 dtu = dt * ut
+                hb = HS + j * NQ * NTP + tid  # HS row (j, 0): the states entering step j
+                yp = ZERO
                 dus = ZERO
                 ddt = ZERO
                 for i in range(NQ):
                     n = q * NQ + i
-                    bn = sf[BS + j * N + n] if VB else bl[i]
-                    cn = sf[CS + j * N + n] if VC else cl[i]
+                    bn = sf[W(BS + j * N + n)] if VB else bl[i]
+                    cn = sf[W(CS + j * N + n)] if VC else cl[i]
+                    slot = hb + (NQ + i) * NTP  # row (j + 1, i): the state after step j
+                    hn = sf[W(slot)]
+                    hp = ZERO if rs else sf[W(hb + i * NTP)]
+                    yp += cn * hn
                     dhn = dh[i] + g * cn
                     an = exps(dt * a2[i])
-                    hp = ZERO if rs else sf[HS + (j * NQ + i) * NTP + tid]
-                    slot = HS + ((j + 1) * NQ + i) * NTP + tid
+                    ahp = an * hp
                     if not VC:
-                        dCa[i] += g * sf[slot]
+                        dCa[i] += g * hn
                     vb = dhn * dtu
                     if VB:
-                        sf[slot] = vb  # step t's state is no longer needed: its slot takes dB's term
+                        sf[W(slot)] = vb if act else ZERO  # step t's state is no longer needed: dB's term
                     else:
                         dBa[i] += vb
                     dus += dhn * bn
-                    ddt += dhn * (av[i] * an * hp + bn * ut)
-                    dAa[i] += dhn * dt * an * hp
+                    ddt += dhn * (av[i] * ahp + bn * ut)
+                    dAa[i] += dhn * dt * ahp
                     dh[i] = ZERO if rs else an * dhn
-                dus = qsum(dus)
-                ddt = qsum(ddt)
-                if (q == 0) & act:  # after the shuffles every lane of the channel has read this step's u
-                    x = sf[X + crow + j]
-                    if softplus and x <= THR:
-                        ddt = ddt * sigmoid_f(x)
-                    sD += g * ut
-                    sb += ddt
-                    sf[U + crow + j] = dus * dt + g * Dd
-                    sf[X + crow + j] = ddt
-                    if has_z:
-                        zv = sf[Z + crow + j]
-                        s = sigmoid_f(zv)
-                        sf[Z + crow + j] = sf[DO + crow + j] * (ypre + Dd * ut) * s * (ONE + zv * (ONE - s))
+                pj = j * NTP + tid
+                sf[W(PU + pj)] = dus
+                sf[W(PD + pj)] = ddt
+                sf[W(PY + pj)] = yp
+            if Q > 1:
+                intr.syncwarp()  # a channel's Q lanes are consecutive lanes of one warp
+            # epilogue of the chunk's steps, lane q of a channel taking steps q, q + Q, ...: independent steps
+            for j in range(q if act else tl, tl, Q):  # (lanes past the block's channels share its last one's rows)
+                r = crow + j
+                pj = j * NTP + c * Q
+                dus = ZERO
+                ddt = ZERO
+                yp = ZERO
+                for q2 in range(Q):
+                    dus += sf[W(PU + pj + q2)]
+                    ddt += sf[W(PD + pj + q2)]
+                    yp += sf[W(PY + pj + q2)]
+                ut = sf[W(U + r)]
+                g = sf[W(GG + r)]
+                x = sf[W(X + r)]
+                if softplus and x <= THR:
+                    ddt = ddt * sigmoid_f(x)
+                sD += g * ut
+                sb += ddt
+                sf[W(U + r)] = dus * sf[W(DT + r)] + g * Dd
+                sf[W(X + r)] = ddt
+                if has_z:
+                    zv = sf[W(Z + r)]
+                    s = sigmoid_f(zv)
+                    sf[W(Z + r)] = sf[W(DO + r)] * (yp + Dd * ut) * s * (ONE + zv * (ONE - s))
             cuda.syncthreads()
             if VB:  # dB[t, n] = sum over the channels of dh_t[n] dt_t u_t
                 for idx in range(tid, NK, NT):
                     n, j, hb = sum_slot(idx)
                     if j < tl:
-                        acc = ZERO
-                        for c2 in range(nch):
-                            acc += sf[hb + c2 * Q]
-                        dBv_p[b, blk, n, t0 + j] = acc
+                        dBv_p[b, blk, n, t0 + j] = chsum(sf, hb, Q, 0, 0)
             for idx in range(tid, NCK, NT):
                 c2 = idx // K
                 j = idx - c2 * K
                 if (c2 < nch) & (j < tl):
                     dd = d0 + c2
                     r = c2 * KP + j
-                    du[b, dd, t0 + j] = cout(sf[U + r])
-                    ddelta[b, dd, t0 + j] = cout(sf[X + r])
+                    du[b, dd, t0 + j] = cout(sf[W(U + r)])
+                    ddelta[b, dd, t0 + j] = cout(sf[W(X + r)])
                     if has_z:
-                        dz[b, dd, t0 + j] = cout(sf[Z + r])
+                        dz[b, dd, t0 + j] = cout(sf[W(Z + r)])
             cuda.syncthreads()
+        sD = qsum(sD)
+        sb = qsum(sb)
         if act:
             if q == 0:
                 dD_p[b, d] = sD
