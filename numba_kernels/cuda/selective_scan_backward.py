@@ -5,7 +5,9 @@
   channel c, their state gradients and dA in registers.
 * Time runs in chunks of K steps. Every chunk is first staged in shared memory by the whole block, coalesced
   along time: u, delta + bias, dt = softplus(...), dout, z, the gated dout, time-varying B / C ([t][n]), the
-  seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced.
+  seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced. The global
+  loads of a chunk (and of its checkpointed state) go to registers before the previous chunk's scan / walk
+  (``fetch``; ``put`` stages them after it): their latency overlaps that work (``PREFETCH``).
 * Recomputation: a forward pass over the chunks writes the state entering every chunk to a global scratch
   (B, L / K, N, Dm); the reverse pass takes the chunks from the end, recomputes the chunk's K + 1 states into
   shared memory (rows [j][i] of one word per thread plus a pad word: conflict-free for the walk and for the
@@ -49,6 +51,9 @@ CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
 #: 10.8 / 33.4; Q8 K16 8.43 / 28.5; Q2 K8 9.07 / 30.2; Q16 K32 10.1 / 34.6. The partial-sum slots (3 K (NC Q + 1)
 #: words) take 12 KB more at K 8: 40 KB keeps Q4 at K 8 (39 KB; the grid, ~3 blocks per SM, bounds occupancy)
 SMEM_BUDGET = 40 * 1024
+#: issue the next chunk's global loads (u, delta, dout, z, B, C, seq, the checkpoint) into registers before the
+#: current chunk's scan / walk, so their latency overlaps it (False: load each chunk right before staging it)
+PREFETCH = True
 KMAX = 64
 SIM_CHUNK = 4
 
@@ -96,7 +101,7 @@ def smem_bytes(N, K, NC, Q, VB, VC, f64):
 
 
 @functools.lru_cache(maxsize=None)
-def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
+def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
     cin, cout, ft = _converters(kind)
     exps, SCALE, softplus_f, _ = _fast_fns(kind == "f64")
     sigmoid_f = _sigmoid_fn(kind == "f64")
@@ -112,6 +117,10 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
     KP = K + 1  # padded channel rows
     NTP = NT + 1  # padded state rows
     RSW = RS * (2 if kind == "f64" else 1)  # RS in int32 words
+    NI1 = -(-NCK // NT)  # per thread: (channel, step) items, (state, step) items, steps of a chunk
+    NI2 = -(-NK // NT)
+    NI3 = -(-K // NT)
+    ET = ELEM[kind]
 
     @cuda.jit(device=True, inline=True)
     def qsum(v):  # sum over the Q lanes of a channel (consecutive lanes of one warp)
@@ -175,56 +184,95 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
         return qq * NQ + rr - j * NQ, j, HS + (NQ + rr) * NTP + qq
 
     @cuda.jit(device=True, inline=True)
-    def stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, full, b, d0, nch, gb, gc, t0, tl, L, tid,
-              has_z):
-        """Chunk [t0, t0 + tl) into shared memory (zeros past tl); ``full``: also dout, z, the gated dout, C."""
-        for idx in range(tid, NCK, NT):
+    def fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, full, b, d0, nch, gb, gc, t0,
+              tl, tid, has_z):
+        """This thread's global loads of chunk [t0, t0 + tl) into registers (raw elements, not used here: with
+        PF they stay in flight during the previous chunk's work); ``full``: also dout, z, C."""
+        for k in range(NI1):
+            idx = tid + k * NT
             c = idx // K
             j = idx - c * K
-            dd = d0 + min(c, nch - 1)
-            t = t0 + j
-            uv = ZERO
-            x = ZERO
-            dt = ZERO
-            if j < tl:
-                uv = ft(cin(u[b, dd, t]))
-                x = ft(cin(delta[b, dd, t])) + sf[PRM + c]
-                dt = x
-                if softplus:
-                    dt = softplus_f(x)
-            r = c * KP + j
-            sf[U + r] = uv
-            sf[DT + r] = dt
-            if full:
-                sf[X + r] = x
-                g = ZERO
-                zv = ZERO
-                if j < tl:
-                    if c < nch:  # zero past the block's channels: the channel sums run over all NC
-                        g = ft(cin(dout[b, dd, t]))
+            if (idx < NCK) & (j < tl):
+                dd = W(d0 + min(c, nch - 1))
+                t = W(t0 + j)
+                ru[k] = u[b, dd, t]
+                rx[k] = delta[b, dd, t]
+                if full:
+                    rg[k] = dout[b, dd, t]
                     if has_z:
-                        zv = ft(cin(z[b, dd, t]))
-                sf[DO + r] = g
-                sf[Z + r] = zv
-                if has_z:
-                    g = g * zv * sigmoid_f(zv)
-                sf[GG + r] = g
+                        rz[k] = z[b, dd, t]
         if VB or (VC and full):
-            for idx in range(tid, NK, NT):
+            for k in range(NI2):
+                idx = tid + k * NT
                 n = idx // K
                 j = idx - n * K
-                if VB:
-                    sf[BS + j * N + n] = ft(cin(bvar[b, gb, n, t0 + j])) if j < tl else ZERO
-                if VC and full:
-                    sf[CS + j * N + n] = ft(cin(cvar[b, gc, n, t0 + j])) if j < tl else ZERO
+                if (idx < NK) & (j < tl):
+                    if VB:
+                        rb[k] = bvar[b, W(gb), W(n), W(t0 + j)]
+                    if VC and full:
+                        rc[k] = cvar[b, W(gc), W(n), W(t0 + j)]
         if SEQ:
-            for j in range(tid, K, NT):
+            for k in range(NI3):
+                j = tid + k * NT
                 t = t0 + j
-                rs = 0
-                if (t > 0) & (t < L) & (j < tl):
-                    if seq[b, t] != seq[b, t - 1]:
-                        rs = 1
-                ri[RSW + j] = rs
+                if (j < K) & (j < tl) & (t > 0):
+                    rq[k] = seq[b, W(t)]
+                    rp[k] = seq[b, W(t - 1)]
+
+    @cuda.jit(device=True, inline=True)
+    def put(sf, ri, ru, rx, rg, rz, rb, rc, rq, rp, softplus, full, nch, t0, tl, tid, has_z):
+        """The fetched chunk into shared memory (zeros past tl): u, dt = softplus(delta + bias), B, the reset
+        flags; ``full``: also delta + bias, dout, z, the gated dout (zero past the block's channels), C."""
+        for k in range(NI1):
+            idx = tid + k * NT
+            if idx < NCK:
+                c = idx // K
+                j = idx - c * K
+                uv = ZERO
+                x = ZERO
+                dt = ZERO
+                if j < tl:
+                    uv = ft(cin(ru[k]))
+                    x = ft(cin(rx[k])) + sf[W(PRM + c)]
+                    dt = x
+                    if softplus:
+                        dt = softplus_f(x)
+                r = c * KP + j
+                sf[W(U + r)] = uv
+                sf[W(DT + r)] = dt
+                if full:
+                    sf[W(X + r)] = x
+                    g = ZERO
+                    zv = ZERO
+                    if j < tl:
+                        if c < nch:  # zero past the block's channels: the channel sums run over all NC
+                            g = ft(cin(rg[k]))
+                        if has_z:
+                            zv = ft(cin(rz[k]))
+                    sf[W(DO + r)] = g
+                    sf[W(Z + r)] = zv
+                    if has_z:
+                        g = g * zv * sigmoid_f(zv)
+                    sf[W(GG + r)] = g
+        if VB or (VC and full):
+            for k in range(NI2):
+                idx = tid + k * NT
+                if idx < NK:
+                    n = idx // K
+                    j = idx - n * K
+                    if VB:
+                        sf[W(BS + j * N + n)] = ft(cin(rb[k])) if j < tl else ZERO
+                    if VC and full:
+                        sf[W(CS + j * N + n)] = ft(cin(rc[k])) if j < tl else ZERO
+        if SEQ:
+            for k in range(NI3):
+                j = tid + k * NT
+                if j < K:
+                    rs = 0
+                    if (j < tl) & (t0 + j > 0):
+                        if rq[k] != rp[k]:
+                            rs = 1
+                    ri[W(RSW + j)] = rs
 
     def kernel(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, z, dbias, init, seq, dlast, softplus,
                blk_start, blk_len, ck, du, ddelta, dz, dA_p, dBc_p, dCc_p, dBv_p, dCv_p, dD_p, ddb_p, dinit):
@@ -251,6 +299,16 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
         cl = cuda.local.array(NQ, ft)
         dBa = cuda.local.array(NQ, ft)
         dCa = cuda.local.array(NQ, ft)
+        hq = cuda.local.array(NQ, ft)  # the fetched chunk: the state entering it, raw u, delta, dout, z, B, C, seq
+        ru = cuda.local.array(NI1, ET)
+        rx = cuda.local.array(NI1, ET)
+        rg = cuda.local.array(NI1, ET)
+        rz = cuda.local.array(NI1, ET)
+        rb = cuda.local.array(NI2, ET)
+        rc = cuda.local.array(NI2, ET)
+        rq = cuda.local.array(NI3, int32)
+        rp = cuda.local.array(NI3, int32)
+        bw = W(b)
         has_z = z.shape[0] > 0
         gb = 0
         if VB:
@@ -274,31 +332,53 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
         nc = (L + K - 1) // K
         crow = cr * KP
         # forward over the chunks: the state entering each one
+        if PF:
+            fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, False, bw, d0, nch, gb, gc, 0,
+                  min(K, L), tid, has_z)
         for cc in range(nc):
             t0 = cc * K
             tl = min(K, L - t0)
-            stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, False, b, d0, nch, gb, gc, t0, tl, L,
-                  tid, has_z)
+            if not PF:
+                fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, False, bw, d0, nch, gb, gc,
+                      t0, tl, tid, has_z)
+            put(sf, ri, ru, rx, rg, rz, rb, rc, rq, rp, softplus, False, nch, t0, tl, tid, has_z)
             cuda.syncthreads()
+            if PF and cc + 1 < nc:  # the next chunk's loads, in flight during this one's scan
+                fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, False, bw, d0, nch, gb, gc,
+                      t0 + K, min(K, L - t0 - K), tid, has_z)
             if act:
                 for i in range(NQ):
-                    ck[b, cc, q * NQ + i, d] = h[i]
+                    ck[bw, W(cc), W(q * NQ + i), W(d)] = h[i]
             scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, False)
             cuda.syncthreads()
         Dd = sf[PRM + NC + cr]
         sD = ZERO  # this lane's share (steps q, q + Q, ...) of the channel's dD and ddelta_bias
         sb = ZERO
+        if PF:
+            t0 = (nc - 1) * K
+            for i in range(NQ):
+                hq[i] = ck[bw, W(nc - 1), W(q * NQ + i), W(d)]
+            fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, True, bw, d0, nch, gb, gc, t0,
+                  L - t0, tid, has_z)
         for cb in range(nc):
             cc = nc - 1 - cb
             t0 = cc * K
             tl = min(K, L - t0)
-            for i in range(NQ):  # issued before the staging loads: both in flight together
-                h[i] = ck[b, cc, q * NQ + i, d]
-            stage(sf, ri, u, delta, dout, z, bvar, cvar, seq, softplus, True, b, d0, nch, gb, gc, t0, tl, L,
-                  tid, has_z)
+            if not PF:
+                for i in range(NQ):
+                    hq[i] = ck[bw, W(cc), W(q * NQ + i), W(d)]
+                fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, True, bw, d0, nch, gb, gc,
+                      t0, tl, tid, has_z)
+            put(sf, ri, ru, rx, rg, rz, rb, rc, rq, rp, softplus, True, nch, t0, tl, tid, has_z)
             for i in range(NQ):
+                h[i] = hq[i]
                 sf[W(HS + i * NTP + tid)] = h[i]
             cuda.syncthreads()
+            if PF and cc > 0:  # the previous chunk's loads, in flight during this one's recomputation and walk
+                for i in range(NQ):
+                    hq[i] = ck[bw, W(cc - 1), W(q * NQ + i), W(d)]
+                fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, True, bw, d0, nch, gb, gc,
+                      t0 - K, K, tid, has_z)
             scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, True)  # recompute the chunk's states
             if VC:  # dC[t, n] = sum over the channels of g_t h_t[n]
                 cuda.syncthreads()
@@ -332,7 +412,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
                     yp += cn * hn
                     dhn = dh[i] + g * cn
                     an = exps(dt * a2[i])
-                    ahp = an * hp
+                    w = dhn * an * hp
                     if not VC:
                         dCa[i] += g * hn
                     vb = dhn * dtu
@@ -341,8 +421,8 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
                     else:
                         dBa[i] += vb
                     dus += dhn * bn
-                    ddt += dhn * (av[i] * ahp + bn * ut)
-                    dAa[i] += dhn * dt * ahp
+                    ddt += av[i] * w  # ddelta's B u term is u_t du's: added after the lane sums
+                    dAa[i] += dt * w
                     dh[i] = ZERO if rs else an * dhn
                 pj = j * NTP + tid
                 sf[W(PU + pj)] = dus
@@ -364,6 +444,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ):
                 ut = sf[W(U + r)]
                 g = sf[W(GG + r)]
                 x = sf[W(X + r)]
+                ddt += dus * ut
                 if softplus and x <= THR:
                     ddt = ddt * sigmoid_f(x)
                 sD += g * ut
@@ -486,8 +567,8 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
             _compute(dlast, ft, 3), np.int32(softplus), cuda.to_device(st), cuda.to_device(ln), ck,
             du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit)
     smem = smem_bytes(N, K, NC, Q, bool(gb), bool(gc), f64)
-    fl.launch(make_bwd_kernel(kind, N, K, NC, Q, bool(gb), bool(gc), seq is not None), (nblk, Bt), NC * Q, smem,
-              args)
+    fl.launch(make_bwd_kernel(kind, N, K, NC, Q, bool(gb), bool(gc), seq is not None, PREFETCH), (nblk, Bt), NC * Q,
+              smem, args)
 
     def var(part, G, grp, M):  # (B, nblk, N, L) -> (B, G, N, L) -> M's shape, in u's element type
         starts = np.searchsorted(grp, np.arange(G + 1)).astype(np.int32)
@@ -517,7 +598,7 @@ def ptx_signatures(states=(4, 16)):
                 NC, Q = config(N)
                 K = chunk_len(N, kind == "f64", NC, Q, vb, vc)
                 out.append((f"bwd_{kind}_N{N}_{'var' if vb else 'const'}{'_seq' if sq else ''}",
-                            make_bwd_kernel(kind, N, K, NC, Q, vb, vc, sq).py_func,
+                            make_bwd_kernel(kind, N, K, NC, Q, vb, vc, sq, PREFETCH).py_func,
                             (e3, e3, e3, f2, e4, f2, e4, f2, f1, e3, f1, f3, i2, f3, types.int32, i1, i1, f4,
                              e3, e3, e3, f3, f3, f3, f4, f4, f2, f2, f3)))
         out.append((f"group_sum_{kind}", make_group_sum_kernel(kind).py_func,
