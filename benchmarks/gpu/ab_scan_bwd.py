@@ -38,7 +38,7 @@ def main():
     del x, y
     print(f"device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
     B, Dm, N = 8, 1536, 16
-    cfg0, budget0 = new.CONFIG["gpu"], new.SMEM_BUDGET
+    cfg0, budget0, pf0 = new.CONFIG["gpu"], new.SMEM_BUDGET, getattr(new, "PREFETCH", True)
     A = cuda.as_cuda_array(-torch.rand(Dm, N, device="cuda") - 0.5)
     D = cuda.as_cuda_array(torch.randn(Dm, device="cuda"))
     dbias = cuda.as_cuda_array(torch.randn(Dm, device="cuda") * 0.5)
@@ -68,10 +68,15 @@ def main():
         print(f"L{L} old kernel: {t_old * 1e3:.3f} ms ({nb / t_old / 1e9:.0f} GB/s)", flush=True)
         names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddb", "dinit")
         # K per budget (the partial-sum slots count): Q4 30 KB K4, 40 KB K8, 80 KB K16; Q8 56 KB K8, 100 KB K16;
-        # Q2 40 KB K8, 64 KB K16; Q16 80 KB K8
-        for q, budget in ((4, 40), (4, 80), (4, 30), (8, 56), (8, 100), (2, 40), (2, 64), (16, 80)):
+        # Q2 40 KB K8, 64 KB K16; Q16 80 KB K8. pf: PREFETCH (the next chunk's global loads before this one's walk)
+        for q, budget, pf in ((4, 40, True), (4, 40, False), (4, 80, True), (4, 30, True), (8, 56, True),
+                              (8, 100, True), (2, 40, True), (2, 64, True), (16, 80, True)):
             new.CONFIG["gpu"] = (32, q)
             new.SMEM_BUDGET = budget * 1024
+            if hasattr(new, "PREFETCH"):
+                new.PREFETCH = pf
+            elif not pf:
+                continue
             try:
                 got = run(new)
                 cuda.synchronize()
@@ -85,12 +90,15 @@ def main():
                             es.append(f"{n} {float(np.abs(gh - r).max() / max(1e-30, np.abs(r).max())):.1e}")
                     diff = " | rel diff vs old: " + ", ".join(es)
                 K = new.chunk_len(N, False, 32, new.config(N)[1], True, True)
-                print(f"L{L} new Q{q} K{K} (budget {budget} KB): {t * 1e3:.3f} ms ({nb / t / 1e9:.0f} GB/s, "
+                tag = "" if pf else ", no prefetch"
+                print(f"L{L} new Q{q} K{K} (budget {budget} KB{tag}): {t * 1e3:.3f} ms ({nb / t / 1e9:.0f} GB/s, "
                       f"{100 * nb / t / copy_bw:.1f}% of copy) = {t_old / t:.1f}x old{diff}", flush=True)
             except Exception as ex:
-                print(f"L{L} new Q{q} budget {budget}: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+                print(f"L{L} new Q{q} budget {budget} pf {pf}: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
         new.CONFIG["gpu"] = cfg0
         new.SMEM_BUDGET = budget0
+        if hasattr(new, "PREFETCH"):
+            new.PREFETCH = pf0
 
 
 if __name__ == "__main__":

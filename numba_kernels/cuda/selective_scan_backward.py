@@ -16,7 +16,8 @@
   its partial sums over its NQ states of du, ddelta and the pre-gate output y (for dz) to shared slots
   (PU / PD / PY, [step][thread]); after the walk, lane q of a channel sums the Q partials of steps q, q + Q, ...
   and does their epilogue (softplus' derivative, D, the z gate): independent steps, no per-step chain.
-  Shared indices are unsigned (``W``): no negative-index wraparound code per access.
+  Shared indices are unsigned (``W``): no negative-index wraparound code per access; a lane's B / C values of a
+  step are NQ / 4 16-byte loads (``V4``: NQ a multiple of 4, float32 compute).
   Before (8.9 ms at bf16 B8 Dm1536 N16 L2048 on the H200, ~1% of copy bandwidth) the walk did the Q-lane
   shuffle sums and a lane-0 epilogue every step.
 * Time-varying dC (sum over the block's channels of g_t h_t: channels past the block's own have g = 0, so the
@@ -35,6 +36,7 @@ from numba import cuda, int32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
+from numba_kernels.cuda import _scan_intrinsics as si
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
@@ -83,7 +85,8 @@ def layout(N, K, NC, Q, VB, VC):
     ((K + 1) N / Q rows of NC Q + 1 words: row (j, i), column thread), the per-channel rows U, X, DT, DO, Z, GG
     (NC rows of K + 1 words each), B / C ([t][n], K x N), the walk's per-lane partial sums PU / PD / PY (K rows of
     NC Q + 1 words: row step, column thread), per-channel bias and D (PRM), the reset flags RS (K int32, as one
-    word each). The padding word of each row puts consecutive rows on consecutive banks."""
+    word each). The padding word of each row puts consecutive rows on consecutive banks; every array starts at a
+    multiple of 4 words (16-byte loads of B / C)."""
     o = {}
     n = 0
     NCK = NC * (K + 1)
@@ -91,6 +94,7 @@ def layout(N, K, NC, Q, VB, VC):
     for name, count in (("HS", (K + 1) * (N // Q) * NTP), ("U", NCK), ("X", NCK), ("DT", NCK), ("DO", NCK),
                         ("Z", NCK), ("GG", NCK), ("BS", K * N if VB else 0), ("CS", K * N if VC else 0),
                         ("PU", K * NTP), ("PD", K * NTP), ("PY", K * NTP), ("PRM", 2 * NC), ("RS", K)):
+        n = -(-n // 4) * 4
         o[name] = n
         n += count
     return o, n
@@ -121,6 +125,17 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
     NI2 = -(-NK // NT)
     NI3 = -(-K // NT)
     ET = ELEM[kind]
+    V4 = NQ % 4 == 0 and kind != "f64"  # a lane's B / C values of a step: NQ / 4 16-byte shared loads
+
+    @cuda.jit(device=True, inline=True)
+    def bc_row(sf, base, q, dst):
+        """dst[i] = sf[base + q NQ + i] (i < NQ): a lane's B or C values of one step ([t][n] rows)."""
+        if V4:
+            for i4 in range(NQ // 4):
+                dst[4 * i4], dst[4 * i4 + 1], dst[4 * i4 + 2], dst[4 * i4 + 3] = si.ld4(sf, W(base + q * NQ + 4 * i4))
+        else:
+            for i in range(NQ):
+                dst[i] = sf[W(base + q * NQ + i)]
 
     @cuda.jit(device=True, inline=True)
     def qsum(v):  # sum over the Q lanes of a channel (consecutive lanes of one warp)
@@ -131,7 +146,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
         return v
 
     @cuda.jit(device=True, inline=True)
-    def scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, keep):
+    def scan_chunk(sf, ri, h, a2, bl, bq, q, crow, tl, tid, keep):
         """Advance this lane's states h over the staged chunk's tl steps; ``keep``: store each step's states in
         HS row j + 1 (the recomputation) too."""
         for j in range(tl):
@@ -141,8 +156,10 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
                         h[i] = ZERO
             dt = sf[W(DT + crow + j)]
             dtu = dt * sf[W(U + crow + j)]
+            if VB:
+                bc_row(sf, BS + j * N, q, bq)
             for i in range(NQ):
-                bn = sf[W(BS + j * N + q * NQ + i)] if VB else bl[i]
+                bn = bq[i] if VB else bl[i]
                 h[i] = exps(dt * a2[i]) * h[i] + dtu * bn
                 if keep:
                     sf[W(HS + ((j + 1) * NQ + i) * NTP + tid)] = h[i]
@@ -299,6 +316,8 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
         cl = cuda.local.array(NQ, ft)
         dBa = cuda.local.array(NQ, ft)
         dCa = cuda.local.array(NQ, ft)
+        bq = cuda.local.array(NQ, ft)  # a step's B / C values of this lane's states
+        cq = cuda.local.array(NQ, ft)
         hq = cuda.local.array(NQ, ft)  # the fetched chunk: the state entering it, raw u, delta, dout, z, B, C, seq
         ru = cuda.local.array(NI1, ET)
         rx = cuda.local.array(NI1, ET)
@@ -349,7 +368,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
             if act:
                 for i in range(NQ):
                     ck[bw, W(cc), W(q * NQ + i), W(d)] = h[i]
-            scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, False)
+            scan_chunk(sf, ri, h, a2, bl, bq, q, crow, tl, tid, False)
             cuda.syncthreads()
         Dd = sf[PRM + NC + cr]
         sD = ZERO  # this lane's share (steps q, q + Q, ...) of the channel's dD and ddelta_bias
@@ -379,7 +398,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
                     hq[i] = ck[bw, W(cc - 1), W(q * NQ + i), W(d)]
                 fetch(ru, rx, rg, rz, rb, rc, rq, rp, u, delta, dout, z, bvar, cvar, seq, True, bw, d0, nch, gb, gc,
                       t0 - K, K, tid, has_z)
-            scan_chunk(sf, ri, h, a2, bl, q, crow, tl, tid, True)  # recompute the chunk's states
+            scan_chunk(sf, ri, h, a2, bl, bq, q, crow, tl, tid, True)  # recompute the chunk's states
             if VC:  # dC[t, n] = sum over the channels of g_t h_t[n]
                 cuda.syncthreads()
                 for idx in range(tid, NK, NT):  # consecutive threads: consecutive state rows (distinct banks)
@@ -397,15 +416,18 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
                 rs = False
                 if SEQ:
                     rs = ri[W(RSW + j)] != 0
-                dtu = dt * ut
+                dtu = dt * ut if act else ZERO  # (dB's channel sums take the lanes past the block's channels)
                 hb = HS + j * NQ * NTP + tid  # HS row (j, 0): the states entering step j
                 yp = ZERO
                 dus = ZERO
                 ddt = ZERO
+                if VB:
+                    bc_row(sf, BS + j * N, q, bq)
+                if VC:
+                    bc_row(sf, CS + j * N, q, cq)
                 for i in range(NQ):
-                    n = q * NQ + i
-                    bn = sf[W(BS + j * N + n)] if VB else bl[i]
-                    cn = sf[W(CS + j * N + n)] if VC else cl[i]
+                    bn = bq[i] if VB else bl[i]
+                    cn = cq[i] if VC else cl[i]
                     slot = hb + (NQ + i) * NTP  # row (j + 1, i): the state after step j
                     hn = sf[W(slot)]
                     hp = ZERO if rs else sf[W(hb + i * NTP)]
@@ -417,7 +439,7 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
                         dCa[i] += g * hn
                     vb = dhn * dtu
                     if VB:
-                        sf[W(slot)] = vb if act else ZERO  # step t's state is no longer needed: dB's term
+                        sf[W(slot)] = vb  # step t's state is no longer needed: dB's term
                     else:
                         dBa[i] += vb
                     dus += dhn * bn
