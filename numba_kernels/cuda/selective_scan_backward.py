@@ -405,7 +405,8 @@ def make_bwd_kernel(kind, N, K, NC, Q, VB, VC, SEQ, PF=True):
                     n, j, hb = sum_slot(idx)
                     if j < tl:
                         dCv_p[b, blk, n, t0 + j] = chsum(sf, GG + j, KP, hb, Q)
-                cuda.syncthreads()
+                if VB:  # the walk writes dB's terms over the states read here (without VB it writes no HS)
+                    cuda.syncthreads()
             # walk back: only the recurrence dh = dA_t (dh + g_t C_t) is sequential; the lane's partial sums of
             # du, ddelta and the pre-gate output go to shared slots (step j, thread), reduced after the walk
             for jj in range(tl):
