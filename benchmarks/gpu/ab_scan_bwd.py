@@ -46,7 +46,7 @@ def main():
     def devarr(t):
         return cuda.as_cuda_array(t.view(torch.int16)).view(np.uint16)
 
-    for L in (2048, 8192):
+    for L in [int(x) for x in os.environ.get("AB_L", "2048,8192").split(",")]:
         u, delta, z, Bt, Ct = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in
                                ((B, Dm, L), (B, Dm, L), (B, Dm, L), (B, 1, N, L), (B, 1, N, L)))
         dout = torch.randn_like(u)
@@ -69,8 +69,12 @@ def main():
         names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddb", "dinit")
         # K per budget (the partial-sum slots count): Q4 30 KB K4, 40 KB K8, 80 KB K16; Q8 56 KB K8, 100 KB K16;
         # Q2 40 KB K8, 64 KB K16; Q16 80 KB K8. pf: PREFETCH (the next chunk's global loads before this one's walk)
-        for q, budget, pf in ((4, 40, True), (4, 40, False), (4, 80, True), (4, 30, True), (8, 56, True),
-                              (8, 100, True), (2, 40, True), (2, 64, True), (16, 80, True)):
+        rows = ((4, 40, True), (4, 40, False), (4, 80, True), (4, 30, True), (8, 56, True),
+                (8, 100, True), (2, 40, True), (2, 64, True), (16, 80, True))
+        if os.environ.get("AB_ROWS"):  # e.g. AB_ROWS=4:40:1,8:56:1 (Q:budget KB:prefetch)
+            rows = [tuple(int(x) for x in r.split(":")) for r in os.environ["AB_ROWS"].split(",")]
+            rows = [(q, b_, bool(p_)) for q, b_, p_ in rows]
+        for q, budget, pf in rows:
             new.CONFIG["gpu"] = (32, q)
             new.SMEM_BUDGET = budget * 1024
             if hasattr(new, "PREFETCH"):
