@@ -199,6 +199,18 @@ def test_sim_backward(rng, dt, bform, cform, N):
 
 
 @pytest.mark.sim
+def test_sim_backward_prefetch(rng, monkeypatch):
+    # the PREFETCH variant (off by default: slower on the H200) still computes the same gradients
+    from numba_kernels.cuda import selective_scan_backward as csb
+
+    monkeypatch.setattr(csb, "PREFETCH", True)
+    dout, kw = _with_grads(rng, _inputs(rng, np.float32, B=2, Dm=6, L=7, N=4, G=2, bform="BNL", cform="grouped",
+                                        segments=2), np.float32)
+    got = nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cuda")
+    _compare(got, selective_scan_backward_ref(dout, **kw, delta_softplus=True), kw, np.float32)
+
+
+@pytest.mark.sim
 def test_sim_backward_device_arrays_no_options(rng):
     from numba import cuda
 

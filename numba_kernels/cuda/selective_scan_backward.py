@@ -5,9 +5,9 @@
   channel c, their state gradients and dA in registers.
 * Time runs in chunks of K steps. Every chunk is first staged in shared memory by the whole block, coalesced
   along time: u, delta + bias, dt = softplus(...), dout, z, the gated dout, time-varying B / C ([t][n]), the
-  seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced. The global
-  loads of a chunk (and of its checkpointed state) go to registers before the previous chunk's scan / walk
-  (``fetch``; ``put`` stages them after it): their latency overlaps that work (``PREFETCH``).
+  seq_idx reset flags. Outputs (du, ddelta, dz) overwrite their inputs' slots and leave coalesced. A chunk's
+  global loads go to registers (``fetch``) and then to shared memory (``put``); with ``PREFETCH`` (off: slower
+  on the H200) the fetch of the next chunk is issued before this chunk's scan / walk.
 * Recomputation: a forward pass over the chunks writes the state entering every chunk to a global scratch
   (B, L / K, N, Dm); the reverse pass takes the chunks from the end, recomputes the chunk's K + 1 states into
   shared memory (rows [j][i] of one word per thread plus a pad word: conflict-free for the walk and for the
@@ -54,8 +54,10 @@ CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
 #: words) take 12 KB more at K 8: 40 KB keeps Q4 at K 8 (39 KB; the grid, ~3 blocks per SM, bounds occupancy)
 SMEM_BUDGET = 40 * 1024
 #: issue the next chunk's global loads (u, delta, dout, z, B, C, seq, the checkpoint) into registers before the
-#: current chunk's scan / walk, so their latency overlaps it (False: load each chunk right before staging it)
-PREFETCH = True
+#: current chunk's scan / walk, so their latency overlaps it (False: load each chunk right before staging it).
+#: H200 2026-12-02, bf16 B8 Dm1536 N16 L2048 (benchmarks/results/gpu_h200_2026-12-02_scan_bwd_ab.txt): off
+#: 4.771 ms, on 5.153 ms (its registers cost more than the overlap gains), the kernel before this session 9.706 ms
+PREFETCH = False
 KMAX = 64
 SIM_CHUNK = 4
 
