@@ -407,3 +407,25 @@ def test_sim_lto_callbacks(rng, mode, L, Lk, N, dt, opts):
     bias = None if "bias" not in kw else kw["bias"].astype(np.float32)
     y = lto.emulate(kind, el(u), K, el(kw.get("pregate")), el(kw.get("postgate")), bias, N, L, Lout, start, H)
     _check(y.view(dt) if kind == "bf16" else y, fft_conv_ref(u, k, mode, **kw), dt, "y (LTO callbacks)")
+
+
+# ---- the cuFFT binding on a real GPU (``-m gpu``; skipped without one, e.g. in CI) ---------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["causal", "same", "full"])
+def test_gpu_cufft_binding(rng, mode):
+    # an explicit non-power-of-two fft_size keeps the cuFFT path (pad / R2C / multiply / C2R / crop), forward
+    # and backward; cuFFT errors carry the status name; the plan cache is destroyed with the filter cache
+    from numba_kernels.cuda import cufft
+
+    u, k, kw, dout = _inputs(rng, np.float32, 2, 3, 1000, 97, mode)
+    y = nk.fft_conv(u, k, mode=mode, backend="cuda", fft_size=1125, **kw)
+    _check(y, fft_conv_ref(u, k, mode, **kw), np.float32, "y (cuFFT)")
+    got = nk.fft_conv_backward(dout, u, k, mode=mode, backend="cuda", fft_size=1125, **kw)
+    for name, g, e in zip(("du", "dk", "dbias", "dpregate", "dpostgate"), got,
+                          fft_conv_backward_ref(dout, u, k, mode, **kw)):
+        _check(g, e, np.float32, f"{name} (cuFFT)")
+    assert cufft.plan_count() > 0
+    with pytest.raises(cufft.CufftError, match="CUFFT_"):
+        cufft.plan(0, 1, False, False)
+    nk.clear_fft_conv_cache()
+    assert cufft.plan_count() == 0
