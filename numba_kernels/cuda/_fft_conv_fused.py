@@ -89,6 +89,13 @@ def passes(LOGN, RMAX):
     return tuple(base + 1 if i < extra else base for i in range(k))
 
 
+@dev
+def _sync():
+    """cuda.syncthreads() for generated code: defined here so the simulator's swap of this module's ``cuda``
+    reaches it."""
+    cuda.syncthreads()
+
+
 def _pad(i):
     return i + (i >> 5)  # one skew word per 32: strided register-pass accesses hit distinct banks
 
@@ -278,19 +285,18 @@ def make_fused_kernel(kind, LOGN, NT, RMAX, opts=(True, True, True)):
 
     fns = build()
 
-    def chain(fs):
-        if len(fs) == 1:
-            return fs[0]
-        head, rest = fs[0], chain(fs[1:])
-
-        def run(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid):
-            head(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid)
-            cuda.syncthreads()
-            rest(sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid)
-
-        return dev(run)
-
-    body = chain(fns)
+    # the passes called one after another with a barrier between them, from one generated function (a nested
+    # chain of two-call functions gave the same PTX but numba's IR inlining took ~2x the compile time)
+    args = "sm, tw, Kp, xr, xi, u, pre, post, bias, out, b0, h, two, L, Lout, start, tid"
+    src = [f"def run({args}):"]
+    for i in range(len(fns)):
+        if i:
+            src.append("    SYNC()")
+        src.append(f"    F{i}({args})")
+    ns = {f"F{i}": f for i, f in enumerate(fns)}
+    ns["SYNC"] = _sync
+    exec(compile("\n".join(src), f"<fft passes N={N}>", "exec"), ns)
+    body = dev(ns["run"])
 
     def kernel(u, pre, post, bias, Kp, tw, out, start):
         sm = cuda.shared.array(0, float32)
