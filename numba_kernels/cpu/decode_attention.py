@@ -299,36 +299,42 @@ def _drain(counter, ntask, q, kc, vc, lut, table, start, end, nsplit, out_p, lse
         t = atomic_fetch_add(counter, 0, 1)
 
 
+@njit(inline="always")
+def _merge_row(op, lp, o):
+    """Merge one row's S partials op (S, D), lp (S,) natural-log LSEs into o (D,); return the merged LSE.
+    float64 weights; splits with LSE -inf carry no weight; a row where every split is -inf is 0 with LSE -inf."""
+    S, D = op.shape
+    m = -np.inf
+    for s in range(S):
+        m = max(m, lp[s])
+    for d in range(D):
+        o[d] = 0
+    if m == -np.inf:
+        return -np.inf
+    tot = 0.0
+    for s in range(S):
+        if lp[s] == -np.inf:
+            continue
+        wgt = np.exp(np.float64(lp[s]) - m)
+        tot += wgt
+        for d in range(D):
+            o[d] += wgt * op[s, d]
+    inv = 1.0 / tot
+    for d in range(D):
+        o[d] *= inv
+    return m + np.log(tot)
+
+
 @njit
 def _merge_splits(out_p, lse_p, out, lse):
     """Merge the nsplit partials out_p (nsplit, B, Sq, H, D), lse_p (nsplit, B, H, Sq) (natural log) into
-    out (B, Sq, H, D), lse (B, H, Sq), as :func:`combine_cpu` does (float64 weights; splits with LSE -inf carry
-    no weight; a row where every split is -inf is 0 with LSE -inf). Serial: decode merges are a few
-    thousand values, and a second parallel region would wait for a descheduled thread again."""
-    S, B, Sq, H, D = out_p.shape
+    out (B, Sq, H, D), lse (B, H, Sq) (:func:`_merge_row`, as :func:`combine_cpu`). Serial: decode merges are a
+    few thousand values, and a second parallel region would wait for a descheduled thread again."""
+    _, B, Sq, H, _ = out_p.shape
     for b in range(B):
         for h in range(H):
             for i in range(Sq):
-                m = -np.inf
-                for sp in range(S):
-                    m = max(m, lse_p[sp, b, h, i])
-                for d in range(D):
-                    out[b, i, h, d] = 0
-                if m == -np.inf:
-                    lse[b, h, i] = -np.inf
-                    continue
-                tot = 0.0
-                for sp in range(S):
-                    if lse_p[sp, b, h, i] == -np.inf:
-                        continue
-                    wgt = np.exp(np.float64(lse_p[sp, b, h, i]) - m)
-                    tot += wgt
-                    for d in range(D):
-                        out[b, i, h, d] += wgt * out_p[sp, b, i, h, d]
-                inv = 1.0 / tot
-                for d in range(D):
-                    out[b, i, h, d] *= inv
-                lse[b, h, i] = m + np.log(tot)
+                lse[b, h, i] = _merge_row(out_p[:, b, i, h], lse_p[:, b, h, i], out[b, i, h])
 
 
 @njit_parallel
@@ -393,32 +399,10 @@ def decode_cpu(q, kc, vc, lut, table, start, end, nsplit, out_p, lse_p, consts, 
 
 
 def _combine(out_p, lse_p, out, lse):
-    """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,) (lse_p's dtype).
-    Splits with LSE -inf carry no weight; if every split is -inf the row is 0 with LSE -inf."""
-    S, N, D = out_p.shape
-    for x in prange(N):
-        m = -np.inf
-        for s in range(S):
-            m = max(m, lse_p[s, x])
-        if m == -np.inf:
-            for d in range(D):
-                out[x, d] = 0
-            lse[x] = -np.inf
-            continue
-        tot = 0.0
-        for d in range(D):
-            out[x, d] = 0
-        for s in range(S):
-            if lse_p[s, x] == -np.inf:
-                continue
-            wgt = np.exp(np.float64(lse_p[s, x]) - m)
-            tot += wgt
-            for d in range(D):
-                out[x, d] += wgt * out_p[s, x, d]
-        inv = 1.0 / tot
-        for d in range(D):
-            out[x, d] *= inv
-        lse[x] = m + np.log(tot)
+    """Merge S partial results: out_p (S, N, D), lse_p (S, N) natural-log -> out (N, D), lse (N,) (lse_p's dtype)
+    (:func:`_merge_row`)."""
+    for x in prange(out_p.shape[1]):
+        lse[x] = _merge_row(out_p[:, x], lse_p[:, x], out[x])
 
 
 _combine_serial = njit(_combine)
