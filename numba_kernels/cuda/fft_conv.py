@@ -405,18 +405,16 @@ def ptx_signatures():
                     (f3, ft, i64, i64, i64, i64, a, a, f1, i64, a, a)))
         if kind != "f64":
             logn = {"f32": 9, "bf16": 11, "f16": 10}[kind]  # one used size per kind (each compiles in 15-30 s)
+            fsig = (a, a, a, f1, types.Array(types.float32, 2, "C"), f1, a, i64)
             out.append((f"fused_{kind}_N{1 << logn}", fz.make_fused_kernel(kind, logn, fz.threads(1 << logn),
-                                                                             fz.RMAX).py_func,
-                        (a, a, a, f1, types.Array(types.float32, 2, "C"), f1, a, i64)))
+                                                                             fz.RMAX).py_func, fsig))
+            if kind == "f32":  # no options compiled in: the default call's kernel
+                out.append(("fused_f32_N2048_plain", fz.make_fused_kernel("f32", 11, fz.threads(1 << 11), fz.RMAX,
+                                                                         (False, False, False)).py_func, fsig))
         if kind in ("f32", "f64"):
             out.append((f"cmul_blocks_{kind}", make_cmul_blocks_kernel(kind == "f64", nt).py_func, (f3, f3, i64)))
             out.append((f"cmul_{kind}", make_cmul_kernel(kind == "f64", nt).py_func, (f3, f3, types.int32)))
             out.append((f"conj_sum_{kind}", make_conj_sum_kernel(kind == "f64", nt).py_func, (f3, f3, f3)))
-    out.append(("fused_f32_N2048_plain", fz.make_fused_kernel("f32", 11, fz.threads(1 << 11), fz.RMAX,
-                                                             (False, False, False)).py_func,
-                (types.Array(types.float32, 3, "C"),) * 3 + (types.Array(types.float32, 1, "C"),
-                 types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C"),
-                 types.Array(types.float32, 3, "C"), types.int64)))  # no options: the default call
     out.append(("fused_expand", fz.make_expand_kernel(9, nt).py_func,
                 (types.Array(types.float32, 3, "C"), types.Array(types.float32, 2, "C"))))
     return out
