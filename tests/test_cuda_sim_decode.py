@@ -89,11 +89,14 @@ def test_sim_attention_combine(rng):
     np.testing.assert_allclose(lse.copy_to_host(), np.transpose(rlse, (0, 2, 1)), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("tiles", [(2, 2, 32, True, True, False), (2, 3, 16, False, False, True)],
-                         ids=["32-key-tiles-qreg-prefetch", "early-page-lookup"])
+@pytest.mark.parametrize("tiles", [(2, 2, 32, True, True, False), (2, 3, 16, False, False, True),
+                                   (2, 2, 16, False, False, True, True), (2, 2, 32, False, True, False, True)],
+                         ids=["32-key-tiles-qreg-prefetch", "early-page-lookup", "registers-early-lookup",
+                              "registers-32-key-tiles"])
 def test_sim_decode_tile_variants(rng, monkeypatch, tiles):
     """Tensor-core variants: 32-key tiles with Q fragments in registers and the prefetch-hinted copy (its
-    simulator form); page lookups one iteration early (3 stages, so the early lookup crosses the ring)."""
+    simulator form); page lookups one iteration early (3 stages, so the early lookup crosses the ring);
+    K/V staged through registers instead of cp.async, with and without the early lookups."""
     from numba_kernels.cuda import decode_attention as cda
 
     monkeypatch.setitem(cda.TC_TILES, "sim", tiles)

@@ -1,5 +1,6 @@
 """Every real decode-attention CUDA kernel compiles to PTX for cc 9.0; the tensor-core ones use
-mma.sync / ldmatrix / cp.async and keep their accumulators in registers."""
+mma.sync / ldmatrix / cp.async and keep their accumulators in registers; the fused-merge split kernel
+loads K/V with 16-byte global loads staged through registers."""
 import re
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 pytestmark = pytest.mark.ptx
 
 HEAD_DIMS = (128,)
-N_CONFIGS = 9 * len(HEAD_DIMS)
+N_CONFIGS = 10 * len(HEAD_DIMS)
 
 
 def _configs():
@@ -29,6 +30,8 @@ def test_decode_kernel_compiles_for_sm90(idx):
         for instr in ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned.m8n8.x4", "cp.async.cg.shared.global"):
             assert instr in ptx, f"{name}: {instr} missing"
         assert not re.search(r"\.local\s", ptx), f"{name}: accumulators spilled to local memory"
+    if name.startswith("decode_tc_bf16_split_D"):  # the fused-merge configuration stages K/V through registers
+        assert "ld.global.v4.u32" in ptx and "st.shared.v4.u32" in ptx, f"{name}: register-staged K/V loads missing"
 
 
 def test_support_kernels_compile_for_sm90():

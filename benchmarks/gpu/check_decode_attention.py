@@ -222,7 +222,9 @@ def torch_ref(c, B, S, H=32, Hk=8, D=128):
     return o.reshape(B, 1, H, D).cpu().numpy()
 
 
-VARIANTS = [(4, 3, 16, False, False, False), (4, 3, 16, False, False, True)]
+#: (warps, stages, keys per tile, L2 prefetch, Q in registers, early page lookups, K/V through registers)
+VARIANTS = [(4, 3, 16, False, False, True, False), (4, 2, 16, False, False, True, True),
+            (4, 2, 16, False, False, False, True)]
 
 
 def variants_sweep(deadline):
@@ -238,11 +240,12 @@ def variants_sweep(deadline):
     tc = dtime(lambda: y.copy_(x))
     print(f"device copy: {2 * x.numel() / tc / 1e12:.2f} TB/s (read + write of 1 GiB)", flush=True)
     del x, y
-    for B, S, layout in ((8, 32768, "page16"), (32, 8192, "page16"), (8, 32768, "contig"), (1, 16384, "page16")):
+    for B, S, layout in ((8, 32768, "contig"), (32, 8192, "contig"), (8, 32768, "page16"), (32, 8192, "page256"),
+                         (1, 131072, "contig"), (1, 16384, "page16")):
         c = _setup(B, S, layout)
         ref = torch_ref(c, B, S)
         kv_bytes = 2 * B * S * 8 * 128 * 2
-        for cfg in VARIANTS:
+        for cfg in VARIANTS * 2:  # twice, interleaved: the second round shows the run-to-run spread
             if time.time() - T0 > deadline:
                 print(f"variants: deadline, skipping B{B} S{S} {cfg}", flush=True)
                 continue

@@ -22,6 +22,7 @@ from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, dev, jit_kernel, key_range,
                                              make_online_softmax, make_tc_helpers)
 from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
+from numba_kernels.cuda._scan_intrinsics import ld4, st16
 
 if intr.SIM:
     def _cp_wait(n):
@@ -81,12 +82,18 @@ def packed_row(R, Sq, hk, G):
 
 
 @functools.lru_cache(maxsize=None)
-def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False, TPF=False):
+def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False, TPF=False,
+                   REG=False):
     """Tensor-core decode kernel: NW warps, 16 packed rows, BC-key tiles (16 or 32) per warp streamed through
     STAGES shared buffers per warp, head dim padded to DP; PF: cp.async with an L2 256-byte prefetch hint;
     QREG: the Q fragments are loaded once into registers (4 * DP / 16 words) instead of per tile;
     TPF: each lane's page-table entry for the next tile it issues is loaded one loop iteration early, so its
     latency hides behind the current tile's math instead of delaying the issue.
+    REG: K/V tiles come through registers instead of cp.async: each lane's 16-byte global loads of the tile two
+    ahead are issued before the current tile's math and stored to shared memory one iteration later (the
+    STAGES = 2 shared buffers plus one tile in registers per warp; 8 * BC * DP / 256 words per lane). On the
+    H200 a read-only stream of this shape moved 4.33-4.42 TB/s this way against 4.17-4.27 through cp.async
+    rings (benchmarks/gpu/probe_decode_read.py).
     Returns (kernel, threads per block, dynamic shared bytes).
 
     SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
@@ -95,6 +102,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     MERGE=False the partials are left for ``make_combine`` (better for many splits: one block per row group
     merging 30+ splits is a serial tail, while the merge kernel spreads it over B x H x Sq blocks)."""
     assert BC in (16, 32)
+    assert not REG or STAGES == 2, "the register-staged ring has two shared buffers"
     STR = DP // 2 + 4                   # shared row stride in uint32 words
     CH = DP // 8                        # 16-byte chunks per padded row
     NT_S, KS_D, NT_O = BC // 8, DP // 16, DP // 8
@@ -116,6 +124,9 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     cp16 = cp16_pf if PF else intr.cp_async16
     wait_tile = _cp_wait(STAGES - 1)  # the oldest of STAGES outstanding groups has landed
     mma_acc = make_tc_helpers(bf16, STR, CH, NTH)[0]
+    NU = BC * CH // 32                  # 16-byte chunks per lane and tile (REG), for K and for V each
+    NR = 8 * NU if REG else 1
+    assert not REG or (BC * CH) % 32 == 0
 
     @dev
     def copy_rows(smem, rbase, kc, vc, dst, warp, lane, W):
@@ -130,20 +141,52 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
 
     @dev
-    def issue_tile(smem, rbase, kc, vc, table, b, hk, p0, nvalid, dst, warp, lane):
-        """cp.async the K and V rows of logical positions p0 .. p0 + BC - 1 (the first nvalid exist) into this
-        warp's stage at ``dst``: lanes < BC look up one row's page, the warp then copies 16-byte chunks."""
-        W = kc.shape[3]
+    def load_rows(regs, rbase, kc, vc, warp, lane, W):
+        """REG: this lane's 16-byte chunks of the warp's BC K and V rows (row bases in ``rbase``) into regs."""
+        for u in range(NU):
+            c = lane + 32 * u
+            r = c // CH
+            ch = c - r * CH
+            base = rbase[warp * BC + r]
+            if base >= 0 and ch * 4 < W:
+                src = base + ch * 4
+                regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3] = ld4(kc, src)
+                regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6], regs[8 * u + 7] = ld4(vc, src)
+            else:
+                for x in range(8):
+                    regs[8 * u + x] = uint32(0)
+
+    @dev
+    def store_rows(smem, regs, dst, lane):
+        """REG: the chunks ``load_rows`` put in regs into the warp's stage at ``dst``."""
+        for u in range(NU):
+            c = lane + 32 * u
+            r = c // CH
+            ch = c - r * CH
+            st16(smem, dst + r * STR + ch * 4, regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3])
+            st16(smem, dst + TILE + r * STR + ch * 4, regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6],
+                 regs[8 * u + 7])
+
+    @dev
+    def set_rows(rbase, kc, table, b, hk, p0, nvalid, warp, lane):
+        """Lanes < BC look up the page of row p0 + lane (the first nvalid rows exist) and store its element
+        offset in ``rbase`` (-1 = zero-fill)."""
         if lane < BC:
             base = int64(-1)
             if lane < nvalid:
                 P = kc.shape[1]
                 p = p0 + lane
                 pg = p // P
-                base = ((int64(table[b, pg]) * P + (p - pg * P)) * kc.shape[2] + hk) * W
+                base = ((int64(table[b, pg]) * P + (p - pg * P)) * kc.shape[2] + hk) * kc.shape[3]
             rbase[warp * BC + lane] = base
         syncwarp()
-        copy_rows(smem, rbase, kc, vc, dst, warp, lane, W)
+
+    @dev
+    def issue_tile(smem, rbase, kc, vc, table, b, hk, p0, nvalid, dst, warp, lane):
+        """cp.async the K and V rows of logical positions p0 .. p0 + BC - 1 (the first nvalid exist) into this
+        warp's stage at ``dst``: lanes < BC look up one row's page, the warp then copies 16-byte chunks."""
+        set_rows(rbase, kc, table, b, hk, p0, nvalid, warp, lane)
+        copy_rows(smem, rbase, kc, vc, dst, warp, lane, kc.shape[3])
         syncwarp()  # every lane has read rbase before the next issue rewrites it
 
     @dev
@@ -160,16 +203,20 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         return pv, slot
 
     @dev
-    def issue_from(smem, rbase, kc, vc, hk, pv, slot, dst, warp, lane):
-        """issue_tile with the rows' (page, slot) already looked up (``lookup``)."""
-        W = kc.shape[3]
+    def set_rows_from(rbase, kc, hk, pv, slot, warp, lane):
+        """set_rows with the rows' (page, slot) already looked up (``lookup``)."""
         if lane < BC:
             base = int64(-1)
             if pv >= 0:
-                base = ((int64(pv) * kc.shape[1] + slot) * kc.shape[2] + hk) * W
+                base = ((int64(pv) * kc.shape[1] + slot) * kc.shape[2] + hk) * kc.shape[3]
             rbase[warp * BC + lane] = base
         syncwarp()
-        copy_rows(smem, rbase, kc, vc, dst, warp, lane, W)
+
+    @dev
+    def issue_from(smem, rbase, kc, vc, hk, pv, slot, dst, warp, lane):
+        """issue_tile with the rows' (page, slot) already looked up (``lookup``)."""
+        set_rows_from(rbase, kc, hk, pv, slot, warp, lane)
+        copy_rows(smem, rbase, kc, vc, dst, warp, lane, kc.shape[3])
         syncwarp()
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False)
@@ -297,24 +344,57 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3] = ldsm(smem, q_lane + kk * 8)
         wbase = Q_W + warp * WARP_W
         ntile = (k1 - k0 + BC - 1) // BC
-        # warp-private ring of STAGES tiles: tiles warp, warp + NW, ...; one commit group per tile slot
-        for s in range(STAGES - 1):
-            tt = warp + s * NW
-            if tt < ntile:
-                issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + tt * BC, k1 - k0 - tt * BC,
-                           wbase + s * 2 * TILE, warp, lane)
-            intr.cp_async_commit()
-        stage = 0
-        it = warp
+        W = kc.shape[3]
+        regs = cuda.local.array(NR, uint32)
         pv = int32(-1)
         slot = int64(0)
-        if TPF:  # the first in-loop issue's page lookup
-            tt = warp + (STAGES - 1) * NW
+        if REG:  # tile warp -> stage 0 through registers; tile warp + NW into registers
+            if warp < ntile:
+                set_rows(rbase, kc, table, b, hk, st + k0 + warp * BC, k1 - k0 - warp * BC, warp, lane)
+                load_rows(regs, rbase, kc, vc, warp, lane, W)
+                store_rows(smem, regs, wbase, lane)
+                syncwarp()
+            tt = warp + NW
             if tt < ntile:
-                pv, slot = lookup(kc, table, b, st + k0 + tt * BC, k1 - k0 - tt * BC, lane)
+                set_rows(rbase, kc, table, b, hk, st + k0 + tt * BC, k1 - k0 - tt * BC, warp, lane)
+                load_rows(regs, rbase, kc, vc, warp, lane, W)
+                syncwarp()
+            if TPF:
+                tt = warp + 2 * NW
+                if tt < ntile:
+                    pv, slot = lookup(kc, table, b, st + k0 + tt * BC, k1 - k0 - tt * BC, lane)
+        else:
+            # warp-private ring of STAGES tiles: tiles warp, warp + NW, ...; one commit group per tile slot
+            for s in range(STAGES - 1):
+                tt = warp + s * NW
+                if tt < ntile:
+                    issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + tt * BC, k1 - k0 - tt * BC,
+                               wbase + s * 2 * TILE, warp, lane)
+                intr.cp_async_commit()
+            if TPF:  # the first in-loop issue's page lookup
+                tt = warp + (STAGES - 1) * NW
+                if tt < ntile:
+                    pv, slot = lookup(kc, table, b, st + k0 + tt * BC, k1 - k0 - tt * BC, lane)
+        stage = 0
+        it = warp
         while it < ntile:
             ahead = it + (STAGES - 1) * NW
-            if ahead < ntile:
+            if REG:
+                # registers hold tile it + NW (loaded an iteration ago): to the other buffer, whose last reader
+                # (the previous iteration) is done; then the loads of tile it + 2 NW go out before this tile's math
+                if ahead < ntile:
+                    store_rows(smem, regs, wbase + (1 - stage) * 2 * TILE, lane)
+                ahead2 = ahead + NW
+                if ahead2 < ntile:
+                    if TPF:
+                        set_rows_from(rbase, kc, hk, pv, slot, warp, lane)
+                        nxt = ahead2 + NW
+                        if nxt < ntile:
+                            pv, slot = lookup(kc, table, b, st + k0 + nxt * BC, k1 - k0 - nxt * BC, lane)
+                    else:
+                        set_rows(rbase, kc, table, b, hk, st + k0 + ahead2 * BC, k1 - k0 - ahead2 * BC, warp, lane)
+                    load_rows(regs, rbase, kc, vc, warp, lane, W)
+            elif ahead < ntile:
                 sa = stage + STAGES - 1
                 if sa >= STAGES:
                     sa -= STAGES
@@ -326,8 +406,9 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 else:
                     issue_tile(smem, rbase, kc, vc, table, b, hk, st + k0 + ahead * BC, k1 - k0 - ahead * BC,
                                wbase + sa * 2 * TILE, warp, lane)
-            intr.cp_async_commit()
-            wait_tile()
+            if not REG:
+                intr.cp_async_commit()
+                wait_tile()
             syncwarp()
             kv0 = wbase + stage * 2 * TILE
             j0 = k0 + it * BC

@@ -113,14 +113,15 @@ else:
     def tanh_approx(x):
         return np.float32(np.tanh(np.float32(x)))
 
-    def ld4(arr, idx):
-        return arr[idx], arr[idx + 1], arr[idx + 2], arr[idx + 3]
-
     def _flat(a):
         """The NumPy data of a simulator kernel argument, flat."""
         while hasattr(a, "_item") or hasattr(a, "_ary"):
             a = a._item if hasattr(a, "_item") else a._ary
         return np.asarray(a).reshape(-1)
+
+    def ld4(arr, idx):
+        f = _flat(arr)  # a flat element index into any C-contiguous array, as on the device
+        return f[idx], f[idx + 1], f[idx + 2], f[idx + 3]
 
     def st16(arr, idx, a, b, c, d):
         f = _flat(arr)
