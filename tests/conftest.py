@@ -5,7 +5,15 @@ import sys
 import numpy as np
 import pytest
 
-from numba_kernels._dispatch import bfloat16
+try:
+    import numba_kernels.reference  # noqa: F401
+except ImportError:  # an uninstalled checkout on PYTHONPATH (the GPU machine): map reference/ as the install does
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu"))
+    from _common import import_library
+
+    import_library()
+
+from numba_kernels._dispatch import bfloat16  # noqa: E402
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if SIM:
