@@ -23,121 +23,84 @@ from numba import cuda, int64, uint32  # noqa: E402
 
 from numba_kernels.cuda import _intrinsics as intr  # noqa: E402
 from numba_kernels.cuda import _launch as fl  # noqa: E402
-from numba_kernels.cuda._decode_kernels import _cp_wait  # noqa: E402
+from numba_kernels.cuda._decode_kernels import _cp_wait, make_cp16  # noqa: E402
 
 STR, CH = 68, 16  # D 128 bf16: 64 words per row (+4 pad), 16 chunks of 16 bytes
 
 
-def make_stream(NW, STAGES, BC, head_major, whole_block=False):
-    """A read-only kernel with the decode kernel's load structure. whole_block: the block's threads copy one
-    (BC * NW)-key tile together (block barrier per tile) instead of each warp streaming its own tiles."""
+@cuda.jit(device=True, inline=True)
+def _ids(S, nsplit):
+    """(thread, warp, lane, split, k/v head, sequence, keys per split, first key) of a probe block."""
+    tid = cuda.threadIdx.x
+    chunk = S // nsplit
+    return tid, tid // 32, tid % 32, cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z, chunk, cuda.blockIdx.x * chunk
+
+
+@cuda.jit(device=True, inline=True)
+def _row_seq(b, h, p, S, Hk):
+    """Word offset of key p of k/v head h, sequence b, in a seq-major (B, S, Hk, 64 words) cache."""
+    return ((int64(b) * S + p) * Hk + h) * 64
+
+
+@cuda.jit(device=True, inline=True)
+def _row_head(b, h, p, S, Hk):
+    """The same in a head-major (B, Hk, S, 64 words) cache."""
+    return ((int64(b) * Hk + h) * S + p) * 64
+
+
+def make_stream(NW, STAGES, BC, head_major):
+    """A read-only kernel with the decode kernel's load structure: each warp streams its own BC-key tiles
+    (warp, warp + NW, ...) of one k/v head through a private STAGES-deep cp.async ring."""
+    row = _row_head if head_major else _row_seq
     TILE = BC * STR
     WARP_W = STAGES * 2 * TILE
     wait = _cp_wait(STAGES - 1)
     NTH = 32 * NW
     cp16 = intr.cp_async16
 
+    @cuda.jit(device=True, inline=True)
+    def issue(smem, kc, vc, tt, dst, k0, b, hk, S, Hk, lane):
+        for c in range(lane, BC * CH, 32):
+            r = c // CH
+            ch = c - r * CH
+            p = k0 + tt * BC + r
+            src = row(b, hk, p, S, Hk) + ch * 4
+            cp16(smem, dst + r * STR + ch * 4, kc, src, 16)
+            cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16)
+
     def kern(kc, vc, S, Hk, nsplit, sink):
-        tid = cuda.threadIdx.x
-        warp = tid // 32
-        lane = tid % 32
-        sp = cuda.blockIdx.x
-        hk = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        chunk = S // nsplit
-        k0 = sp * chunk
+        tid, warp, lane, sp, hk, b, chunk, k0 = _ids(S, nsplit)
         smem = cuda.shared.array(0, uint32)
         acc = uint32(0)
-        if whole_block:
-            ntile = chunk // (BC * NW)
-            BT = BC * NW * STR
-            for s in range(STAGES - 1):
-                if s < ntile:
-                    for c in range(tid, BC * NW * CH, NTH):
-                        r = c // CH
-                        ch = c - r * CH
-                        p = k0 + s * BC * NW + r
-                        if head_major:
-                            src = ((int64(b) * Hk + hk) * S + p) * 64 + ch * 4
-                        else:
-                            src = ((int64(b) * S + p) * Hk + hk) * 64 + ch * 4
-                        cp16(smem, s * 2 * BT + r * STR + ch * 4, kc, src, 16)
-                        cp16(smem, s * 2 * BT + BT + r * STR + ch * 4, vc, src, 16)
-                intr.cp_async_commit()
-            stage = 0
-            for it in range(ntile):
-                ahead = it + STAGES - 1
-                if ahead < ntile:
-                    sa = stage + STAGES - 1
-                    if sa >= STAGES:
-                        sa -= STAGES
-                    for c in range(tid, BC * NW * CH, NTH):
-                        r = c // CH
-                        ch = c - r * CH
-                        p = k0 + ahead * BC * NW + r
-                        if head_major:
-                            src = ((int64(b) * Hk + hk) * S + p) * 64 + ch * 4
-                        else:
-                            src = ((int64(b) * S + p) * Hk + hk) * 64 + ch * 4
-                        cp16(smem, sa * 2 * BT + r * STR + ch * 4, kc, src, 16)
-                        cp16(smem, sa * 2 * BT + BT + r * STR + ch * 4, vc, src, 16)
-                intr.cp_async_commit()
-                wait()
-                cuda.syncthreads()
-                acc ^= smem[stage * 2 * BT + tid]
-                cuda.syncthreads()
-                stage += 1
-                if stage == STAGES:
-                    stage = 0
-        else:
-            ntile = chunk // BC
-            wbase = warp * WARP_W
-            for s in range(STAGES - 1):
-                tt = warp + s * NW
-                if tt < ntile:
-                    for c in range(lane, BC * CH, 32):
-                        r = c // CH
-                        ch = c - r * CH
-                        p = k0 + tt * BC + r
-                        if head_major:
-                            src = ((int64(b) * Hk + hk) * S + p) * 64 + ch * 4
-                        else:
-                            src = ((int64(b) * S + p) * Hk + hk) * 64 + ch * 4
-                        cp16(smem, wbase + s * 2 * TILE + r * STR + ch * 4, kc, src, 16)
-                        cp16(smem, wbase + s * 2 * TILE + TILE + r * STR + ch * 4, vc, src, 16)
-                intr.cp_async_commit()
-            stage = 0
-            it = warp
-            while it < ntile:
-                ahead = it + (STAGES - 1) * NW
-                if ahead < ntile:
-                    sa = stage + STAGES - 1
-                    if sa >= STAGES:
-                        sa -= STAGES
-                    for c in range(lane, BC * CH, 32):
-                        r = c // CH
-                        ch = c - r * CH
-                        p = k0 + ahead * BC + r
-                        if head_major:
-                            src = ((int64(b) * Hk + hk) * S + p) * 64 + ch * 4
-                        else:
-                            src = ((int64(b) * S + p) * Hk + hk) * 64 + ch * 4
-                        cp16(smem, wbase + sa * 2 * TILE + r * STR + ch * 4, kc, src, 16)
-                        cp16(smem, wbase + sa * 2 * TILE + TILE + r * STR + ch * 4, vc, src, 16)
-                intr.cp_async_commit()
-                wait()
-                cuda.syncwarp()
-                acc ^= smem[wbase + stage * 2 * TILE + lane]
-                cuda.syncwarp()
-                stage += 1
-                if stage == STAGES:
-                    stage = 0
-                it += NW
+        ntile = chunk // BC
+        wbase = warp * WARP_W
+        for s in range(STAGES - 1):
+            tt = warp + s * NW
+            if tt < ntile:
+                issue(smem, kc, vc, tt, wbase + s * 2 * TILE, k0, b, hk, S, Hk, lane)
+            intr.cp_async_commit()
+        stage = 0
+        it = warp
+        while it < ntile:
+            ahead = it + (STAGES - 1) * NW
+            if ahead < ntile:
+                sa = stage + STAGES - 1
+                if sa >= STAGES:
+                    sa -= STAGES
+                issue(smem, kc, vc, ahead, wbase + sa * 2 * TILE, k0, b, hk, S, Hk, lane)
+            intr.cp_async_commit()
+            wait()
+            intr.syncwarp()
+            acc ^= smem[wbase + stage * 2 * TILE + lane]
+            intr.syncwarp()
+            stage += 1
+            if stage == STAGES:
+                stage = 0
+            it += NW
         intr.cp_async_wait0()
         sink[(b * Hk + hk) * nsplit * NTH + sp * NTH + tid] = acc
 
-    smem = 4 * (STAGES * 2 * BC * NW * STR if whole_block else NW * WARP_W)
-    return cuda.jit(kern), NTH, smem
+    return cuda.jit(kern), NTH, 4 * NW * WARP_W
 
 
 if intr.SIM:
@@ -147,23 +110,9 @@ else:
     from numba.cuda import types as _nbt
     from numba.cuda.extending import intrinsic
 
-    @intrinsic
-    def cp16_ef(typingctx, dst, dst_idx, src, src_idx, nbytes):
-        """cp.async 16 bytes with an L2 evict_first policy (nbytes ignored: always 16)."""
-        sig = _nbt.void(dst, dst_idx, src, src_idx, nbytes)
-
-        def codegen(context, builder, signature, args):
-            dst_addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-            sptr = intr._data_ptr(context, builder, signature.args[2], args[2], args[3], signature.args[3])
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [i32, ir.IntType(64)])
-            asm = ir.InlineAsm(fnty, "{ .reg .b64 pol; createpolicy.fractional.L2::evict_first.b64 pol, 1.0; "
-                               "cp.async.cg.shared.global.L2::cache_hint [$0], [$1], 16, pol; }", "r,l",
-                               side_effect=True)
-            builder.call(asm, [dst_addr, builder.ptrtoint(sptr, ir.IntType(64))])
-            return context.get_dummy_value()
-
-        return sig, codegen
+    #: cp.async 16 bytes with an L2 evict_first policy
+    cp16_ef = make_cp16("{ .reg .b64 pol; createpolicy.fractional.L2::evict_first.b64 pol, 1.0; "
+                        "cp.async.cg.shared.global.L2::cache_hint [$0], [$1], 16, $2, pol; }")
 
 
 def _ld4(text):
@@ -196,17 +145,13 @@ LD_TEXTS = {"ld": "ld.global.v4.u32", "nc": "ld.global.nc.v4.u32", "nc_na": "ld.
 def make_ldg(TK, kind, head_major, NTH=128):
     """Register-staged read-only stream: each iteration a block loads TK keys of K and V of its (b, hk, split)
     with 16-byte loads into registers (all issued before any use), xor-reduced."""
+    row = _row_head if head_major else _row_seq
     U = TK * CH // NTH
     NR = 8 * U
     ld4 = _ld4(LD_TEXTS[kind])
 
     def kern(kc, vc, S, Hk, nsplit, sink):
-        tid = cuda.threadIdx.x
-        sp = cuda.blockIdx.x
-        hk = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        chunk = S // nsplit
-        k0 = sp * chunk
+        tid, warp, lane, sp, hk, b, chunk, k0 = _ids(S, nsplit)
         acc = uint32(0)
         regs = cuda.local.array(NR, uint32)
         for kt in range(chunk // TK):
@@ -215,10 +160,7 @@ def make_ldg(TK, kind, head_major, NTH=128):
                 r = c // CH
                 ch = c - r * CH
                 p = k0 + kt * TK + r
-                if head_major:
-                    src = ((int64(b) * Hk + hk) * S + p) * 64 + ch * 4
-                else:
-                    src = ((int64(b) * S + p) * Hk + hk) * 64 + ch * 4
+                src = row(b, hk, p, S, Hk) + ch * 4
                 regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3] = ld4(kc, src)
                 regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6], regs[8 * u + 7] = ld4(vc, src)
             for x in range(NR):
@@ -232,6 +174,7 @@ def make_stream2(NW, STAGES, TK, head_major, all_heads, kv_phase, HK, ef=False):
     """Block-cooperative read-only stream: tiles of TK keys of one head (grid (ns, Hk, B)) or of TK keys x all
     HK heads (all_heads: grid (ns, 1, B)); kv_phase: K and V tiles are separate ring entries (K, V, K, ...),
     else each entry holds both. One block barrier per ring entry."""
+    row = _row_head if head_major else _row_seq
     ROWS = TK * HK if all_heads else TK
     NARR = 1 if kv_phase else 2
     ENT = NARR * ROWS * STR
@@ -255,10 +198,7 @@ def make_stream2(NW, STAGES, TK, head_major, all_heads, kv_phase, HK, ef=False):
             else:
                 h = hk0
                 p = k0 + kt * TK + r
-            if head_major:
-                src = ((int64(b) * Hk + h) * S + p) * 64 + ch * 4
-            else:
-                src = ((int64(b) * S + p) * Hk + h) * 64 + ch * 4
+            src = row(b, h, p, S, Hk) + ch * 4
             if kv_phase:
                 if j % 2 == 0:
                     cp16(smem, dst + r * STR + ch * 4, kc, src, 16)
@@ -269,12 +209,7 @@ def make_stream2(NW, STAGES, TK, head_major, all_heads, kv_phase, HK, ef=False):
                 cp16(smem, dst + ROWS * STR + r * STR + ch * 4, vc, src, 16)
 
     def kern(kc, vc, S, Hk, nsplit, sink):
-        tid = cuda.threadIdx.x
-        sp = cuda.blockIdx.x
-        hk = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        chunk = S // nsplit
-        k0 = sp * chunk
+        tid, warp, lane, sp, hk, b, chunk, k0 = _ids(S, nsplit)
         n = (chunk // TK) * (2 if kv_phase else 1)
         smem = cuda.shared.array(0, uint32)
         acc = uint32(0)
@@ -305,48 +240,27 @@ def make_stream2(NW, STAGES, TK, head_major, all_heads, kv_phase, HK, ef=False):
 
 
 if not intr.SIM:
-    @intrinsic
-    def mbar_init(typingctx, arr, idx, count):
-        sig = _nbt.void(arr, idx, count)
+    def _mbar_op(text):
+        """An mbarrier instruction ``text`` on (shared array, index) with one int32 operand ($1)."""
+        @intrinsic
+        def op(typingctx, arr, idx, val):
+            sig = _nbt.void(arr, idx, val)
 
-        def codegen(context, builder, signature, args):
-            addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-            n = context.cast(builder, args[2], signature.args[2], _nbt.int32)
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32), ir.IntType(32)])
-            builder.call(ir.InlineAsm(fnty, "mbarrier.init.shared::cta.b64 [$0], $1;", "r,r", side_effect=True),
-                         [addr, n])
-            return context.get_dummy_value()
+            def codegen(context, builder, signature, args):
+                addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+                n = context.cast(builder, args[2], signature.args[2], _nbt.int32)
+                fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32), ir.IntType(32)])
+                builder.call(ir.InlineAsm(fnty, text, "r,r", side_effect=True), [addr, n])
+                return context.get_dummy_value()
 
-        return sig, codegen
+            return sig, codegen
 
-    @intrinsic
-    def mbar_expect(typingctx, arr, idx, tx):
-        sig = _nbt.void(arr, idx, tx)
+        return op
 
-        def codegen(context, builder, signature, args):
-            addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-            n = context.cast(builder, args[2], signature.args[2], _nbt.int32)
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32), ir.IntType(32)])
-            builder.call(ir.InlineAsm(fnty, "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }",
-                                      "r,r", side_effect=True), [addr, n])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def mbar_wait(typingctx, arr, idx, parity):
-        sig = _nbt.void(arr, idx, parity)
-
-        def codegen(context, builder, signature, args):
-            addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-            par = context.cast(builder, args[2], signature.args[2], _nbt.int32)
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32), ir.IntType(32)])
-            text = ("{ .reg .pred p; W${:uid}: mbarrier.try_wait.parity.shared::cta.b64 p, [$0], $1; "
-                    "@!p bra W${:uid}; }")
-            builder.call(ir.InlineAsm(fnty, text, "r,r", side_effect=True), [addr, par])
-            return context.get_dummy_value()
-
-        return sig, codegen
+    mbar_init = _mbar_op("mbarrier.init.shared::cta.b64 [$0], $1;")
+    mbar_expect = _mbar_op("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }")
+    mbar_wait = _mbar_op("{ .reg .pred p; W${:uid}: mbarrier.try_wait.parity.shared::cta.b64 p, [$0], $1; "
+                         "@!p bra W${:uid}; }")
 
     @intrinsic
     def bulk_g2s(typingctx, dst, dst_idx, src, src_idx, nbytes, bar, bar_idx):
@@ -378,15 +292,24 @@ def make_bulk(NW, STAGES, BC, head_major):
     NTH = 32 * NW
     NB = NW * STAGES
 
+    @cuda.jit(device=True, inline=True)
+    def issue(smem, kc, vc, bars, tt, s, wbase, warp, lane, k0, b, hk, S, Hk):
+        """Tile tt into stage s: lane 0 arms the stage's barrier for the tile's bytes, then the copies."""
+        bar = warp * STAGES + s
+        if lane == 0:
+            mbar_expect(bars, bar, 2 * BC * 256)
+        if head_major:
+            if lane == 0:
+                src = _row_head(b, hk, k0 + tt * BC, S, Hk)
+                bulk_g2s(smem, wbase + s * 2 * TILE, kc, src, BC * 256, bars, bar)
+                bulk_g2s(smem, wbase + s * 2 * TILE + TILE, vc, src, BC * 256, bars, bar)
+        elif lane < BC:
+            src = _row_seq(b, hk, k0 + tt * BC + lane, S, Hk)
+            bulk_g2s(smem, wbase + s * 2 * TILE + lane * 64, kc, src, 256, bars, bar)
+            bulk_g2s(smem, wbase + s * 2 * TILE + TILE + lane * 64, vc, src, 256, bars, bar)
+
     def kern(kc, vc, S, Hk, nsplit, sink):
-        tid = cuda.threadIdx.x
-        warp = tid // 32
-        lane = tid % 32
-        sp = cuda.blockIdx.x
-        hk = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        chunk = S // nsplit
-        k0 = sp * chunk
+        tid, warp, lane, sp, hk, b, chunk, k0 = _ids(S, nsplit)
         smem = cuda.shared.array(0, uint32)
         bars = cuda.shared.array(NB, int64)
         if lane == 0:
@@ -400,17 +323,7 @@ def make_bulk(NW, STAGES, BC, head_major):
         for s in range(STAGES - 1):
             tt = warp + s * NW
             if tt < ntile:
-                if lane == 0:
-                    mbar_expect(bars, warp * STAGES + s, 2 * BC * 256)
-                if head_major:
-                    if lane == 0:
-                        src = ((int64(b) * Hk + hk) * S + k0 + tt * BC) * 64
-                        bulk_g2s(smem, wbase + s * 2 * TILE, kc, src, BC * 256, bars, warp * STAGES + s)
-                        bulk_g2s(smem, wbase + s * 2 * TILE + TILE, vc, src, BC * 256, bars, warp * STAGES + s)
-                elif lane < BC:
-                    src = ((int64(b) * S + k0 + tt * BC + lane) * Hk + hk) * 64
-                    bulk_g2s(smem, wbase + s * 2 * TILE + lane * 64, kc, src, 256, bars, warp * STAGES + s)
-                    bulk_g2s(smem, wbase + s * 2 * TILE + TILE + lane * 64, vc, src, 256, bars, warp * STAGES + s)
+                issue(smem, kc, vc, bars, tt, s, wbase, warp, lane, k0, b, hk, S, Hk)
         stage = 0
         ph = uint32(0)
         it = warp
@@ -421,17 +334,7 @@ def make_bulk(NW, STAGES, BC, head_major):
                 if sa >= STAGES:
                     sa -= STAGES
                 fence_proxy()
-                if lane == 0:
-                    mbar_expect(bars, warp * STAGES + sa, 2 * BC * 256)
-                if head_major:
-                    if lane == 0:
-                        src = ((int64(b) * Hk + hk) * S + k0 + ahead * BC) * 64
-                        bulk_g2s(smem, wbase + sa * 2 * TILE, kc, src, BC * 256, bars, warp * STAGES + sa)
-                        bulk_g2s(smem, wbase + sa * 2 * TILE + TILE, vc, src, BC * 256, bars, warp * STAGES + sa)
-                elif lane < BC:
-                    src = ((int64(b) * S + k0 + ahead * BC + lane) * Hk + hk) * 64
-                    bulk_g2s(smem, wbase + sa * 2 * TILE + lane * 64, kc, src, 256, bars, warp * STAGES + sa)
-                    bulk_g2s(smem, wbase + sa * 2 * TILE + TILE + lane * 64, vc, src, 256, bars, warp * STAGES + sa)
+                issue(smem, kc, vc, bars, ahead, sa, wbase, warp, lane, k0, b, hk, S, Hk)
             mbar_wait(bars, warp * STAGES + stage, (ph >> stage) & 1)
             ph ^= uint32(1) << stage
             acc ^= smem[wbase + stage * 2 * TILE + lane]
@@ -458,17 +361,12 @@ def make_ldg_pipe(TK, kind, NTH=128):
             c = tid + u * NTH
             r = c // CH
             ch = c - r * CH
-            src = ((int64(b) * S + k0 + kt * TK + r) * Hk + hk) * 64 + ch * 4
+            src = _row_seq(b, hk, k0 + kt * TK + r, S, Hk) + ch * 4
             regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3] = ld4(kc, src)
             regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6], regs[8 * u + 7] = ld4(vc, src)
 
     def kern(kc, vc, S, Hk, nsplit, sink):
-        tid = cuda.threadIdx.x
-        sp = cuda.blockIdx.x
-        hk = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        chunk = S // nsplit
-        k0 = sp * chunk
+        tid, warp, lane, sp, hk, b, chunk, k0 = _ids(S, nsplit)
         acc = uint32(0)
         ra = cuda.local.array(NR, uint32)
         rb = cuda.local.array(NR, uint32)
@@ -526,8 +424,8 @@ def main():
         vhu = cuda.as_cuda_array(vt.view(torch.int32)).reshape(-1).view(np.uint32)
         for cfg in ((4, 3, 16),):
             nw, stg, bc = cfg
-            kern, nth, smem = make_stream(nw, stg, bc, False, False)
-            kernh, _, _ = make_stream(nw, stg, bc, True, False)
+            kern, nth, smem = make_stream(nw, stg, bc, False)
+            kernh, _, _ = make_stream(nw, stg, bc, True)
             line = []
             for ns in (2, 4, 8, 16):
                 if B * Hk * ns < 64 or B * Hk * ns > 4096 or (S // ns) % bc:

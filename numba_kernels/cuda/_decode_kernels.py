@@ -29,6 +29,9 @@ if intr.SIM:
         return lambda: None
 
     cp16_pf = intr.cp_async16
+
+    def make_cp16(text):
+        return intr.cp_async16
 else:
     from llvmlite import ir
     from numba.cuda import types as _nbt
@@ -37,23 +40,29 @@ else:
     def _cp_wait(n):
         return intr._make_void_asm(f"cp.async.wait_group {n};")
 
-    @intrinsic
-    def cp16_pf(typingctx, dst, dst_idx, src, src_idx, nbytes):
-        """``intr.cp_async16`` with an L2 prefetch hint of 256 bytes (the whole K/V row around the chunk)."""
-        sig = _nbt.void(dst, dst_idx, src, src_idx, nbytes)
+    def make_cp16(text):
+        """An ``intr.cp_async16``-like copy (dst, dst_idx, src, src_idx, nbytes) with the asm ``text``
+        ($0 shared address, $1 global address, $2 source bytes)."""
+        @intrinsic
+        def cp16(typingctx, dst, dst_idx, src, src_idx, nbytes):
+            sig = _nbt.void(dst, dst_idx, src, src_idx, nbytes)
 
-        def codegen(context, builder, signature, args):
-            dst_addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-            sptr = intr._data_ptr(context, builder, signature.args[2], args[2], args[3], signature.args[3])
-            n = context.cast(builder, args[4], signature.args[4], _nbt.int32)
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [i32, ir.IntType(64), i32])
-            asm = ir.InlineAsm(fnty, "cp.async.cg.shared.global.L2::256B [$0], [$1], 16, $2;", "r,l,r",
-                               side_effect=True)
-            builder.call(asm, [dst_addr, builder.ptrtoint(sptr, ir.IntType(64)), n])
-            return context.get_dummy_value()
+            def codegen(context, builder, signature, args):
+                dst_addr = intr._shared_addr(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+                sptr = intr._data_ptr(context, builder, signature.args[2], args[2], args[3], signature.args[3])
+                n = context.cast(builder, args[4], signature.args[4], _nbt.int32)
+                i32 = ir.IntType(32)
+                fnty = ir.FunctionType(ir.VoidType(), [i32, ir.IntType(64), i32])
+                asm = ir.InlineAsm(fnty, text, "r,l,r", side_effect=True)
+                builder.call(asm, [dst_addr, builder.ptrtoint(sptr, ir.IntType(64)), n])
+                return context.get_dummy_value()
 
-        return sig, codegen
+            return sig, codegen
+
+        return cp16
+
+    #: ``intr.cp_async16`` with an L2 prefetch hint of 256 bytes (the whole K/V row around the chunk)
+    cp16_pf = make_cp16("cp.async.cg.shared.global.L2::256B [$0], [$1], 16, $2;")
 
 
 #: most key splits one call may use (the fused split merge keeps 16 x MAX_SPLITS weights in shared memory)
