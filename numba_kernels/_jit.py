@@ -5,6 +5,10 @@ import numba
 
 #: fastmath flags that keep inf/nan semantics (attention masks rely on -inf)
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+#: the same without ``reassoc``: LLVM may not reorder float sums, so the bits of a kernel do not depend on
+#: where LLVM inlined it (with reassoc, a process that compiles the kernels got other bits than one that
+#: loaded them from numba's cache)
+FASTMATH_ORDERED = FASTMATH - {"reassoc"}
 
 
 def njit(fn=None, *, parallel=False, cache=True, fastmath=FASTMATH, inline="never", error_model="python"):

@@ -12,6 +12,7 @@ Layout here is packed, with cu_seqlens, so batched and varlen calls share one ke
 (q (H, total_q, D), k/v (Hk, total_k, D): contiguous tiles for BLAS), the output in the caller's layout
 (total_q, H, D), each row written where it belongs (no copy back).
 """
+import functools
 import threading
 
 import numba
@@ -20,9 +21,14 @@ from numba import prange
 
 from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
-from numba_kernels._jit import njit, njit_parallel
+from numba_kernels._jit import FASTMATH_ORDERED
+from numba_kernels._jit import njit as _njit
+from numba_kernels._jit import njit_parallel as _njit_parallel
 from numba_kernels.cpu._math import LN2, LOG2E, atomic_fetch_add, exp2_fast, fmax_fast
 from numba_kernels.cpu._tasks import run_tasks
+
+njit = functools.partial(_njit, fastmath=FASTMATH_ORDERED)
+njit_parallel = functools.partial(_njit_parallel, fastmath=FASTMATH_ORDERED)
 
 BLOCK_Q = 256
 BLOCK_K = 512
@@ -49,23 +55,46 @@ def make_consts(dtype, scale, softcap, dropout_p):
 
 # The row helpers take slices and loop from 0: with ``range(c0, c1)`` numba's negative-index
 # wraparound makes the address non-affine and LLVM gives up vectorizing.
+#: lanes of the fixed-order reductions below: 16 independent chains that LLVM's SLP vectorizer turns into
+#: vector adds / maxes without reassociating anything (the kernels are compiled without ``reassoc``, so a
+#: kernel's bits do not depend on how LLVM inlined it: see ``_jit.FASTMATH_ORDERED``)
+LANES = 16
+
+
 @njit(inline="always")
 def _row_max(x, init):
-    """max(init, max(x)) as one vectorized reduction."""
+    """max(init, max(x)): LANES running maxima over strided columns, then combined in a fixed order."""
+    n = x.shape[0]
+    lanes = np.full(LANES, init)
+    nf = n - n % LANES
+    for c0 in range(0, nf, LANES):
+        for j in range(LANES):
+            lanes[j] = fmax_fast(lanes[j], x[c0 + j])
     mx = init
-    for c in range(x.shape[0]):
+    for j in range(LANES):
+        mx = fmax_fast(mx, lanes[j])
+    for c in range(nf, n):
         mx = fmax_fast(mx, x[c])
     return mx
 
 
 @njit(inline="always")
 def _row_exp2(x, sc, m, zero):
-    """x = 2 ** (x * sc - m) in place, returning its sum (one fused pass)."""
+    """x = 2 ** (x * sc - m) in place, returning its sum: the exps in one vectorized pass, the sum over
+    LANES strided partial sums added in a fixed order (the same bits however LLVM inlines this)."""
+    n = x.shape[0]
+    for c in range(n):
+        x[c] = exp2_fast(x[c] * sc - m)
+    lanes = np.full(LANES, zero)
+    nf = n - n % LANES
+    for c0 in range(0, nf, LANES):
+        for j in range(LANES):
+            lanes[j] += x[c0 + j]
     ssum = zero
-    for c in range(x.shape[0]):
-        p = exp2_fast(x[c] * sc - m)
-        x[c] = p
-        ssum += p
+    for j in range(LANES):
+        ssum += lanes[j]
+    for c in range(nf, n):
+        ssum += x[c]
     return ssum
 
 
