@@ -62,10 +62,11 @@ LANES = 16
 
 
 @njit(inline="always")
-def _row_max(x, init):
-    """max(init, max(x)): LANES running maxima over strided columns, then combined in a fixed order."""
+def _row_max(x, init, lanes):
+    """max(init, max(x)): LANES running maxima over strided columns (in the scratch ``lanes``), then combined
+    in a fixed order."""
     n = x.shape[0]
-    lanes = np.full(LANES, init)
+    lanes[:] = init
     nf = n - n % LANES
     for c0 in range(0, nf, LANES):
         for j in range(LANES):
@@ -79,13 +80,13 @@ def _row_max(x, init):
 
 
 @njit(inline="always")
-def _row_exp2(x, sc, m, zero):
+def _row_exp2(x, sc, m, zero, lanes):
     """x = 2 ** (x * sc - m) in place, returning its sum: the exps in one vectorized pass, the sum over
     LANES strided partial sums added in a fixed order (the same bits however LLVM inlines this)."""
     n = x.shape[0]
     for c in range(n):
         x[c] = exp2_fast(x[c] * sc - m)
-    lanes = np.full(LANES, zero)
+    lanes[:] = zero
     nf = n - n % LANES
     for c0 in range(0, nf, LANES):
         for j in range(LANES):
@@ -105,10 +106,10 @@ def _fill(x, val):
 
 
 @njit(inline="always")
-def _attend_keys(qt, kt, vt, s, tmp, acc, mrow, lrow, alpha, fbuf, cidx, b, h, i0, j0, off, left, right,
+def _attend_keys(qt, kt, vt, s, tmp, acc, mrow, lrow, alpha, fbuf, cidx, lanes, b, h, i0, j0, off, left, right,
                  consts, sc, prescale, slope, dropout_p, seed, thresh):
     """Rows [i0, i0 + m) of one task against keys [j0, j0 + n): online-softmax update of acc, mrow,
-    lrow (all (m, ...) views); s (m, n), tmp (m, D), alpha, fbuf, cidx scratch."""
+    lrow (all (m, ...) views); s (m, n), tmp (m, D), alpha, fbuf, cidx, lanes (LANES) scratch."""
     m, n = s.shape
     D = acc.shape[1]
     zero = consts[C_ZERO]
@@ -137,9 +138,9 @@ def _attend_keys(qt, kt, vt, s, tmp, acc, mrow, lrow, alpha, fbuf, cidx, b, h, i
             for c in range(x.shape[0]):
                 x[c] -= slope * abs(base - cidx[c])
         m_old = mrow[r]
-        m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF]) * sc)
+        m_new = fmax_fast(m_old, _row_max(x, consts[C_NEG_INF], lanes) * sc)
         alpha[r] = exp2_fast(m_old - m_new)
-        lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero)
+        lrow[r] = lrow[r] * alpha[r] + _row_exp2(x, sc, m_new, zero, lanes)
         mrow[r] = m_new
         _fill(row[:c0], zero)
         _fill(row[c1:], zero)
@@ -187,6 +188,7 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
     lrow = np.zeros(m, dtype=q.dtype)
     alpha = np.empty(m, dtype=q.dtype)
     fbuf = np.empty(1, dtype=q.dtype)  # int -> compute-dtype conversions
+    lanes = np.empty(LANES, dtype=q.dtype)  # the fixed-order reductions' partials
     lo, hi = _key_range(i0, i0 + m, Sq, Sk, left, right)
     off = Sk - Sq
     slope = zero
@@ -217,8 +219,8 @@ def _attend_block(q, k, v, cu_q, cu_k, b, h, hk, i0, out, lse, lse_a, lse_c, con
                     continue
                 _attend_keys(qt[r0: r0 + mg], k[hk, ks + jb: ks + jb + nb], v[hk, ks + jb: ks + jb + nb],
                              sbuf[: mg * nb].reshape((mg, nb)), tmp[:mg], acc[r0: r0 + mg], mrow[r0: r0 + mg],
-                             lrow[r0: r0 + mg], alpha, fbuf, cidx, b, h, i0 + r0, jb, off, left, right, consts,
-                             sc, prescale, slope, dropout_p, seed, thresh)
+                             lrow[r0: r0 + mg], alpha, fbuf, cidx, lanes, b, h, i0 + r0, jb, off, left, right,
+                             consts, sc, prescale, slope, dropout_p, seed, thresh)
     lse0 = qs * lse_a + h * lse_c + i0
     for r in range(m):
         lr = lrow[r]
