@@ -33,7 +33,7 @@ from numba import cuda, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import jit_kernel
-from numba_kernels.cuda._conv1d_kernels import _converters
+from numba_kernels.cuda._conv1d_kernels import ELEM, _converters
 from numba_kernels.cuda._selective_scan_fwd import SOFTPLUS_THRESHOLD, _fast_fns, _sigmoid_fn
 
 W = uint64  # shared / global indices as unsigned: no negative-index wraparound code per access
@@ -83,6 +83,7 @@ def make_time_kernel(kind, N, NI, CB, VB, VC, SEQ, PRE):
     o, _ = layout(N, NI, CB, VB, VC, PRE)
     BS, CS, WS, HC, AS, BK, CK, DS = (o[k] for k in ("BS", "CS", "WS", "HC", "AS", "BK", "CK", "DS"))
     NQI = NQ * NI
+    ET = ELEM[kind]
 
     @cuda.jit(device=True, inline=True)
     def wsum(v):  # sum over the 32 lanes (every lane gets it)
@@ -91,6 +92,19 @@ def make_time_kernel(kind, N, NI, CB, VB, VC, SEQ, PRE):
             v += intr.shfl_xor(v, m)
             m //= 2
         return v
+
+    @cuda.jit(device=True, inline=True)
+    def fetch(ru, rx, rg, rz, u, delta, dout, z, bw, dw, tb, L, has_z):
+        """The raw elements of steps tb .. tb + NI - 1 (clamped to L - 1) of channel dw: unconditional loads."""
+        for i in range(NI):
+            tw = W(min(tb + i, L - 1))
+            ru[i] = u[bw, dw, tw]
+            rx[i] = delta[bw, dw, tw]
+            if not PRE:
+                rg[i] = dout[bw, dw, tw]
+        if has_z and not PRE:
+            for i in range(NI):
+                rz[i] = z[bw, dw, W(min(tb + i, L - 1))]
 
     def kernel(dout, u, delta, A, bvar, bconst, cvar, cconst, Dv, z, dbias, init, seq, dlast, softplus,
                blk_start, blk_len, ck, du, ddelta, dz, dA_p, dBc_p, dCc_p, dBv_p, dCv_p, dD_p, ddb_p, dinit):
@@ -117,6 +131,10 @@ def make_time_kernel(kind, N, NI, CB, VB, VC, SEQ, PRE):
         if VC:
             gc = d0 // (Dm // cvar.shape[1])
         # per lane: its NI steps (u, dt, the gated dout, the reset mask), its NQ states' data
+        ru = cuda.local.array(NI, ET)  # raw elements of the next channel's steps
+        rx = cuda.local.array(NI, ET)
+        rg = cuda.local.array(NI, ET)
+        rz = cuda.local.array(NI, ET)
         uu = cuda.local.array(NI, ft)
         dtv = cuda.local.array(NI, ft)
         gv = cuda.local.array(NI, ft)
@@ -163,48 +181,52 @@ def make_time_kernel(kind, N, NI, CB, VB, VC, SEQ, PRE):
             kc = kk if PRE else nc - 1 - kk
             t0 = kc * T
             cuda.syncthreads()  # the previous chunk's B / C and carries are no longer read
+            tb = t0 + lane * NI
+            fetch(ru, rx, rg, rz, u, delta, dout, z, bw, W(d0), tb, L, has_z)  # the first channel's steps
             if VB or (VC and not PRE):
-                for idx in range(tid, N * T, NT):
+                for k in range(NQI):  # N T / NT elements per thread
+                    idx = tid + k * NT
                     n = idx // T
                     j = idx - n * T
                     t = t0 + j
+                    tw = W(min(t, L - 1))  # unconditional loads (issued back to back), zeros past L
                     if VB:
-                        sf[W(BS + idx)] = ft(cin(bvar[bw, W(gb), W(n), W(t)])) if t < L else ZERO
+                        bvl = ft(cin(bvar[bw, W(gb), W(n), tw]))
+                        sf[W(BS + idx)] = bvl if t < L else ZERO
                     if VC and not PRE:
-                        sf[W(CS + idx)] = ft(cin(cvar[bw, W(gc), W(n), W(t)])) if t < L else ZERO
+                        cvl = ft(cin(cvar[bw, W(gc), W(n), tw]))
+                        sf[W(CS + idx)] = cvl if t < L else ZERO
+            if SEQ:  # a_t = 0 where seq_idx changes (the same steps for every channel)
+                for i in range(NI):
+                    t = tb + i
+                    tc = min(t, L - 1)
+                    s0 = seq[bw, W(tc)]
+                    s1 = seq[bw, W(max(tc - 1, 0))]
+                    keep[i] = ZERO if (t > 0) & (s0 != s1) else ONE
             cuda.syncthreads()
-            tb = t0 + lane * NI
             for r in range(nch):
                 d = d0 + r
                 dw = W(d)
                 bias = ft(dbias[d]) if has_bias else ZERO
                 for i in range(NI):
-                    t = tb + i
-                    uv = ZERO
-                    dt = ZERO
+                    ok = tb + i < L
+                    uv = ft(cin(ru[i]))
+                    x = ft(cin(rx[i])) + bias
+                    dt = softplus_f(x) if softplus else x
                     g = ZERO
-                    kp = ONE
-                    if t < L:
-                        tw = W(t)
-                        uv = ft(cin(u[bw, dw, tw]))
-                        x = ft(cin(delta[bw, dw, tw])) + bias
-                        dt = softplus_f(x) if softplus else x
-                        if not PRE:
-                            g = ft(cin(dout[bw, dw, tw]))
-                            if has_z:
-                                zv = ft(cin(z[bw, dw, tw]))
-                                g = g * zv * sigmoid_f(zv)
-                        if SEQ:
-                            if t > 0:
-                                if seq[bw, tw] != seq[bw, W(t - 1)]:
-                                    kp = ZERO
-                    uu[i] = uv
-                    dtv[i] = dt
-                    gv[i] = g
-                    keep[i] = kp
+                    if not PRE:
+                        g = ft(cin(rg[i]))
+                        if has_z:
+                            zv = ft(cin(rz[i]))
+                            g = g * zv * sigmoid_f(zv)
+                    uu[i] = uv if ok else ZERO
+                    dtv[i] = dt if ok else ZERO
+                    gv[i] = g if ok else ZERO
                     dus[i] = ZERO
                     dda[i] = ZERO
                     yp[i] = ZERO
+                if r + 1 < nch:  # the next channel's steps, in flight during this one's scans
+                    fetch(ru, rx, rg, rz, u, delta, dout, z, bw, W(d + 1), tb, L, has_z)
                 for s in range(NQ):
                     nn = q * NQ + s
                     Av[s] = ft(A[dw, W(nn)])
@@ -346,8 +368,12 @@ def make_time_kernel(kind, N, NI, CB, VB, VC, SEQ, PRE):
                     sb = ZERO
                     for j in range(tid, T, NT):
                         t = t0 + j
+                        tw = W(min(t, L - 1))
+                        uv = ft(cin(u[bw, dw, tw]))  # unconditional loads first
+                        x = ft(cin(delta[bw, dw, tw])) + bias
+                        go = ft(cin(dout[bw, dw, tw]))
+                        zv = ft(cin(z[bw, dw, tw])) if has_z else ZERO
                         if t < L:
-                            tw = W(t)
                             su = ZERO
                             sd = ZERO
                             sy = ZERO
@@ -356,15 +382,10 @@ def make_time_kernel(kind, N, NI, CB, VB, VC, SEQ, PRE):
                                 su += sf[W(row)]
                                 sd += sf[W(row + T)]
                                 sy += sf[W(row + 2 * T)]
-                            uv = ft(cin(u[bw, dw, tw]))
-                            x = ft(cin(delta[bw, dw, tw])) + bias
                             dt = softplus_f(x) if softplus else x
-                            go = ft(cin(dout[bw, dw, tw]))
                             g = go
                             s_ = ZERO
-                            zv = ZERO
                             if has_z:
-                                zv = ft(cin(z[bw, dw, tw]))
                                 s_ = sigmoid_f(zv)
                                 g = go * zv * s_
                             ddt = sd + su * uv
