@@ -14,6 +14,7 @@ from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda._scan_bwd_kernel import make_bwd_kernel, smem_bytes
 from numba_kernels.cuda import _scan_bwd_time as sbt
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
+from numba_kernels.cuda.fft_conv import _device_key, out_array
 from numba_kernels.cuda.selective_scan import _bc
 #: channels per block NC, preferred lanes per channel Q (GPU, simulator)
 CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
@@ -36,6 +37,17 @@ ALGO = "time"
 #: the time kernel's steps per lane NI (chunk 32 NI; float64 gets half) and channels per block CB (GPU, simulator)
 TIME_NI = {"gpu": 8, "sim": 2}
 TIME_CB = {"gpu": 32, "sim": 2}
+
+
+def _const_ints(vals):
+    """A cached device copy (per device) of a small int32 table (block starts / lengths): no host-to-device copy
+    per call."""
+    return _const_ints_on(tuple(int(x) for x in vals), _device_key())
+
+
+@functools.lru_cache(maxsize=256)
+def _const_ints_on(vals, _dev):
+    return cuda.to_device(np.asarray(vals, np.int32))
 
 
 def time_params(f64):
@@ -91,10 +103,10 @@ def _group_sum(part3, starts, kind, shape):
     """part3 (B, K, M) device -> (B, G, M) summed per block range, in the element type of ``kind``."""
     Bt, _, M = part3.shape
     G = len(starts) - 1
-    out = cuda.device_array((Bt, G, M), dtype=ELEM[kind])
+    out = out_array((Bt, G, M), ELEM[kind])
     NT = 32 if intr.SIM else 256
     fl.launch(make_group_sum_kernel(kind), -(-(Bt * G * M) // NT), NT, 0,
-                (part3, cuda.to_device(np.asarray(starts, np.int32)), out))
+                (part3, _const_ints(starts), out))
     return out.reshape(shape)
 
 
@@ -128,21 +140,21 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
     bv, bc = _bc(B, kind, ft, Bt, N, L)
     cv, cc = _bc(C, kind, ft, Bt, N, L)
     et = ELEM[kind]
-    du = cuda.device_array((Bt, Dm, L), dtype=et)
-    ddelta = cuda.device_array((Bt, Dm, L), dtype=et)
-    dz = cuda.device_array((Bt, Dm, L), dtype=et) if z is not None else _empty((0, 0, 0), et)
-    dA = cuda.device_array((Bt, Dm, N), dtype=ft)
-    dBc = cuda.device_array((Bt, Dm, N), dtype=ft) if not gb else _empty((0, 0, 0), ft)
-    dCc = cuda.device_array((Bt, Dm, N), dtype=ft) if not gc else _empty((0, 0, 0), ft)
-    dBv = cuda.device_array((Bt, nblk, N, L), dtype=ft) if gb else _empty((0, 0, 0, 0), ft)
-    dCv = cuda.device_array((Bt, nblk, N, L), dtype=ft) if gc else _empty((0, 0, 0, 0), ft)
-    dD = cuda.device_array((Bt, Dm), dtype=ft)
-    ddb = cuda.device_array((Bt, Dm), dtype=ft)
-    dinit = cuda.device_array((Bt, Dm, N), dtype=ft) if init is not None else _empty((0, 0, 0), ft)
-    ck = cuda.device_array((Bt, nc, Dm, N) if ALGO == "time" else (Bt, nc, N, Dm), dtype=ft)
+    du = out_array((Bt, Dm, L), et)
+    ddelta = out_array((Bt, Dm, L), et)
+    dz = out_array((Bt, Dm, L), et) if z is not None else _empty((0, 0, 0), et)
+    dA = out_array((Bt, Dm, N), ft)
+    dBc = out_array((Bt, Dm, N), ft) if not gb else _empty((0, 0, 0), ft)
+    dCc = out_array((Bt, Dm, N), ft) if not gc else _empty((0, 0, 0), ft)
+    dBv = out_array((Bt, nblk, N, L), ft) if gb else _empty((0, 0, 0, 0), ft)
+    dCv = out_array((Bt, nblk, N, L), ft) if gc else _empty((0, 0, 0, 0), ft)
+    dD = out_array((Bt, Dm), ft)
+    ddb = out_array((Bt, Dm), ft)
+    dinit = out_array((Bt, Dm, N), ft) if init is not None else _empty((0, 0, 0), ft)
+    ck = out_array((Bt, nc, Dm, N) if ALGO == "time" else (Bt, nc, N, Dm), ft)
     args = (_elem(dout, kind, 3), _elem(u, kind, 3), _elem(delta, kind, 3), _compute(A, ft, 2), bv, bc, cv, cc,
             _compute(D, ft, 1), _elem(z, kind, 3), _compute(dbias, ft, 1), _compute(init, ft, 3), _int(seq, 2),
-            _compute(dlast, ft, 3), np.int32(softplus), cuda.to_device(st), cuda.to_device(ln), ck,
+            _compute(dlast, ft, 3), np.int32(softplus), _const_ints(st), _const_ints(ln), ck,
             du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit)
     if ALGO == "time":
         nt = 32 * sbt.groups(N)[0]
