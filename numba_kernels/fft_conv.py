@@ -155,7 +155,7 @@ def fft_conv(u, k, *, mode="causal", bias=None, pregate=None, postgate=None, fft
     On CUDA the forward keeps its spectrum buffer (per thread, the latest shape) for the next call, and results
     come from a small output cache (like torch's caching allocator: a result's memory is reused only once no
     array, slice or ``__cuda_array_interface__`` consumer references it; at most 512 MiB per thread,
-    ``NUMBA_KERNELS_FFT_OUT_POOL=0`` turns it off); the cache clear frees both. Overlap-add is chosen automatically on CUDA only past single FFTs of 2^20 points.
+    ``NUMBA_KERNELS_OUT_POOL=0`` turns it off); the cache clear frees both. Overlap-add is chosen automatically on CUDA only past single FFTs of 2^20 points.
 
     Parameters
     ----------

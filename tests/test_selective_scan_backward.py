@@ -199,28 +199,10 @@ def test_sim_backward(rng, dt, bform, cform, N):
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("N,L,bform,cform,seg", [(8, 70, "BNL", "grouped", 3), (5, 66, "const", "BNL", 1),
-                                                 (4, 129, "grouped", "const", 2)],
-                         ids=["N8-L70-BNL-grouped-seq", "N5-L66-const-BNL", "N4-L129-grouped-const-seq"])
-def test_sim_backward_time_chunks(rng, N, L, bform, cform, seg):
-    # the time kernel over several chunks of 64 steps (the pre-pass, the carries between chunks, seq_idx resets
-    # across chunk boundaries; 3 channels in blocks of 2 + 1); N 8: two warps of 4 states (cross-warp sums), N 5:
-    # one warp of 5 states
-    from numba_kernels.cuda import selective_scan_backward as csb
-
-    assert csb.ALGO == "time"
-    dout, kw = _with_grads(rng, _inputs(rng, np.float32, B=1, Dm=3, L=L, N=N, G=1, bform=bform, cform=cform,
-                                        segments=seg), np.float32)
-    got = nk.selective_scan_backward(dout, **kw, delta_softplus=True, backend="cuda")
-    _compare(got, selective_scan_backward_ref(dout, **kw, delta_softplus=True), kw, np.float32)
-
-
-@pytest.mark.sim
 def test_sim_backward_prefetch(rng, monkeypatch):
-    # the walk kernel's PREFETCH variant (off by default: slower on the H200) still computes the same gradients
+    # the PREFETCH variant (off by default: slower on the H200) still computes the same gradients
     from numba_kernels.cuda import selective_scan_backward as csb
 
-    monkeypatch.setattr(csb, "ALGO", "walk")
     monkeypatch.setattr(csb, "PREFETCH", True)
     dout, kw = _with_grads(rng, _inputs(rng, np.float32, B=2, Dm=6, L=7, N=4, G=2, bform="BNL", cform="grouped",
                                         segments=2), np.float32)

@@ -48,7 +48,7 @@ def pool_checks():
     import torch
     from numba import cuda
 
-    from numba_kernels.cuda import fft_conv as cfc
+    from numba_kernels.cuda import _pool as cpool
 
     def ptr(a):
         return a.__cuda_array_interface__["data"][0]
@@ -65,8 +65,8 @@ def pool_checks():
     ud1, ud2, kd = cuda.to_device(u1), cuda.to_device(u2), cuda.to_device(k)
     ref1 = fft_conv_ref(u1.astype(np.float64), k.astype(np.float64))
     nk.clear_fft_conv_cache()
-    saved = cfc.OUT_POOL
-    cfc.OUT_POOL = 4
+    saved = cpool.OUT_POOL
+    cpool.OUT_POOL = 4
     try:
         y1 = nk.fft_conv(ud1, kd, backend="cuda")
         p1 = ptr(y1)
@@ -87,16 +87,16 @@ def pool_checks():
         ok("a torch tensor over a result keeps it out of reuse",
            ptr(y5) != p1 and err(t.cpu().numpy(), ref1) < 1e-5)
         del t, y5
-        cfc.OUT_POOL_BYTES, saved_b = B * H * L * 4 * 2, cfc.OUT_POOL_BYTES
+        cpool.OUT_POOL_BYTES, saved_b = B * H * L * 4 * 2, cpool.OUT_POOL_BYTES
         try:
             ys = [nk.fft_conv(ud1, kd, backend="cuda") for _ in range(4)]
-            held = sum(m.nbytes for e in cfc._local.outs.values() for m, _, _ in e)
-            ok("the byte cap bounds the cache", held <= cfc.OUT_POOL_BYTES and all(
+            held = sum(m.nbytes for e in cpool._local.outs.values() for m, _, _ in e)
+            ok("the byte cap bounds the cache", held <= cpool.OUT_POOL_BYTES and all(
                 err(y.copy_to_host(), ref1) < 1e-5 for y in ys) and len({ptr(y) for y in ys}) == 4)
         finally:
-            cfc.OUT_POOL_BYTES = saved_b
+            cpool.OUT_POOL_BYTES = saved_b
     finally:
-        cfc.OUT_POOL = saved
+        cpool.OUT_POOL = saved
         nk.clear_fft_conv_cache()
 
 

@@ -24,6 +24,7 @@ nk = import_library()
 from numba_kernels.cuda import _fft_conv_fused as fz
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda import fft_conv as cfc
+from numba_kernels.cuda import _pool as cpool
 
 
 def queued(fn, n=20):
@@ -143,8 +144,8 @@ def main():
         y = call()
         ref = torch.fft.irfft(torch.fft.rfft(uf, n=N) * kf, n=N)[..., :Lx]
         err = float((torch.as_tensor(y, device="cuda").float() - ref).abs().max() / ref.abs().max())
-        saved_pool = cfc.OUT_POOL
-        cfc.OUT_POOL = 0  # "call": a fresh output per call (the 2026-12-01 default)
+        saved_pool = cpool.OUT_POOL
+        cpool.OUT_POOL = 0  # "call": a fresh output per call (the 2026-12-01 default)
         t_call = tbench(call)
         q_call = queued(call)
         # the fused kernel alone, preallocated output (the arguments _fwd_fused passes)
@@ -182,10 +183,10 @@ def main():
                 ctx.deallocations.clear()
             ts.append(time.perf_counter() - t0)
         t_alloc = float(np.median(ts))
-        cfc.OUT_POOL = 4
+        cpool.OUT_POOL = 4
         t_pool = tbench(call)
         q_pool = queued(call)
-        cfc.OUT_POOL = saved_pool
+        cpool.OUT_POOL = saved_pool
         gb = 2 * u.numel() * u.element_size() / 1e9
         print(f"B{B} H{H} L{Lx} N{N} {str(dtype)[6:]}: peer {t_peer * 1e3:.3f} ms (queued {q_peer[0] * 1e3:.3f}, "
               f"host {q_peer[1] * 1e3:.3f}) | copy fp32 {t_copy * 1e3:.3f} ms | call {t_call * 1e3:.3f} ms "

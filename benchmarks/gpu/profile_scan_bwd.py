@@ -1,6 +1,6 @@
 """One CUDA selective-scan backward call (bf16 B8 Dm1536 N16, z, B / C (B, 1, N, L), delta_bias + softplus, D) after
 a warm-up call, for ncu: ``ncu -k regex:kernel --launch-skip K python benchmarks/gpu/profile_scan_bwd.py``.
-Env: PROF_L (2048), PROF_ALGO ("time" | "walk"), PROF_NI, PROF_CB. GPU only."""
+Env: PROF_L (2048). GPU only."""
 import os
 import sys
 
@@ -16,11 +16,6 @@ from numba_kernels._dispatch import bfloat16  # noqa: E402
 from numba_kernels.cuda import selective_scan_backward as csb  # noqa: E402
 
 B, Dm, N, L = 8, 1536, 16, int(os.environ.get("PROF_L", "2048"))
-csb.ALGO = os.environ.get("PROF_ALGO", "time")
-if os.environ.get("PROF_NI"):
-    csb.TIME_NI["gpu"] = int(os.environ["PROF_NI"])
-if os.environ.get("PROF_CB"):
-    csb.TIME_CB["gpu"] = int(os.environ["PROF_CB"])
 
 
 def dv(t):
@@ -36,4 +31,4 @@ for _ in range(2):
     csb.scan_bwd_cuda(dv(dout), dv(u), dv(delta), A, dv(Bt), dv(Ct), D, dv(z), db, None, None, None, True, 1, 1,
                       bfloat16)
     cuda.synchronize()
-print("done", csb.ALGO, csb.TIME_NI, csb.TIME_CB)
+print("done")

@@ -33,7 +33,7 @@ for s in "$@"; do case $s in
   conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
   fft_host) OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host 240 python3 $G/probe_fft_host.py ;;
   fft_host_big) PROBE_L=2048,4096 NUMBA_KERNELS_FFT_FUSED_MAX_N=8192 OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host_big 200 python3 $G/probe_fft_host.py ;;
-  scan_ab) step scan_ab 300 python3 $G/ab_scan_bwd.py ;;
+  scan_ab) OLD_SCAN_BWD=${OLD_SCAN_BWD:-} step scan_ab 300 python3 $G/ab_scan_bwd.py ;;
   fft_gpu_tests) step fft_gpu_tests 300 python3 -m pytest -q -m gpu tests/test_fft_conv.py ;;
   dec_profile) step dec_profile 150 python3 $G/check_decode_attention.py profile ;;
   *) echo "unknown step $s" ;;

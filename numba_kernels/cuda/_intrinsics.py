@@ -208,18 +208,6 @@ if not SIM:
         return cuda.shfl_xor_sync(FULL_MASK, val, lanemask)
 
     @cuda.jit(device=True, inline=True)
-    def shfl_up(val, delta):
-        return cuda.shfl_up_sync(FULL_MASK, val, delta)
-
-    @cuda.jit(device=True, inline=True)
-    def shfl_down(val, delta):
-        return cuda.shfl_down_sync(FULL_MASK, val, delta)
-
-    @cuda.jit(device=True, inline=True)
-    def shfl_idx(val, src):
-        return cuda.shfl_sync(FULL_MASK, val, src)
-
-    @cuda.jit(device=True, inline=True)
     def syncwarp():
         cuda.syncwarp(FULL_MASK)
 
@@ -252,15 +240,6 @@ else:
 
     def shfl_xor(val, lanemask):
         return _warp_exchange(val, lambda vals: [vals[i ^ lanemask] for i in range(32)])
-
-    def shfl_up(val, delta):  # lanes below delta keep their own value, as on the device
-        return _warp_exchange(val, lambda vals: [vals[i - delta] if i >= delta else vals[i] for i in range(32)])
-
-    def shfl_down(val, delta):
-        return _warp_exchange(val, lambda vals: [vals[i + delta] if i + delta < 32 else vals[i] for i in range(32)])
-
-    def shfl_idx(val, src):
-        return _warp_exchange((val, src), lambda vals: [vals[v[1]][0] for v in vals])
 
     def syncwarp():
         _warp_exchange(None, lambda vals: vals)

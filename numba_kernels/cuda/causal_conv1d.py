@@ -26,6 +26,7 @@ from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import (ELEM, kind_of, make_bwd_kernel, make_final_kernel, make_fwd_kernel,
                                                 make_sum_kernel, make_update_kernel)
+from numba_kernels.cuda._pool import out_array
 
 #: (outputs per block TL, threads NT): GPU and simulator (tiny)
 TILES = {"gpu": (1024, 256), "sim": (8, 8)}
@@ -82,12 +83,12 @@ def conv_fwd_cuda(x, weight, bias, init, seq, silu, want_final, dt, out=None):
     TL, NT = tiles()
     _check_smem((TL + W - 1) * (np.dtype(ft).itemsize + 4), W)
     xd, initd, seqd = _elem(x, kind, 3), _elem(init, kind, 3), _int(seq, 2)
-    out = cuda.device_array((B, D, L), dtype=ELEM[kind]) if out is None else out
+    out = out_array((B, D, L), ELEM[kind]) if out is None else out
     args = (xd, _compute(weight, ft, 2), _compute(bias, ft, 1), initd, seqd, np.int32(silu), out)
     fl.launch(make_fwd_kernel(kind, W, TL, NT), (-(-L // TL), D, B), NT, 0, args)
     final = None
     if want_final:
-        final = cuda.device_array((B, D, W - 1), dtype=ELEM[kind])
+        final = out_array((B, D, W - 1), ELEM[kind])
         n = B * D * (W - 1)
         if n:
             fl.launch(make_final_kernel(kind, W), -(-n // NT), NT, 0, (xd, initd, seqd, final))
@@ -102,7 +103,7 @@ def conv_update_cuda(x3, conv_state, weight, bias, cache_seqlens, silu, dt, out=
     W = weight.shape[1]
     _, NT = tiles()
     sd = _elem(conv_state, kind, 3)
-    out = cuda.device_array((B, D, Ln), dtype=ELEM[kind]) if out is None else out
+    out = out_array((B, D, Ln), ELEM[kind]) if out is None else out
     args = (_elem(x3, kind, 3), sd, _compute(weight, ft, 2), _compute(bias, ft, 1), _int(cache_seqlens, 1),
             np.int32(silu), out)
     fl.launch(make_update_kernel(kind, W, NT), -(-(B * D) // NT), NT, 0, args)
@@ -120,13 +121,13 @@ def conv_bwd_cuda(dout, x, weight, bias, init, dfinal, seq, silu, dt):
     TL, NT = tiles()
     _check_smem((TL + 2 * (W - 1)) * (np.dtype(ft).itemsize + 4) + (TL + W - 1 + NT) * np.dtype(ft).itemsize, W)
     ntl = -(-L // TL)
-    dx = cuda.device_array((B, D, L), dtype=ELEM[kind])
-    part = cuda.device_array((B, ntl, D, W + 1), dtype=ft)
-    dinit = cuda.device_array((B, D, W - 1), dtype=ELEM[kind]) if init is not None else _empty((0, 0, 0), ELEM[kind])
+    dx = out_array((B, D, L), ELEM[kind])
+    part = out_array((B, ntl, D, W + 1), ft)
+    dinit = out_array((B, D, W - 1), ELEM[kind]) if init is not None else _empty((0, 0, 0), ELEM[kind])
     args = (_elem(dout, kind, 3), _elem(x, kind, 3), _compute(weight, ft, 2), _compute(bias, ft, 1),
             _elem(init, kind, 3), _elem(dfinal, kind, 3), _int(seq, 2), np.int32(silu), dx, part, dinit)
     fl.launch(make_bwd_kernel(kind, W, TL, NT), (ntl, D, B), NT, 0, args)
-    dwb = cuda.device_array((D, W + 1), dtype=ft)
+    dwb = out_array((D, W + 1), ft)
     fl.launch(make_sum_kernel(kind == "f64"), -(-(D * (W + 1)) // NT), NT, 0, (part, dwb))
     h = dwb.copy_to_host()  # (D, W + 1): small; the wrapper puts it back on the device if needed
     return dx, np.ascontiguousarray(h[:, :W]), np.ascontiguousarray(h[:, W]), (dinit if init is not None else None)

@@ -34,6 +34,8 @@ from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _fft_conv_fused as fz
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
+from numba_kernels.cuda import _pool
+from numba_kernels.cuda._pool import _device_key, out_array
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
 from numba_kernels.cuda._fft_conv_kernels import (NT_GPU, NT_SIM, make_cmul_blocks_kernel, make_cmul_kernel,
                                                   make_conj_sum_kernel, make_crop_kernel, make_dbias_kernel,
@@ -77,61 +79,10 @@ def scratch(shape, ft, slot="buf"):
     return cur[1]
 
 
-#: output caching (a small caching allocator for results, like torch's): per thread and output (shape, dtype)
-#: at most OUT_POOL allocations are kept and handed out again once nothing references the earlier result; 0 turns
-#: it off (environment NUMBA_KERNELS_FFT_OUT_POOL). H200, 2026-12-01, B64 H768 L256 fp32: public call 0.299 ms
-#: with it vs 0.600 ms without (a 50 MB cuMemAlloc + cuMemFree per call), torch.fft 0.381 ms
-OUT_POOL = int(os.environ.get("NUMBA_KERNELS_FFT_OUT_POOL", "4"))
-#: at most this many bytes of cached outputs per thread (least recently used shapes dropped first); a larger
-#: output is never cached. ``clear_fft_conv_cache()`` frees them all.
-OUT_POOL_BYTES = int(os.environ.get("NUMBA_KERNELS_FFT_OUT_POOL_BYTES", str(512 << 20)))
-
-
-def out_array(shape, dt):
-    """A device array for a result: the memory of an earlier result of this shape and dtype when nothing
-    references that result any more (no array, view or CUDA-array-interface consumer holding it), else a fresh
-    allocation. Skips cuMemAlloc / cuMemFree of a large buffer per call.
-
-    Liveness is numba's own reference count of the allocation (``refct`` of the root MemoryPointer: every
-    DeviceNDArray view and slice holds one); a consumer that keeps only a raw pointer and drops the array gives
-    the memory back, as with any caching allocator. Reuse is stream-ordered on the default stream (every launch
-    of this library), like numba's deferred frees."""
-    shape = tuple(int(x) for x in shape)
-    if intr.SIM or OUT_POOL <= 0:
-        return cuda.device_array(shape, dtype=dt)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
-    dt = np.dtype(dt)
-    nbytes = int(np.prod(shape)) * dt.itemsize
-    key = (shape, dt.str, _device_key())
-    pool = getattr(_local, "outs", None)
-    if pool is None:
-        pool = _local.outs = collections.OrderedDict()
-    ents = pool.get(key)
-    if ents is not None:
-        pool.move_to_end(key)
-        for master, root, base in ents:
-            if root.refct == base:  # only the master itself: every handed-out array and view is gone
-                return DeviceNDArray(master.shape, master.strides, master.dtype, gpu_data=master.gpu_data.view(0))
-    if nbytes == 0 or nbytes > OUT_POOL_BYTES or (ents is not None and len(ents) >= OUT_POOL):
-        return cuda.device_array(shape, dtype=dt)
-    held = sum(m.nbytes for e in pool.values() for m, _, _ in e)
-    for old_key in list(pool):  # least recently used first; memory in use stays alive through its arrays
-        if held + nbytes <= OUT_POOL_BYTES or old_key == key:
-            break
-        held -= sum(m.nbytes for m, _, _ in pool.pop(old_key))
-    if held + nbytes > OUT_POOL_BYTES:
-        return cuda.device_array(shape, dtype=dt)
-    master = cuda.device_array(shape, dtype=dt)
-    root = master.gpu_data.owner
-    pool.setdefault(key, []).append((master, root, root.refct))
-    return DeviceNDArray(master.shape, master.strides, master.dtype, gpu_data=master.gpu_data.view(0))
-
-
 def clear_scratch():
     _local.buf = None
     _local.real = None
-    _local.outs = None
+    _pool.clear_outputs()
     _TWD.clear()
     lto = sys.modules.get("numba_kernels.cuda._fft_conv_lto")
     if lto is not None:
@@ -156,13 +107,6 @@ def _none(ndim, dt):
 
 def _nt():
     return NT_SIM if intr.SIM else NT_GPU
-
-
-def _device_key():
-    try:
-        return int(cuda.get_current_device().id)
-    except Exception:  # the simulator's fake device
-        return 0
 
 
 def fft_inplace(buf, N, inverse, stream=0):
@@ -213,7 +157,7 @@ def _kinds(dt):
 def _spectrum(x, g, N, ft, kind):
     """R2C(pad(x * g)) as a device (B, H, 2F) buffer."""
     B, H, _ = x.shape
-    buf = cuda.device_array((B, H, 2 * (N // 2 + 1)), dtype=ft)
+    buf = out_array((B, H, 2 * (N // 2 + 1)), ft)
     grid, nt = _grid(buf.shape[2], B, H)
     fl.launch(make_pad_kernel(kind, nt), grid, nt, 0, (x, g, buf))
     fft_inplace(buf, N, False)
@@ -279,7 +223,7 @@ def _fwd_fused(ud, k, pred, postd, biasd, Lke, N, start, Lout, kind, ft):
 
     def expand():
         Kh = _filter_spectrum(k, Lke, N, ft)
-        Kp = cuda.device_array((H, 2 * N), dtype=np.float32)
+        Kp = out_array((H, 2 * N), np.float32)
         nt = _nt()
         fl.launch(fz.make_expand_kernel(LOGN, nt), (-(-N // nt), H), nt, 0, (Kh, Kp))
         return Kp
@@ -360,27 +304,27 @@ def bwd_cuda(dout, u, k, bias, pre, post, start, Lke, N, dt):
     K = _filter_spectrum(k, Lke, N, ft)
     vbuf = _spectrum(ud, pred, N, ft, kind)
     gbuf = _spectrum(doutd, postd, N, ft, kind)
-    S = cuda.device_array((1, H, vbuf.shape[2]), dtype=ft)
+    S = out_array((1, H, vbuf.shape[2]), ft)
     grid, nt = _grid(vbuf.shape[2] // 2, 1, H)
     fl.launch(make_conj_sum_kernel(dbl, nt), grid, nt, 0, (gbuf, vbuf, S))
     fft_inplace(S, N, True)
-    dk3 = cuda.device_array((1, H, Lke), dtype=ft)
+    dk3 = out_array((1, H, Lke), ft)
     _crop(ckind, S, N, -start, c3, c3, _empty((0,), ft), 0, c3, c3, dk3, c3)
     dk = np.zeros((H, Lk), ft)
     dk[:, :Lke] = dk3.copy_to_host()[0]  # (H, Lke) -> (H, Lk): causal taps beyond L get zero
     dpost = None
     if post is not None:
-        dpost = cuda.device_array((B, H, Lout), dtype=ELEM[kind])
+        dpost = out_array((B, H, Lout), ELEM[kind])
         _mul_inverse(vbuf, K, False, N, dbl)
         _crop(kind, vbuf, N, start, ud, pred, biasd, L, e3, doutd, e3, dpost)
     del vbuf
     _mul_inverse(gbuf, K, True, N, dbl)
-    du = cuda.device_array((B, H, L), dtype=ELEM[kind])
-    dpre = cuda.device_array((B, H, L), dtype=ELEM[kind]) if pre is not None else e3
+    du = out_array((B, H, L), ELEM[kind])
+    dpre = out_array((B, H, L), ELEM[kind]) if pre is not None else e3
     _crop(kind, gbuf, N, -start, doutd, postd, biasd, L, pred, ud, du, dpre)
     dbias = None
     if bias is not None:
-        dbias = cuda.device_array(H, dtype=ft)
+        dbias = out_array(H, ft)
         fl.launch(make_dbias_kernel(kind, _nt()), H, _nt(), 0, (doutd, postd, ud, pred, dbias))
     return du, dk, dbias, (dpre if pre is not None else None), dpost
 

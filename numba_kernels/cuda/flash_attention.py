@@ -17,6 +17,7 @@ from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda._flash_fwd_simt import make_simt_kernel
 from numba_kernels.cuda._flash_fwd_tc import make_tc_kernel
+from numba_kernels.cuda._pool import out_array
 
 # ---- tile choices ---------------------------------------------------------------------------------
 #: (warps, m-tiles of 16 query rows per warp, keys per tile) by padded head dim, the best measured on
@@ -88,8 +89,8 @@ def flash_fwd_cuda_words(qw, kw, vw, cu_q, cu_k, max_sq, bf16, scale, left, righ
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
     nw, mt, bc, DP = tc_config(D)
     kern, BR, NTH, SMEM = make_tc_kernel(nw, mt, bc, DP, bool(bf16), softcap > 0, slopes is not None, dropout_p > 0)
-    out = cuda.device_array((Tq, H, W), dtype=np.uint32) if out is None else out
-    lse = cuda.device_array(H * Tq, dtype=np.float32) if lse is None else lse
+    out = out_array((Tq, H, W), np.uint32) if out is None else out
+    lse = out_array(H * Tq, np.float32) if lse is None else lse
     sl = np.zeros((0, 0), np.float32) if slopes is None else np.asarray(slopes, np.float32)
     grid = (max(1, -(-max_sq // BR)), H, len(cu_q) - 1)
     args = (qw, kw, vw, out, lse, _cached(np.asarray(cu_q, np.int32)), _cached(np.asarray(cu_k, np.int32)),
@@ -113,8 +114,8 @@ def flash_fwd_cuda(q, k, v, cu_q, cu_k, max_sq, dt, scale, left, right, softcap,
     nw, rw, dd = simt_config(D)
     kern, BR, NTH, SMEM = make_simt_kernel(nw, rw, dd, dt == np.float64)
     qa, ka, va = (dsp.to_device(x) for x in (q, k, v))
-    out = cuda.device_array((Tq, H, D), dtype=dt)
-    lse = cuda.device_array(H * Tq, dtype=np.float32)
+    out = out_array((Tq, H, D), dt)
+    lse = out_array(H * Tq, np.float32)
     sl = np.zeros((0, 0), dtype=ft) if slopes is None else np.ascontiguousarray(slopes, dtype=ft)
     grid = (max(1, -(-max_sq // BR)), H, len(cu_q) - 1)
     args = (qa, ka, va, out, lse, _cached(np.asarray(cu_q, np.int32)), _cached(np.asarray(cu_k, np.int32)),

@@ -24,6 +24,7 @@ from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._flash_bwd_simt import make_row_dot, make_simt_bwd_kernels
 from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel
 from numba_kernels.cuda._flash_bwd_tc_dq import make_tc_dq_kernel, make_word_kernels
+from numba_kernels.cuda._pool import out_array
 from numba_kernels.cuda.flash_attention import _as_words, _cached, _from_words, _scalars
 
 #: (warps, query rows per tile) of the CUDA-core backward; tiny tiles for the simulator
@@ -76,7 +77,7 @@ def _args(ft, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a,
 
 
 def _zeros(shape, dtype):
-    x = cuda.device_array(shape, dtype=dtype)
+    x = out_array(shape, dtype)
     if intr.SIM:
         fl.launch(_fill_kernel(), max(1, -(-x.size // 256)), 256, 0, (x.reshape(x.size), 0))
     else:  # one driver call (on the default stream, ordered with the launches) instead of a kernel launch
@@ -109,7 +110,7 @@ def _fill_kernel():
 def row_dot(dout, out, ft):
     """D (H, T) = rowsum(dout * out) in ft for device arrays (T, H, D)."""
     T, H, _ = dout.shape
-    di = cuda.device_array((H, T), dtype=ft)
+    di = out_array((H, T), ft)
     fl.launch(make_row_dot(ft == np.float64), max(1, -(-(T * H) // 128)), 128, 0, (dout, out, di))
     return di
 
@@ -121,12 +122,12 @@ def flash_bwd_simt(dout, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, ft, scal
     nw, br, dd = simt_bwd_config(D)
     dkdv, dqk, NTH, SMEM = make_simt_bwd_kernels(nw, br, dd, ft == np.float64)
     di = row_dot(dout, out, ft)
-    dk = cuda.device_array(k.shape, dtype=ft)
-    dv = cuda.device_array(v.shape, dtype=ft)
+    dk = out_array(k.shape, ft)
+    dv = out_array(v.shape, ft)
     B = len(cu_q) - 1
     tail = _args(ft, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
     if deterministic:
-        dq = cuda.device_array(q.shape, dtype=ft)
+        dq = out_array(q.shape, ft)
         fl.launch(dkdv, (max(1, -(-max_sk // 32)), k.shape[1], B), NTH, SMEM,
                   (q, k, v, dout, lse, di, dq, dk, dv) + tail + (False,))
         fl.launch(dqk, (max(1, -(-max_sq // br)), H, B), NTH, SMEM, (q, k, v, dout, lse, di, dq) + tail)
@@ -147,10 +148,10 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     (nw, br), (nwq, bcq), atomic, DP = tc_bwd_config(D, max_sk, right >= 0 or left >= 0)
     flags = (softcap > 0, slopes is not None, dropout_p > 0)
     row_dot_w, dq_pack = make_word_kernels(bool(bf16))
-    di = cuda.device_array((H, Tq), dtype=np.float32)
+    di = out_array((H, Tq), np.float32)
     fl.launch(row_dot_w, max(1, -(-(Tq * H) // 128)), 128, 0, (dow, ow, di))
-    dkw = cuda.device_array(kw.shape, dtype=np.uint32)
-    dvw = cuda.device_array(vw.shape, dtype=np.uint32)
+    dkw = out_array(kw.shape, np.uint32)
+    dvw = out_array(vw.shape, np.uint32)
     B = len(cu_q) - 1
     tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
     deterministic = deterministic or not atomic
@@ -161,12 +162,12 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
         fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
         opts.pop("VRED", None)
         dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **opts)
-        dqw = cuda.device_array(qw.shape, dtype=np.uint32)
+        dqw = out_array(qw.shape, np.uint32)
         fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
     else:
         acc = _zeros((Tq, H, 2 * W), np.float32)
         fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
-        dqw = cuda.device_array(qw.shape, dtype=np.uint32)
+        dqw = out_array(qw.shape, np.uint32)
         fl.launch(dq_pack, max(1, -(-(Tq * H * W) // 256)), 256, 0, (acc, dqw, np.float32(scale)))
     return dqw, dkw, dvw
 

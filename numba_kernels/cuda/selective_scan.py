@@ -27,6 +27,7 @@ from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda import _scan_fwd_kernel as fk
+from numba_kernels.cuda._pool import out_array
 from numba_kernels.cuda._selective_scan_fwd import _softplus_fn
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
@@ -140,7 +141,7 @@ def _bits(a):
 
 def _rows(src, shape, L, Lp, crop, out=None):
     """``src`` (..., L) padded to (..., Lp) (or (..., Lp) cropped to L) as a new device array / into ``out``."""
-    dst = cuda.device_array(shape, dtype=src.dtype) if out is None else out
+    dst = out_array(shape, src.dtype) if out is None else out
     n = int(np.prod(shape))
     if n:
         NT = 32 if intr.SIM else 256
@@ -166,8 +167,8 @@ def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last
     gb = 0 if len(B.shape) == 2 else (1 if len(B.shape) == 3 else B.shape[1])
     gc = 0 if len(C.shape) == 2 else (1 if len(C.shape) == 3 else C.shape[1])
     if Bt == 0 or Dm == 0:  # nothing to launch
-        y = cuda.device_array((Bt, Dm, L), dtype=et) if out is None else out
-        return y, (cuda.device_array((Bt, Dm, N), dtype=ft) if want_last else None)
+        y = out_array((Bt, Dm, L), et) if out is None else out
+        return y, (out_array((Bt, Dm, N), ft) if want_last else None)
     blk = blocks_dev(Dm, gb, gc, NC)
     VE = 16 // fk.ISZ[kind]
     Lp = -(-L // VE) * VE
@@ -186,8 +187,8 @@ def scan_fwd_cuda(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_last
         ue, de, ze, bv, cv = (_rows(a, a.shape[:-1] + (Lp,), L, Lp, False) if a.size else a
                               for a in (ue, de, ze, bv, cv))
     direct = out is not None and not pad and _ptr(out) % 16 == 0 and (intr.SIM or out.is_c_contiguous())
-    yp = out if direct else cuda.device_array((Bt, Dm, Lp), dtype=et)
-    last = cuda.device_array((Bt, Dm, N), dtype=ft) if want_last else _none((0, 0, 0), ft)
+    yp = out if direct else out_array((Bt, Dm, Lp), et)
+    last = out_array((Bt, Dm, N), ft) if want_last else _none((0, 0, 0), ft)
 
     def comp(a, nd):
         return _none((0,) * nd, ft) if a is None else _compute(a, ft, nd)
@@ -233,8 +234,8 @@ def scan_fwd_cuda_v1(u, delta, A, B, C, D, z, dbias, init, seq, softplus, want_l
     st, ln, _, _ = channel_blocks_dev(Dm, gb, gc, NC)
     bv, bc = _bc(B, kind, ft, Bt, N, L)
     cv, cc = _bc(C, kind, ft, Bt, N, L)
-    out = cuda.device_array((Bt, Dm, L), dtype=ELEM[kind]) if out is None else out
-    last = cuda.device_array((Bt, Dm, N), dtype=ft) if want_last else _empty((0, 0, 0), ft)
+    out = out_array((Bt, Dm, L), ELEM[kind]) if out is None else out
+    last = out_array((Bt, Dm, N), ft) if want_last else _empty((0, 0, 0), ft)
 
     def flat(a):
         return a.reshape(a.size)
@@ -265,7 +266,7 @@ def state_update_cuda(st4, state, x3, dt, A, B, C, D, z, dbias, sbi, softplus, x
     Bt, H, P = x3.shape
     NT = UPDATE_NT["sim" if intr.SIM else "gpu"]
     sd = _elem(st4, skind, 4)
-    out = cuda.device_array((Bt, H, P), dtype=ELEM[kind]) if out is None else out
+    out = out_array((Bt, H, P), ELEM[kind]) if out is None else out
     args = (sd, _elem(x3, kind, 3), _elem(dt, kind, 3), _compute(A, ft, 3), _elem(B, kind, 3), _elem(C, kind, 3),
             _compute(D, ft, 2), _elem(z, kind, 3), _compute(dbias, ft, 2), _int(sbi, 1), np.int32(softplus), out)
     intr.launch(make_update_kernel(kind, skind, NT), -(-(Bt * H * P) // NT), NT, 0, args)

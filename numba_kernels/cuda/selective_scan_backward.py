@@ -12,9 +12,8 @@ from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
 from numba_kernels.cuda._scan_bwd_kernel import make_bwd_kernel, smem_bytes
-from numba_kernels.cuda import _scan_bwd_time as sbt
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
-from numba_kernels.cuda.fft_conv import _device_key, out_array
+from numba_kernels.cuda._pool import _device_key, out_array
 from numba_kernels.cuda.selective_scan import _bc
 #: channels per block NC, preferred lanes per channel Q (GPU, simulator)
 CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
@@ -31,12 +30,6 @@ SMEM_BUDGET = 40 * 1024
 PREFETCH = False
 KMAX = 64
 SIM_CHUNK = 4
-#: the kernel: "time" (threads along time, warp scans: ``_scan_bwd_time``) or "walk" (one lane group per channel
-#: walking the chunk backwards: ``_scan_bwd_kernel``)
-ALGO = "time"
-#: the time kernel's steps per lane NI (chunk 32 NI; float64 gets half) and channels per block CB (GPU, simulator)
-TIME_NI = {"gpu": 8, "sim": 2}
-TIME_CB = {"gpu": 32, "sim": 2}
 
 
 def _const_ints(vals):
@@ -48,33 +41,6 @@ def _const_ints(vals):
 @functools.lru_cache(maxsize=256)
 def _const_ints_on(vals, _dev):
     return cuda.to_device(np.asarray(vals, np.int32))
-
-
-def time_params(f64):
-    """(NI, CB) of the time kernel."""
-    key = "sim" if intr.SIM else "gpu"
-    ni = TIME_NI[key]
-    return (max(1, ni // 2) if f64 and not intr.SIM else ni), TIME_CB[key]
-
-
-def config(N, q=None):
-    """(NC, Q): Q the largest power of two <= the preferred Q dividing N."""
-    NC, Qp = CONFIG["sim" if intr.SIM else "gpu"]
-    Qp = q or Qp
-    Q = 1
-    while Q * 2 <= Qp and N % (Q * 2) == 0:
-        Q *= 2
-    return NC, Q
-
-
-def chunk_len(N, f64, NC, Q, VB=True, VC=True):
-    if intr.SIM:
-        return SIM_CHUNK
-    k = KMAX
-    while k > 1 and smem_bytes(N, k, NC, Q, VB, VC, f64) > SMEM_BUDGET:
-        k //= 2
-    return k
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,12 +94,8 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
     fkind = "f64" if f64 else "f32"
     Bt, Dm, L = u.shape
     N = A.shape[1]
-    if ALGO == "time":
-        NI, NC = time_params(f64)
-        K = 32 * NI
-    else:
-        NC, Q = config(N)
-        K = chunk_len(N, f64, NC, Q, bool(gb), bool(gc))
+    NC, Q = config(N)
+    K = chunk_len(N, f64, NC, Q, bool(gb), bool(gc))
     st, ln, bgrp, cgrp = channel_blocks(Dm, gb, gc, NC)
     nblk = len(st)
     nc = -(-L // K)
@@ -151,22 +113,14 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
     dD = out_array((Bt, Dm), ft)
     ddb = out_array((Bt, Dm), ft)
     dinit = out_array((Bt, Dm, N), ft) if init is not None else _empty((0, 0, 0), ft)
-    ck = out_array((Bt, nc, Dm, N) if ALGO == "time" else (Bt, nc, N, Dm), ft)
+    ck = out_array((Bt, nc, N, Dm), ft)
     args = (_elem(dout, kind, 3), _elem(u, kind, 3), _elem(delta, kind, 3), _compute(A, ft, 2), bv, bc, cv, cc,
             _compute(D, ft, 1), _elem(z, kind, 3), _compute(dbias, ft, 1), _compute(init, ft, 3), _int(seq, 2),
             _compute(dlast, ft, 3), np.int32(softplus), _const_ints(st), _const_ints(ln), ck,
             du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit)
-    if ALGO == "time":
-        nt = 32 * sbt.groups(N)[0]
-        if nc > 1:  # the state entering every chunk
-            fl.launch(sbt.make_time_kernel(kind, N, NI, NC, bool(gb), bool(gc), seq is not None, True), (nblk, Bt),
-                      nt, sbt.smem_bytes(N, NI, NC, bool(gb), bool(gc), True, f64), args)
-        fl.launch(sbt.make_time_kernel(kind, N, NI, NC, bool(gb), bool(gc), seq is not None, False), (nblk, Bt), nt,
-                  sbt.smem_bytes(N, NI, NC, bool(gb), bool(gc), False, f64), args)
-    else:
-        smem = smem_bytes(N, K, NC, Q, bool(gb), bool(gc), f64)
-        fl.launch(make_bwd_kernel(kind, N, K, NC, Q, bool(gb), bool(gc), seq is not None, PREFETCH), (nblk, Bt),
-                  NC * Q, smem, args)
+    smem = smem_bytes(N, K, NC, Q, bool(gb), bool(gc), f64)
+    fl.launch(make_bwd_kernel(kind, N, K, NC, Q, bool(gb), bool(gc), seq is not None, PREFETCH), (nblk, Bt), NC * Q,
+              smem, args)
 
     def var(part, G, grp, M):  # (B, nblk, N, L) -> (B, G, N, L) -> M's shape, in u's element type
         starts = np.searchsorted(grp, np.arange(G + 1)).astype(np.int32)
