@@ -32,6 +32,25 @@ KMAX = 64
 SIM_CHUNK = 4
 
 
+def config(N, q=None):
+    """(NC, Q): Q the largest power of two <= the preferred Q dividing N."""
+    NC, Qp = CONFIG["sim" if intr.SIM else "gpu"]
+    Qp = q or Qp
+    Q = 1
+    while Q * 2 <= Qp and N % (Q * 2) == 0:
+        Q *= 2
+    return NC, Q
+
+
+def chunk_len(N, f64, NC, Q, VB=True, VC=True):
+    if intr.SIM:
+        return SIM_CHUNK
+    k = KMAX
+    while k > 1 and smem_bytes(N, k, NC, Q, VB, VC, f64) > SMEM_BUDGET:
+        k //= 2
+    return k
+
+
 def _const_ints(vals):
     """A cached device copy (per device) of a small int32 table (block starts / lengths): no host-to-device copy
     per call."""
