@@ -17,7 +17,7 @@ from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda._flash_fwd_simt import make_simt_kernel
 from numba_kernels.cuda._flash_fwd_tc import make_tc_kernel
-from numba_kernels.cuda._pool import out_array
+from numba_kernels.cuda._pool import _device_key, out_array
 
 # ---- tile choices ---------------------------------------------------------------------------------
 #: (warps, m-tiles of 16 query rows per warp, keys per tile) by padded head dim, the best measured on
@@ -47,14 +47,15 @@ def simt_config(D):
 
 
 @functools.lru_cache(maxsize=64)
-def _const_device(data, dtype, shape):
-    """Small read-only device arrays (cu_seqlens, slopes) cached by content: no copy per call."""
+def _const_device(data, dtype, shape, _dev):
+    """Small read-only device arrays (cu_seqlens, slopes, block tables) cached by content and device: no copy
+    per call."""
     return cuda.to_device(np.frombuffer(data, dtype=dtype).reshape(shape))
 
 
 def _cached(x):
     x = np.ascontiguousarray(x)
-    return _const_device(x.tobytes(), x.dtype.str, x.shape)
+    return _const_device(x.tobytes(), x.dtype.str, x.shape, _device_key())
 
 
 def _as_words(x, D):

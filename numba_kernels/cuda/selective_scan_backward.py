@@ -11,9 +11,10 @@ from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._attn_common import jit_kernel
 from numba_kernels.cuda._conv1d_kernels import ELEM, _converters, kind_of
+from numba_kernels.cuda._pool import out_array
 from numba_kernels.cuda._scan_bwd_kernel import make_bwd_kernel, smem_bytes
 from numba_kernels.cuda.causal_conv1d import _compute, _elem, _empty, _int
-from numba_kernels.cuda._pool import _device_key, out_array
+from numba_kernels.cuda.flash_attention import _cached
 from numba_kernels.cuda.selective_scan import _bc
 #: channels per block NC, preferred lanes per channel Q (GPU, simulator)
 CONFIG = {"gpu": (32, 4), "sim": (16, 2)}
@@ -51,17 +52,6 @@ def chunk_len(N, f64, NC, Q, VB=True, VC=True):
     return k
 
 
-def _const_ints(vals):
-    """A cached device copy (per device) of a small int32 table (block starts / lengths): no host-to-device copy
-    per call."""
-    return _const_ints_on(tuple(int(x) for x in vals), _device_key())
-
-
-@functools.lru_cache(maxsize=256)
-def _const_ints_on(vals, _dev):
-    return cuda.to_device(np.asarray(vals, np.int32))
-
-
 @functools.lru_cache(maxsize=None)
 def make_group_sum_kernel(kind):
     """out[b, g, m] = sum over blocks k in [starts[g], starts[g + 1]) of part[b, k, m], in a fixed order."""
@@ -91,7 +81,7 @@ def _group_sum(part3, starts, kind, shape):
     out = out_array((Bt, G, M), ELEM[kind])
     NT = 32 if intr.SIM else 256
     fl.launch(make_group_sum_kernel(kind), -(-(Bt * G * M) // NT), NT, 0,
-                (part3, _const_ints(starts), out))
+                (part3, _cached(np.asarray(starts, np.int32)), out))
     return out.reshape(shape)
 
 
@@ -135,7 +125,7 @@ def scan_bwd_cuda(dout, u, delta, A, B, C, D, z, dbias, init, seq, dlast, softpl
     ck = out_array((Bt, nc, N, Dm), ft)
     args = (_elem(dout, kind, 3), _elem(u, kind, 3), _elem(delta, kind, 3), _compute(A, ft, 2), bv, bc, cv, cc,
             _compute(D, ft, 1), _elem(z, kind, 3), _compute(dbias, ft, 1), _compute(init, ft, 3), _int(seq, 2),
-            _compute(dlast, ft, 3), np.int32(softplus), _const_ints(st), _const_ints(ln), ck,
+            _compute(dlast, ft, 3), np.int32(softplus), _cached(st), _cached(ln), ck,
             du, ddelta, dz, dA, dBc, dCc, dBv, dCv, dD, ddb, dinit)
     smem = smem_bytes(N, K, NC, Q, bool(gb), bool(gc), f64)
     fl.launch(make_bwd_kernel(kind, N, K, NC, Q, bool(gb), bool(gc), seq is not None, PREFETCH), (nblk, Bt), NC * Q,
