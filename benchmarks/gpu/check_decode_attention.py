@@ -222,9 +222,12 @@ def torch_ref(c, B, S, H=32, Hk=8, D=128):
     return o.reshape(B, 1, H, D).cpu().numpy()
 
 
-#: (warps, stages, keys per tile, L2 prefetch, Q in registers, early page lookups, K/V through registers)
-VARIANTS = [(4, 3, 16, False, False, True, False), (4, 2, 16, False, False, True, True),
-            (4, 2, 16, False, False, False, True)]
+#: staged kernel: (warps, stages, keys per tile, L2 prefetch, Q in registers, early page lookups, K/V through
+#: registers); direct-operand kernel: ("direct", warps, PIPE, register cap). VARIANTS=a,b,... picks by index.
+VARIANTS = [(4, 3, 16, False, False, True, False), (4, 2, 16, False, False, False, True), ("direct", 4, 1, 0),
+            ("direct", 2, 1, 0), ("direct", 4, 2, 0), ("direct", 4, 1, 168), ("direct", 8, 1, 0)]
+if os.environ.get("VARIANTS"):
+    VARIANTS = [VARIANTS[int(i)] for i in os.environ["VARIANTS"].split(",")]
 
 
 def variants_sweep(deadline):
@@ -233,7 +236,7 @@ def variants_sweep(deadline):
     and device time, at a few bf16 shapes (paged 16)."""
     import torch
 
-    from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits, tc_blocks_per_sm
+    from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits, direct_blocks_per_sm, tc_blocks_per_sm
 
     x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -255,7 +258,10 @@ def variants_sweep(deadline):
             e = err(host(out, bfloat16), ref)
             report(f"variant {cfg} B{B} S{S} {layout}", bfloat16, e)
             t = dtime(lambda: attend_cuda(c["plan"], c["qd"], c["kc"], c["vc"], *c["meta"], "bf16", cfg))
-            bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, *cfg[1:])
+            if cfg[0] == "direct":
+                bps = direct_blocks_per_sm(cfg[1], 128, True, False, False, True, cfg[2], cfg[3])
+            else:
+                bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, *cfg[1:])
             ns = choose_splits(c["plan"], 1, bps)
             print(f"variant B{B:3d} S{S:7d} {layout:7s} {str(cfg):40s} blocks/SM {bps} splits {ns:3d} {t * 1e6:8.1f} us "
                   f"{kv_bytes / t / 1e12:5.2f} TB/s  (setup+compile {time.time() - t1:5.1f} s)", flush=True)

@@ -19,6 +19,7 @@ for s in "$@"; do case $s in
   dec_extra) step dec_extra 240 python3 $G/check_decode_attention.py extra ;;
   dec_check) step dec_check 240 python3 $G/check_decode_attention.py check --quick ;;
   dec_bench) step dec_bench 200 python3 $G/check_decode_attention.py bench --quick ;;
+  dec_variants) step dec_variants ${VLIM:-450} python3 $G/check_decode_attention.py variants ;;
   dec_bench_notpf) step dec_bench_notpf 200 $P "import numba_kernels.cuda.decode_attention as m; m.TC_TILES['gpu'] = (4, 3, 16, False, False, False)" $G/check_decode_attention.py bench --quick ;;
   scan) step scan 300 python3 $G/check_selective_scan.py --quick ;;
   scan_bwd) step scan_bwd 200 python3 $G/check_selective_scan.py --bwd ;;

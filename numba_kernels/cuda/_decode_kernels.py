@@ -11,6 +11,8 @@ packed as row R = g * Sq + i), so each K/V byte is read once per block, and one 
   warps' (max, sum, O) are merged through shared memory at the end. Tile variants are factory parameters
   (keys per tile, stages, L2 prefetch hint, Q fragments in registers, early page lookups); the H200 sweep
   is in BENCHMARKS.md.
+* ``make_decode_direct`` (the same, head dim <= 128): K/V loaded straight into mma fragment registers, no
+  shared-memory stage (notes below, at the factory).
 The CUDA-core decode kernel, the split merge and the rotary/append kernels are in ``_decode_simt``.
 """
 import functools
@@ -21,7 +23,7 @@ from numba import cuda, float32, int32, int64, uint32
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, dev, jit_kernel, key_range,
                                              make_online_softmax, make_tc_helpers)
-from numba_kernels.cuda._intrinsics import ex2, shfl_xor, syncwarp
+from numba_kernels.cuda._intrinsics import ex2, shfl_idx, shfl_xor, syncwarp
 from numba_kernels.cuda._scan_intrinsics import ld4, st16
 
 if intr.SIM:
@@ -91,6 +93,133 @@ def packed_row(R, Sq, hk, G):
 
 
 @functools.lru_cache(maxsize=None)
+def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
+    """The end of a tensor-core decode block (shared by ``make_decode_tc`` and ``make_decode_direct``), as
+    (put_ml, finish, MI, shared float32 words). Each warp has kept its own online softmax over its keys for the
+    block's 16 packed rows; ``put_ml`` stores a warp's (max, sum) per row (sums reduced over the quad) into the
+    merge area ``ef`` (dynamic shared memory), the caller stores its O rows at ef[MI + (warp * 16 + r) * DP + d]
+    (unnormalized, in the warp's max), then ``finish`` merges the warps, writes the output (or the split's
+    partial and LSE) and, for SPLIT and MERGE, merges the splits in the last block of its row group."""
+    NTH = 32 * NW
+    HALF_DP = DP // 2
+    MAXS = MAX_SPLITS
+    MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
+    EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
+    SPLIT_W = 16 * MAXS + 32            # float32 words of the split merge (weights, then max and sum per row)
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+
+    @dev
+    def merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid):
+        """The last block of (b, hk, mt) to finish merges every split's rows: weights exp(lse_s - max) per row
+        into shared memory, then out = sum_s w_s o_s / sum_s w_s."""
+        cuda.threadfence()  # this block's partials are visible device-wide before it counts itself done
+        cuda.syncthreads()
+        flag = cuda.shared.array(1, int32)
+        cidx = (b * Hk + hk) * n_mt + mt
+        if tid == 0:
+            flag[0] = 1 if cuda.atomic.add(counter, cidx, 1) == nsplit - 1 else 0
+        cuda.syncthreads()
+        if flag[0] == 0:
+            return
+        cuda.threadfence()
+        for x in range(tid, 16 * nsplit, NTH):
+            r = x // nsplit
+            R = mt * 16 + r
+            val = F32_NEG_INF
+            if R < M:
+                i, h = packed_row(R, Sq, hk, G)
+                val = lse[x - r * nsplit, b, h, i]
+            ef[x] = val
+        cuda.syncthreads()
+        if tid < 16:
+            mx = F32_NEG_INF
+            for sp in range(nsplit):
+                mx = max(mx, ef[tid * nsplit + sp])
+            mu = F32_ZERO if mx == F32_NEG_INF else mx
+            tot = F32_ZERO
+            for sp in range(nsplit):
+                e = ex2((ef[tid * nsplit + sp] - mu) * F32_LOG2E)
+                ef[tid * nsplit + sp] = e
+                tot += e
+            ef[16 * MAXS + tid] = mu
+            ef[16 * MAXS + 16 + tid] = tot
+        cuda.syncthreads()
+        for x in range(tid, 16 * HALF_DP, NTH):
+            r = x // HALF_DP
+            c = 2 * (x - r * HALF_DP)
+            R = mt * 16 + r
+            if R < M and c < D:
+                i, h = packed_row(R, Sq, hk, G)
+                v0 = F32_ZERO
+                v1 = F32_ZERO
+                for sp in range(nsplit):
+                    wv = ef[r * nsplit + sp]
+                    if wv != F32_ZERO:
+                        v0 += wv * o[sp, b, i, h, c]
+                        v1 += wv * o[sp, b, i, h, c + 1]
+                tot = ef[16 * MAXS + 16 + r]
+                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
+                out[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
+                if c == 0:
+                    lse_out[b, h, i] = ef[16 * MAXS + r] + math.log(tot) if tot > F32_ZERO else F32_NEG_INF
+        if tid == 0:
+            counter[cidx] = 0  # ready for the next call
+
+    @dev
+    def put_ml(ef, warp, g, t, m_a, m_b, l_a, l_b):
+        """This warp's row max and (quad-reduced) row sum of rows g and g + 8 into the merge area."""
+        l_a += shfl_xor(l_a, 1)
+        l_a += shfl_xor(l_a, 2)
+        l_b += shfl_xor(l_b, 1)
+        l_b += shfl_xor(l_b, 2)
+        if t == 0:
+            ef[warp * 16 + g] = m_a
+            ef[warp * 16 + g + 8] = m_b
+            ef[NW * 16 + warp * 16 + g] = l_a
+            ef[NW * 16 + warp * 16 + g + 8] = l_b
+
+    @dev
+    def finish(ef, o, lse, out, lse_out, counter, b, hk, mt, n_mt, Hk, Sq, G, M, D, sp, nsplit, tid):
+        """Merge the warps' (max, sum, O) from ``ef``; write out / LSE (or the split partials, then merge)."""
+        cuda.syncthreads()
+        for x in range(tid, 16 * HALF_DP, NTH):
+            r = x // HALF_DP
+            c = 2 * (x - r * HALF_DP)
+            R = mt * 16 + r
+            if R < M and c < D:
+                i, h = packed_row(R, Sq, hk, G)
+                mx = F32_NEG_INF
+                for w in range(NW):
+                    mx = max(mx, ef[w * 16 + r])
+                mu = F32_ZERO if mx == F32_NEG_INF else mx
+                tot = F32_ZERO
+                v0 = F32_ZERO
+                v1 = F32_ZERO
+                for w in range(NW):
+                    e = ex2(ef[w * 16 + r] - mu)
+                    tot += e * ef[NW * 16 + w * 16 + r]
+                    v0 += e * ef[MI + (w * 16 + r) * DP + c]
+                    v1 += e * ef[MI + (w * 16 + r) * DP + c + 1]
+                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
+                if SPLIT:
+                    o[sp, b, i, h, c] = v0 * inv
+                    if c + 1 < D:
+                        o[sp, b, i, h, c + 1] = v1 * inv
+                else:
+                    o[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
+                if c == 0:
+                    val = (mu + math.log2(tot)) * F32_LN2 if tot > F32_ZERO else F32_NEG_INF
+                    if SPLIT:
+                        lse[sp, b, h, i] = val
+                    else:
+                        lse[b, h, i] = val
+        if SPLIT and MERGE:
+            merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid)
+
+    return put_ml, finish, MI, max(EPI, SPLIT_W if SPLIT and MERGE else 0)
+
+
+@functools.lru_cache(maxsize=None)
 def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False, TPF=False,
                    REG=False):
     """Tensor-core decode kernel: NW warps, 16 packed rows, BC-key tiles (16 or 32) per warp streamed through
@@ -122,12 +251,8 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     Q_W = 16 * STR
     WARP_W = STAGES * 2 * TILE          # STAGES buffers of (K, V) per warp
     RB = NW * BC                        # row-base scratch entries
-    EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
-    MAXS = MAX_SPLITS
-    SPLIT_W = 16 * MAXS + 32            # float32 words of the split merge (weights, then max and sum per row)
-    SMEM = 4 * max(Q_W + NW * WARP_W, EPI, SPLIT_W if SPLIT and MERGE else 0)
-    MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
-    HALF_DP = DP // 2
+    put_ml, finish, MI, FIN_W = make_decode_finish(NW, DP, bf16, SPLIT, MERGE)
+    SMEM = 4 * max(Q_W + NW * WARP_W, FIN_W)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the cp.async waits
     cp16 = cp16_pf if PF else intr.cp_async16
@@ -229,63 +354,6 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         syncwarp()
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False)
-
-    @dev
-    def merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid):
-        """The last block of (b, hk, mt) to finish merges every split's rows: weights exp(lse_s - max) per row
-        into shared memory, then out = sum_s w_s o_s / sum_s w_s."""
-        cuda.threadfence()  # this block's partials are visible device-wide before it counts itself done
-        cuda.syncthreads()
-        flag = cuda.shared.array(1, int32)
-        cidx = (b * Hk + hk) * n_mt + mt
-        if tid == 0:
-            flag[0] = 1 if cuda.atomic.add(counter, cidx, 1) == nsplit - 1 else 0
-        cuda.syncthreads()
-        if flag[0] == 0:
-            return
-        cuda.threadfence()
-        for x in range(tid, 16 * nsplit, NTH):
-            r = x // nsplit
-            R = mt * 16 + r
-            val = F32_NEG_INF
-            if R < M:
-                i, h = packed_row(R, Sq, hk, G)
-                val = lse[x - r * nsplit, b, h, i]
-            ef[x] = val
-        cuda.syncthreads()
-        if tid < 16:
-            mx = F32_NEG_INF
-            for sp in range(nsplit):
-                mx = max(mx, ef[tid * nsplit + sp])
-            mu = F32_ZERO if mx == F32_NEG_INF else mx
-            tot = F32_ZERO
-            for sp in range(nsplit):
-                e = ex2((ef[tid * nsplit + sp] - mu) * F32_LOG2E)
-                ef[tid * nsplit + sp] = e
-                tot += e
-            ef[16 * MAXS + tid] = mu
-            ef[16 * MAXS + 16 + tid] = tot
-        cuda.syncthreads()
-        for x in range(tid, 16 * HALF_DP, NTH):
-            r = x // HALF_DP
-            c = 2 * (x - r * HALF_DP)
-            R = mt * 16 + r
-            if R < M and c < D:
-                i, h = packed_row(R, Sq, hk, G)
-                v0 = F32_ZERO
-                v1 = F32_ZERO
-                for sp in range(nsplit):
-                    wv = ef[r * nsplit + sp]
-                    if wv != F32_ZERO:
-                        v0 += wv * o[sp, b, i, h, c]
-                        v1 += wv * o[sp, b, i, h, c + 1]
-                tot = ef[16 * MAXS + 16 + r]
-                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
-                out[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
-                if c == 0:
-                    lse_out[b, h, i] = ef[16 * MAXS + r] + math.log(tot) if tot > F32_ZERO else F32_NEG_INF
-        if tid == 0:
-            counter[cidx] = 0  # ready for the next call
 
     def kernel(qw, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit,
                out, lse_out, counter):
@@ -449,57 +517,329 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 stage = 0
             it += NW
         intr.cp_async_wait0()
-        # ---- merge the warps' (max, sum, O) through shared memory
-        l_a += shfl_xor(l_a, 1)
-        l_a += shfl_xor(l_a, 2)
-        l_b += shfl_xor(l_b, 1)
-        l_b += shfl_xor(l_b, 2)
-        cuda.syncthreads()
+        cuda.syncthreads()  # the merge area overlaps the K/V stages
         ef = cuda.shared.array(0, float32)
-        if t == 0:
-            ef[warp * 16 + g] = m_a
-            ef[warp * 16 + g + 8] = m_b
-            ef[NW * 16 + warp * 16 + g] = l_a
-            ef[NW * 16 + warp * 16 + g + 8] = l_b
+        put_ml(ef, warp, g, t, m_a, m_b, l_a, l_b)
         for nt in range(NT_O):
             c = nt * 8 + 2 * t
             ef[MI + (warp * 16 + g) * DP + c] = oacc[nt * 4]
             ef[MI + (warp * 16 + g) * DP + c + 1] = oacc[nt * 4 + 1]
             ef[MI + (warp * 16 + g + 8) * DP + c] = oacc[nt * 4 + 2]
             ef[MI + (warp * 16 + g + 8) * DP + c + 1] = oacc[nt * 4 + 3]
-        cuda.syncthreads()
-        for x in range(tid, 16 * HALF_DP, NTH):
-            r = x // HALF_DP
-            c = 2 * (x - r * HALF_DP)
-            R = mt * 16 + r
-            if R < M and c < D:
-                i, h = packed_row(R, Sq, hk, G)
-                mx = F32_NEG_INF
-                for w in range(NW):
-                    mx = max(mx, ef[w * 16 + r])
-                mu = F32_ZERO if mx == F32_NEG_INF else mx
-                tot = F32_ZERO
-                v0 = F32_ZERO
-                v1 = F32_ZERO
-                for w in range(NW):
-                    e = ex2(ef[w * 16 + r] - mu)
-                    tot += e * ef[NW * 16 + w * 16 + r]
-                    v0 += e * ef[MI + (w * 16 + r) * DP + c]
-                    v1 += e * ef[MI + (w * 16 + r) * DP + c + 1]
-                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
-                if SPLIT:
-                    o[sp, b, i, h, c] = v0 * inv
-                    if c + 1 < D:
-                        o[sp, b, i, h, c + 1] = v1 * inv
-                else:
-                    o[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
-                if c == 0:
-                    val = (mu + math.log2(tot)) * F32_LN2 if tot > F32_ZERO else F32_NEG_INF
-                    if SPLIT:
-                        lse[sp, b, h, i] = val
-                    else:
-                        lse[b, h, i] = val
-        if SPLIT and MERGE:
-            merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid)
+        finish(ef, o, lse, out, lse_out, counter, b, hk, mt, n_mt, Hk, Sq, G, M, D, sp, nsplit, tid)
 
     return jit_kernel(kernel), NTH, SMEM
+
+
+# ---- the direct-operand kernel
+# Decode attention on tensor cores with K/V read straight into mma operand registers (no shared-memory stage).
+#
+# Decode is a stream of K/V bytes; a shared-memory stage (cp.async or register-staged) costs a store, a barrier
+# and an ldmatrix per byte and caps the blocks per SM. Here every lane loads, with 16-byte global loads, exactly
+# the words its mma.sync m16n8k16 fragments need, by permuting the contraction dimension:
+#
+# * S = Q K^T (k = head dim d): in k-step s = 2 i + sig the fragment's logical k = 2 t + u (u in 0, 1) is
+#   d = 32 i + 8 t + 4 sig + u and k = 2 t + 8 + u is d = 32 i + 8 t + 4 sig + 2 + u. So lane (g, t) of a warp
+#   needs, for key g of an n-tile, the 16-byte chunks at d = 32 i + 8 t (i < DP / 32): four lanes read one key's
+#   whole row, 64 contiguous bytes per load instruction and key. Q's A fragments use the same map (loaded once).
+# * O = P V (k = key, n = d): n-tile j = 8 h + e holds d = 64 h + 8 n + e, so lane (g, t) needs, for its four
+#   keys 2 t, 2 t + 1, 2 t + 8, 2 t + 9 of the 16-key tile, the chunks at d = 64 h + 8 g (h < DP / 64): eight
+#   lanes read 128 contiguous bytes of a key per instruction. The B fragment pairs two keys' values of one d,
+#   which is a byte permute of two loaded words (shift / mask). O's accumulator of n-tile j lane (g, t) is
+#   d = 64 h + 16 t + e and 64 h + 16 t + 8 + e.
+#
+# The keys stay in order, so masking, ALiBi and the online softmax are the prefill kernels' (``_attn_common``).
+# Each warp streams its own 16-key tiles (warp, warp + NW, ...) with the next tile's loads in flight during the
+# current tile's math (PIPE), and each lane's page lookup (its key lane % 16, shared by shuffles) runs a tile
+# ahead of its loads. ROWS8: the block's packed rows fit in 8 (GQA group x query tokens
+# <= 8, the usual decode), so the mma rows 8-15 are zero and their accumulators are not kept. The warp merge, the
+# output and the split merge are ``_decode_kernels.make_decode_finish``'s, as in the staged kernel.
+
+#: keys per warp tile of the direct kernel (one PV k-step)
+DIRECT_BC = 16
+
+
+def direct_dp(D):
+    """Padded head dim of the direct kernel (a multiple of 64), or 0 when it does not take this head dim."""
+    DP = -(-D // 64) * 64
+    return DP if D % 8 == 0 and DP <= 128 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def make_decode_direct(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, MERGE=True, ROWS8=True, PIPE=1, MAXREG=0):
+    """Tensor-core decode kernel with K/V loaded into mma fragments: NW warps, 16 packed rows (8 with ROWS8),
+    16-key tiles per warp, head dim padded to DP (64 or 128). Same arguments, outputs and split protocol as
+    ``make_decode_tc``. PIPE 1: one register set per lane, the next tile's K loads during this tile's softmax
+    and PV, its V during its scores; PIPE 2: two register sets, a whole tile's loads ahead of the math (more
+    registers). MAXREG: a register cap for the compiler (0 = none). Returns (kernel, threads per block,
+    dynamic shared bytes)."""
+    assert DP in (64, 128) and PIPE in (1, 2)
+    NCK = DP // 32                      # K / Q chunks per lane and key row: words 16 i + 4 t
+    NCV = DP // 64                      # V chunks per lane and key row: words 32 h + 4 g
+    KS = DP // 16                       # k-steps of S = Q K^T
+    NT_O = DP // 8                      # n-tiles of O
+    OW = 2 if ROWS8 else 4              # O accumulators kept per n-tile
+    NKR = 2 * NCK * 4                   # K words per lane and tile (two n-tiles of 8 keys)
+    NVR = 4 * NCV * 4                   # V words per lane and tile (four keys)
+    QWN = 4 * NCK                       # Q words per lane and row
+    OL = NT_O * OW
+    NTH = 32 * NW
+    BC = DIRECT_BC
+    mma = intr.mma_bf16 if bf16 else intr.mma_f16
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    put_ml, finish, MI, FIN_W = make_decode_finish(NW, DP, bf16, SPLIT, MERGE)
+    softmax_tile = make_online_softmax(8, 0, HAS_CAP, HAS_ALIBI, False)  # no O rescale: done here per OW
+    ZW = uint32(0)
+
+    @dev
+    def row_of(kc, table, b, hk, p0, nvalid, lane):
+        """Cache row ((page * page_size + slot) * Hk + hk) of key p0 + lane % 16; -1 past the first nvalid."""
+        r = int32(-1)
+        l = lane & 15
+        if l < nvalid:
+            P = kc.shape[1]
+            p = p0 + l
+            pg = p // P
+            r = int32((table[b, pg] * P + (p - pg * P)) * kc.shape[2] + hk)
+        return r
+
+    @dev
+    def load_k(kr, kc, rl, g, t, W):
+        """This lane's K fragment words of one 16-key tile: keys 8 n + g, chunks at words 16 i + 4 t (cache rows
+        from the lanes' ``row_of``, shuffled)."""
+        for n in range(2):
+            r = shfl_idx(rl, n * 8 + g)
+            for i in range(NCK):
+                w = 16 * i + 4 * t
+                x = (n * NCK + i) * 4
+                if r >= 0 and w < W:
+                    kr[x], kr[x + 1], kr[x + 2], kr[x + 3] = ld4(kc, int64(r) * W + w)
+                else:
+                    kr[x] = ZW
+                    kr[x + 1] = ZW
+                    kr[x + 2] = ZW
+                    kr[x + 3] = ZW
+
+    @dev
+    def load_v(vr, vc, rl, g, t, W):
+        """This lane's V fragment words: keys 2 t, 2 t + 1, 2 t + 8, 2 t + 9, chunks at words 32 h + 4 g."""
+        for kk in range(4):
+            r = shfl_idx(rl, 2 * t + (kk & 1) + 8 * (kk >> 1))
+            for h in range(NCV):
+                w = 32 * h + 4 * g
+                x = (kk * NCV + h) * 4
+                if r >= 0 and w < W:
+                    vr[x], vr[x + 1], vr[x + 2], vr[x + 3] = ld4(vc, int64(r) * W + w)
+                else:
+                    vr[x] = ZW
+                    vr[x + 1] = ZW
+                    vr[x + 2] = ZW
+                    vr[x + 3] = ZW
+
+    @dev
+    def mma_s(sacc, x, a0, a1, a2, a3, b0, b1):
+        d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, sacc[x], sacc[x + 1], sacc[x + 2], sacc[x + 3])
+        sacc[x] = d0
+        sacc[x + 1] = d1
+        sacc[x + 2] = d2
+        sacc[x + 3] = d3
+
+    @dev
+    def scores(kr, qa, qb, sacc):
+        """sacc = S = Q K^T of one tile."""
+        for x in range(8):
+            sacc[x] = F32_ZERO
+        for s in range(KS):
+            i = s >> 1
+            e = 2 * (s & 1)
+            a0 = qa[4 * i + e]
+            a2 = qa[4 * i + e + 1]
+            a1 = ZW
+            a3 = ZW
+            if not ROWS8:
+                a1 = qb[4 * i + e]
+                a3 = qb[4 * i + e + 1]
+            for n in range(2):
+                x = (n * NCK + i) * 4 + e
+                mma_s(sacc, 4 * n, a0, a1, a2, a3, kr[x], kr[x + 1])
+
+    @dev
+    def softmax_pv(vr, sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, j0, t, k1, off, left, right, sl_a, sl_b, scale_log2,
+                   softcap, cap_in):
+        """Online softmax of the tile's scores, O += P V; returns the new (m_a, m_b, l_a, l_b)."""
+        mo_a = m_a
+        mo_b = m_b
+        m_a, m_b, l_a, l_b = softmax_tile(sacc, 0, oacc, 0, m_a, m_b, l_a, l_b, ia, ib, 0, 0, j0, t, True, k1, off,
+                                          left, right, sl_a, sl_b, scale_log2, softcap, cap_in, 0, F32_ZERO)
+        al_a = ex2(mo_a - (F32_ZERO if m_a == F32_NEG_INF else m_a))
+        al_b = ex2(mo_b - (F32_ZERO if m_b == F32_NEG_INF else m_b))
+        for j in range(NT_O):
+            oacc[OW * j] *= al_a
+            oacc[OW * j + 1] *= al_a
+            if not ROWS8:
+                oacc[OW * j + 2] *= al_b
+                oacc[OW * j + 3] *= al_b
+        a0 = pack(sacc[0], sacc[1])
+        a2 = pack(sacc[4], sacc[5])
+        a1 = ZW
+        a3 = ZW
+        if not ROWS8:
+            a1 = pack(sacc[2], sacc[3])
+            a3 = pack(sacc[6], sacc[7])
+        for h in range(NCV):
+            for e in range(8):
+                wd = h * 4 + (e >> 1)
+                w0 = vr[wd]
+                w1 = vr[NCV * 4 + wd]
+                w2 = vr[2 * NCV * 4 + wd]
+                w3 = vr[3 * NCV * 4 + wd]
+                if e & 1:
+                    b0 = (w0 >> 16) | (w1 & uint32(0xFFFF0000))
+                    b1 = (w2 >> 16) | (w3 & uint32(0xFFFF0000))
+                else:
+                    b0 = (w0 & uint32(0xFFFF)) | (w1 << 16)
+                    b1 = (w2 & uint32(0xFFFF)) | (w3 << 16)
+                j = 8 * h + e
+                if ROWS8:
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, oacc[OW * j], oacc[OW * j + 1], F32_ZERO, F32_ZERO)
+                    oacc[OW * j] = d0
+                    oacc[OW * j + 1] = d1
+                else:
+                    d0, d1, d2, d3 = mma(a0, a1, a2, a3, b0, b1, oacc[OW * j], oacc[OW * j + 1], oacc[OW * j + 2],
+                                         oacc[OW * j + 3])
+                    oacc[OW * j] = d0
+                    oacc[OW * j + 1] = d1
+                    oacc[OW * j + 2] = d2
+                    oacc[OW * j + 3] = d3
+        return m_a, m_b, l_a, l_b
+
+    def kernel(qw, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit,
+               out, lse_out, counter):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        g = lane >> 2
+        t = lane & 3
+        hk = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        B, Sq, H, Wq = qw.shape
+        Hk = kc.shape[2]
+        W = kc.shape[3]
+        G = H // Hk
+        M = G * Sq
+        n_mt = (M + 15) // 16
+        mt = cuda.blockIdx.x % n_mt
+        sp = cuda.blockIdx.x // n_mt
+        D = 2 * Wq
+        st = start[b]
+        Sk = end[b] - st
+        off = Sk - Sq
+        k0, k1 = split_range(Sq, Sk, left, right, sp, nsplit, DIRECT_BC)
+        # ---- this lane's Q fragment words (rows g and g + 8 of the block's 16 packed rows)
+        Ra = mt * 16 + g
+        Rb = Ra + 8
+        ia, ha = packed_row(Ra, Sq, hk, G)
+        ib, hb = packed_row(Rb, Sq, hk, G)
+        qa = cuda.local.array(QWN, uint32)
+        qb = cuda.local.array(QWN, uint32)
+        for i in range(NCK):
+            w = 16 * i + 4 * t
+            if Ra < M and w < Wq:
+                qa[4 * i], qa[4 * i + 1], qa[4 * i + 2], qa[4 * i + 3] = ld4(qw, ((int64(b) * Sq + ia) * H + ha) * Wq + w)
+            else:
+                for x in range(4):
+                    qa[4 * i + x] = ZW
+            if not ROWS8:
+                if Rb < M and w < Wq:
+                    qb[4 * i], qb[4 * i + 1], qb[4 * i + 2], qb[4 * i + 3] = ld4(qw, ((int64(b) * Sq + ib) * H + hb) * Wq
+                                                                                 + w)
+                else:
+                    for x in range(4):
+                        qb[4 * i + x] = ZW
+        sl_a = F32_ZERO
+        sl_b = F32_ZERO
+        if HAS_ALIBI:
+            if Ra < M:
+                sl_a = slopes[b, ha] * F32_LOG2E
+            if Rb < M:
+                sl_b = slopes[b, hb] * F32_LOG2E
+        m_a = F32_NEG_INF
+        m_b = F32_NEG_INF
+        l_a = F32_ZERO
+        l_b = F32_ZERO
+        oacc = cuda.local.array(OL, float32)
+        for x in range(OL):
+            oacc[x] = F32_ZERO
+        sacc = cuda.local.array(8, float32)
+        ka = cuda.local.array(NKR, uint32)
+        va = cuda.local.array(NVR, uint32)
+        kb = cuda.local.array(NKR if PIPE == 2 else 1, uint32)
+        vb = cuda.local.array(NVR if PIPE == 2 else 1, uint32)
+        ntile = (k1 - k0 + BC - 1) // BC
+        p0 = st + k0
+        n0 = k1 - k0
+        it = warp
+        if it < ntile:
+            rl = row_of(kc, table, b, hk, p0 + it * BC, n0 - it * BC, lane)
+            load_k(ka, kc, rl, g, t, W)
+            load_v(va, vc, rl, g, t, W)
+        rl = int32(-1)
+        if it + NW < ntile:
+            rl = row_of(kc, table, b, hk, p0 + (it + NW) * BC, n0 - (it + NW) * BC, lane)
+        if PIPE == 1:
+            # one register set, phases shifted: K of the next tile loads during this tile's softmax and PV,
+            # V of the next tile during the next tile's scores
+            while it < ntile:
+                nx = it + NW
+                scores(ka, qa, qb, sacc)
+                if nx < ntile:
+                    load_k(ka, kc, rl, g, t, W)
+                m_a, m_b, l_a, l_b = softmax_pv(va, sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, k0 + it * BC, t, k1, off,
+                                                left, right, sl_a, sl_b, scale_log2, softcap, cap_in)
+                if nx < ntile:
+                    load_v(va, vc, rl, g, t, W)
+                    if nx + NW < ntile:
+                        rl = row_of(kc, table, b, hk, p0 + (nx + NW) * BC, n0 - (nx + NW) * BC, lane)
+                it = nx
+        else:
+            # two register sets: tile it in (ka, va), tile it + NW in (kb, vb); the next tile's loads go out
+            # before this tile's math
+            while it < ntile:
+                nx = it + NW
+                if nx < ntile:
+                    load_k(kb, kc, rl, g, t, W)
+                    load_v(vb, vc, rl, g, t, W)
+                    if nx + NW < ntile:
+                        rl = row_of(kc, table, b, hk, p0 + (nx + NW) * BC, n0 - (nx + NW) * BC, lane)
+                scores(ka, qa, qb, sacc)
+                m_a, m_b, l_a, l_b = softmax_pv(va, sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, k0 + it * BC, t, k1, off,
+                                                left, right, sl_a, sl_b, scale_log2, softcap, cap_in)
+                if nx >= ntile:
+                    break
+                nx2 = nx + NW
+                if nx2 < ntile:
+                    load_k(ka, kc, rl, g, t, W)
+                    load_v(va, vc, rl, g, t, W)
+                    if nx2 + NW < ntile:
+                        rl = row_of(kc, table, b, hk, p0 + (nx2 + NW) * BC, n0 - (nx2 + NW) * BC, lane)
+                scores(kb, qa, qb, sacc)
+                m_a, m_b, l_a, l_b = softmax_pv(vb, sacc, oacc, m_a, m_b, l_a, l_b, ia, ib, k0 + nx * BC, t, k1, off,
+                                                left, right, sl_a, sl_b, scale_log2, softcap, cap_in)
+                it = nx2
+        # ---- the warps' (max, sum, O) into the merge area, then the shared epilogue
+        ef = cuda.shared.array(0, float32)
+        put_ml(ef, warp, g, t, m_a, m_b, l_a, l_b)
+        for h in range(NCV):
+            for e in range(8):
+                j = 8 * h + e
+                c = 64 * h + 16 * t + e
+                ef[MI + (warp * 16 + g) * DP + c] = oacc[OW * j]
+                ef[MI + (warp * 16 + g) * DP + c + 8] = oacc[OW * j + 1]
+                if not ROWS8:
+                    ef[MI + (warp * 16 + g + 8) * DP + c] = oacc[OW * j + 2]
+                    ef[MI + (warp * 16 + g + 8) * DP + c + 8] = oacc[OW * j + 3]
+        finish(ef, o, lse, out, lse_out, counter, b, hk, mt, n_mt, Hk, Sq, G, M, D, sp, nsplit, tid)
+
+    if MAXREG and not intr.SIM:
+        return cuda.jit(kernel, fastmath=False, lineinfo=False, max_registers=MAXREG), NTH, 4 * FIN_W
+    return jit_kernel(kernel), NTH, 4 * FIN_W

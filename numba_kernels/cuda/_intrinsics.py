@@ -208,6 +208,11 @@ if not SIM:
         return cuda.shfl_xor_sync(FULL_MASK, val, lanemask)
 
     @cuda.jit(device=True, inline=True)
+    def shfl_idx(val, src):
+        """``val`` of lane ``src`` (every lane of the warp takes part)."""
+        return cuda.shfl_sync(FULL_MASK, val, src)
+
+    @cuda.jit(device=True, inline=True)
     def syncwarp():
         cuda.syncwarp(FULL_MASK)
 
@@ -240,6 +245,9 @@ else:
 
     def shfl_xor(val, lanemask):
         return _warp_exchange(val, lambda vals: [vals[i ^ lanemask] for i in range(32)])
+
+    def shfl_idx(val, src):
+        return _warp_exchange((val, src), lambda reqs: [reqs[reqs[i][1]][0] for i in range(32)])
 
     def syncwarp():
         _warp_exchange(None, lambda vals: vals)

@@ -15,7 +15,7 @@ from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
-from numba_kernels.cuda._decode_kernels import MAX_SPLITS, make_decode_tc
+from numba_kernels.cuda._decode_kernels import MAX_SPLITS, direct_dp, make_decode_direct, make_decode_tc
 from numba_kernels.cuda._decode_simt import make_combine, make_decode_simt, make_rotate
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
@@ -32,6 +32,10 @@ TC_TILES = {"gpu": (4, 3, 16, False, False, True, False), "sim": (2, 2, 16, Fals
 #: was slower unsplit (B32 / 8k 271 -> 312 us) and with the merge kernel (B1 / 128k, 33 splits: 158 -> 168 us),
 #: so those keep TC_TILES.
 TC_TILES_FUSED = {"gpu": (4, 2, 16, False, False, False, True), "sim": None}
+#: (warps, PIPE, register cap) of the direct-operand tensor-core kernel (``_decode_kernels.make_decode_direct``:
+#: K/V loaded straight into mma fragments, no shared-memory stage), used for head dims up to 128; None = the
+#: staged kernel everywhere
+DIRECT_TILES = {"gpu": (4, 1, 0), "sim": (2, 1, 0)}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256
@@ -184,6 +188,17 @@ def tc_blocks_per_sm(nw, DP, bf16, cap, alibi, stages, bc, pf, qreg, tpf=False, 
     return blocks_per_sm_sig(kern, nth, smem, _tc_signature(True))
 
 
+@functools.lru_cache(maxsize=None)
+def direct_blocks_per_sm(nw, DP, bf16, cap, alibi, rows8, pipe=1, maxreg=0):
+    """Resident blocks per SM of the split direct-operand kernel (TC_BLOCKS_PER_SM in the simulator)."""
+    if intr.SIM:
+        return TC_BLOCKS_PER_SM
+    from numba_kernels.cuda._launch import blocks_per_sm_sig
+
+    kern, nth, smem = make_decode_direct(nw, DP, bf16, cap, alibi, True, True, rows8, pipe, maxreg)
+    return blocks_per_sm_sig(kern, nth, smem, _tc_signature(True))
+
+
 def _tc_signature(split):
     from numba import types
 
@@ -246,19 +261,30 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     else:
         nw, mr = simt_rows(M)
         n_rt = -(-M // mr)
+    cap, alibi = plan.softcap > 0, plan.slopes is not None
+    direct = False
     if tc:
-        DP = -(-D // 16) * 16
-        cfg = tuple(TC_TILES[_mode()] if tc_tiles is None else tc_tiles)
-        cfg = cfg + (False,) * (7 - len(cfg))  # older 6-field configurations: the flags after them off
-        nw, stages, bc, pf, qreg, tpf, reg = cfg
-        cap, alibi = plan.softcap > 0, plan.slopes is not None
-        ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf, qreg,
-                                                        tpf, reg))
+        # tc_tiles: a staged-kernel configuration tuple, or ("direct", warps, PIPE, register cap)
+        want = DIRECT_TILES[_mode()] if tc_tiles is None else (tuple(tc_tiles[1:]) if tc_tiles[0] == "direct" else None)
+        DPD = direct_dp(D)
+        rows = kc.shape[0] * kc.shape[1] * kc.shape[2]  # the direct kernel indexes cache rows in int32
+        direct = bool(want) and DPD > 0 and rows < 2 ** 31
+        if direct:
+            (nw, pipe, maxreg), rows8 = want, M <= 8
+            ns = choose_splits(plan, n_rt, direct_blocks_per_sm(nw, DPD, kind == "bf16", cap, alibi, rows8, pipe,
+                                                                maxreg))
+        else:
+            DP = -(-D // 16) * 16
+            cfg = tuple(TC_TILES[_mode()] if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
+            cfg = cfg + (False,) * (7 - len(cfg))  # older 6-field configurations: the flags after them off
+            nw, stages, bc, pf, qreg, tpf, reg = cfg
+            ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf,
+                                                            qreg, tpf, reg))
     else:
         ns = choose_splits(plan, n_rt)
     split = ns > 1
     fused = tc and split and ns <= FUSED_MERGE_MAX
-    if fused and tc_tiles is None and TC_TILES_FUSED.get(_mode()):
+    if fused and not direct and tc_tiles is None and TC_TILES_FUSED.get(_mode()):
         nw, stages, bc, pf, qreg, tpf, reg = TC_TILES_FUSED[_mode()]  # same blocks per SM, so the same ns
     final = lse_final = final_view = None
     if fused or not split:
@@ -278,8 +304,12 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
     args_tail = (o, lse, sl, ft(plan.scale * LOG2E), ft(plan.softcap), ft(cap_in), np.int32(plan.left),
                  np.int32(plan.right), np.int32(ns))
     if tc:
-        kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", cap, alibi, split, stages, fused, bc, pf, qreg,
-                                         tpf, reg)
+        if direct:
+            kern, nth, smem = make_decode_direct(nw, DPD, kind == "bf16", cap, alibi, split, fused, rows8, pipe,
+                                                 maxreg)
+        else:
+            kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", cap, alibi, split, stages, fused, bc, pf, qreg,
+                                             tpf, reg)
         args = ((_u32(qd), _u32(kc), _u32(vc), table, start, end) + args_tail +
                 (final, lse_final, _counters(B * plan.Hk * n_rt)))
     else:
