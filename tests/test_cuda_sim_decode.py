@@ -78,13 +78,19 @@ def test_sim_masked_rows_give_zero(rng):
     np.testing.assert_array_equal(np.isfinite(lse.copy_to_host()), np.isfinite(rlse))
 
 
-def test_sim_attention_combine(rng):
-    o = rng.standard_normal((3, 2, 2, 2, 8)).astype(np.float32)
-    lp = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)
+@pytest.mark.parametrize("S", [3, 11, 260], ids=["3-splits", "11-splits", "260-splits-past-the-weight-table"])
+def test_sim_attention_combine(rng, S):
+    """The merge kernel: fewer splits than one unrolled load group, several groups with a ragged end, and more
+    splits than its shared weight table holds (weights recomputed)."""
+    D = 8 if S < 100 else 2
+    o = rng.standard_normal((S, 2, 2, 2, D)).astype(np.float32)
+    lp = rng.standard_normal((S, 2, 2, 2)).astype(np.float32)
     lp[0, 0, 0, 0] = -np.inf
     lp[:, 1, 1, 1] = -np.inf
+    o[1, 0, 1, 0] = np.nan  # a split with weight 0 must not reach the output
+    lp[1, 0, 0, 1] = -np.inf
     out, lse = nk.attention_combine(_dev(o), _dev(lp), return_lse=True, backend="cuda")
-    ref, rlse = attention_combine_ref(o, np.transpose(lp, (0, 1, 3, 2)))
+    ref, rlse = attention_combine_ref(np.nan_to_num(o), np.transpose(lp, (0, 1, 3, 2)))
     assert max_err(out.copy_to_host(), ref) < 1e-6
     np.testing.assert_allclose(lse.copy_to_host(), np.transpose(rlse, (0, 2, 1)), rtol=1e-6, atol=1e-6)
 
@@ -166,3 +172,24 @@ def test_pooled_results_reused_only_when_released(monkeypatch):
     h, hv = cda._fresh((5,), np.float32, np.uint16)
     assert h.gpu_data is hv.gpu_data
     assert h is cda._pool[((5,), np.dtype(np.float32).str, np.dtype(np.uint16).str, 0)][0][0]
+
+
+@pytest.mark.parametrize("dt,Sq,pipe,kw", [(bfloat16, 2, 1, {}), (np.float16, 5, 2, dict(softcap=3.0)),
+                                           (bfloat16, 1, 1, dict(alibi_slopes=np.array([0.3, 0.1, 0.7, 0.2])))],
+                         ids=["bf16-8-rows-pipe1", "f16-16-rows-pipe2-softcap", "bf16-alibi"])
+def test_sim_decode_direct(rng, monkeypatch, dt, Sq, pipe, kw):
+    """The direct-operand tensor-core kernel (opt-in, ``DIRECT_TILES``): K/V loaded into mma fragments, both
+    pipelines, 8 packed rows (M <= 8) and 16, split and unsplit, paged with a page size that is not a tile's."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    monkeypatch.setitem(cda.DIRECT_TILES, "sim", (2, pipe, 0))
+    D = 64
+    q = rng.standard_normal((2, Sq, 4, D)).astype(dt)
+    kc, vc = (rng.standard_normal((25, 5, 2, D)).astype(dt) for _ in range(2))
+    bt = rng.permutation(25)[:24].reshape(2, 12).astype(np.int32)
+    seqlens = np.array([58, 13], np.int32)
+    for ns in (1, 2):
+        out = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, block_table=bt,
+                                              causal=True, num_splits=ns, backend="cuda", **kw)
+        ref = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt, causal=True, **kw)
+        assert max_err(_host(out, dt), ref) < TOL[np.dtype(dt)]

@@ -106,6 +106,8 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
     MI = 2 * NW * 16                    # float offset of the per-warp O rows in the merge area
     EPI = NW * 16 * (DP + 2)            # float32 words of the warp merge
     SPLIT_W = 16 * MAXS + 32            # float32 words of the split merge (weights, then max and sum per row)
+    MUNROLL = 8                         # splits whose partials one thread loads at once in the split merge
+    MX2 = 2 * MUNROLL
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
 
     @dev
@@ -144,6 +146,7 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
             ef[16 * MAXS + tid] = mu
             ef[16 * MAXS + 16 + tid] = tot
         cuda.syncthreads()
+        xs = cuda.local.array(MX2, float32)
         for x in range(tid, 16 * HALF_DP, NTH):
             r = x // HALF_DP
             c = 2 * (x - r * HALF_DP)
@@ -152,11 +155,17 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
                 i, h = packed_row(R, Sq, hk, G)
                 v0 = F32_ZERO
                 v1 = F32_ZERO
-                for sp in range(nsplit):
-                    wv = ef[r * nsplit + sp]
-                    if wv != F32_ZERO:
-                        v0 += wv * o[sp, b, i, h, c]
-                        v1 += wv * o[sp, b, i, h, c + 1]
+                for s0 in range(0, nsplit, MUNROLL):  # MUNROLL splits' loads in flight (clamped, unconditional)
+                    for j in range(MUNROLL):
+                        sc = min(s0 + j, nsplit - 1)
+                        xs[2 * j] = o[sc, b, i, h, c]
+                        xs[2 * j + 1] = o[sc, b, i, h, c + 1]
+                    for j in range(MUNROLL):
+                        if s0 + j < nsplit:
+                            wv = ef[r * nsplit + s0 + j]
+                            if wv != F32_ZERO:
+                                v0 += wv * xs[2 * j]
+                                v1 += wv * xs[2 * j + 1]
                 tot = ef[16 * MAXS + 16 + r]
                 inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
                 out[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
@@ -389,9 +398,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 i, h = packed_row(R, Sq, hk, G)
                 src = ((int64(b) * Sq + i) * H + h) * W + ch * 4
             cp16(smem, r * STR + ch * 4, qw, src, 16 if ok else 0)
-        intr.cp_async_commit()
-        intr.cp_async_wait0()
-        cuda.syncthreads()
+        intr.cp_async_commit()  # waited for after the first K/V tiles are issued (below), so the two overlap
         Ra = mt * 16 + g
         Rb = Ra + 8
         ia, ha = packed_row(Ra, Sq, hk, G)
@@ -416,9 +423,6 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             oacc[x] = F32_ZERO
         sacc = cuda.local.array(S_LEN, float32)
         qf = cuda.local.array(QF_LEN, uint32)
-        if QREG:
-            for kk in range(KS_D):
-                qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3] = ldsm(smem, q_lane + kk * 8)
         wbase = Q_W + warp * WARP_W
         ntile = (k1 - k0 + BC - 1) // BC
         W = kc.shape[3]
@@ -452,6 +456,15 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                 tt = warp + (STAGES - 1) * NW
                 if tt < ntile:
                     pv, slot = lookup(kc, table, b, st + k0 + tt * BC, k1 - k0 - tt * BC, lane)
+        # the Q group (the oldest) has landed in every thread, then in the block
+        if REG:
+            intr.cp_async_wait0()
+        else:
+            wait_tile()
+        cuda.syncthreads()
+        if QREG:
+            for kk in range(KS_D):
+                qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3] = ldsm(smem, q_lane + kk * 8)
         stage = 0
         it = warp
         while it < ntile:
@@ -560,15 +573,15 @@ DIRECT_BC = 16
 
 
 def direct_dp(D):
-    """Padded head dim of the direct kernel (a multiple of 64), or 0 when it does not take this head dim."""
-    DP = -(-D // 64) * 64
-    return DP if D % 8 == 0 and DP <= 128 else 0
+    """Head dim of the direct kernel (64 or 128: its loads are unpredicated, so no padding), or 0 when it does
+    not take this head dim."""
+    return D if D in (64, 128) else 0
 
 
 @functools.lru_cache(maxsize=None)
 def make_decode_direct(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, MERGE=True, ROWS8=True, PIPE=1, MAXREG=0):
     """Tensor-core decode kernel with K/V loaded into mma fragments: NW warps, 16 packed rows (8 with ROWS8),
-    16-key tiles per warp, head dim padded to DP (64 or 128). Same arguments, outputs and split protocol as
+    16-key tiles per warp, head dim DP (64 or 128, the cache's). Same arguments, outputs and split protocol as
     ``make_decode_tc``. PIPE 1: one register set per lane, the next tile's K loads during this tile's softmax
     and PV, its V during its scores; PIPE 2: two register sets, a whole tile's loads ahead of the math (more
     registers). MAXREG: a register cap for the compiler (0 = none). Returns (kernel, threads per block,
@@ -593,48 +606,36 @@ def make_decode_direct(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, MERGE=True, ROWS
 
     @dev
     def row_of(kc, table, b, hk, p0, nvalid, lane):
-        """Cache row ((page * page_size + slot) * Hk + hk) of key p0 + lane % 16; -1 past the first nvalid."""
-        r = int32(-1)
+        """Cache row ((page * page_size + slot) * Hk + hk) of key p0 + lane % 16; past the first nvalid keys, the
+        row of key p0 (real cache data, so the loads need no predicate: K of those keys is masked in the
+        softmax, and V meets P = 0 there)."""
         l = lane & 15
-        if l < nvalid:
-            P = kc.shape[1]
-            p = p0 + l
-            pg = p // P
-            r = int32((table[b, pg] * P + (p - pg * P)) * kc.shape[2] + hk)
-        return r
+        if l >= nvalid:
+            l = 0
+        P = kc.shape[1]
+        p = p0 + l
+        pg = p // P
+        return int32((table[b, pg] * P + (p - pg * P)) * kc.shape[2] + hk)
 
     @dev
     def load_k(kr, kc, rl, g, t, W):
         """This lane's K fragment words of one 16-key tile: keys 8 n + g, chunks at words 16 i + 4 t (cache rows
-        from the lanes' ``row_of``, shuffled)."""
+        from the lanes' ``row_of``, shuffled). Unconditional loads: a predicated load with a zero-fill makes
+        the compiler wait for each load before the next."""
         for n in range(2):
-            r = shfl_idx(rl, n * 8 + g)
+            src = int64(shfl_idx(rl, n * 8 + g)) * W + 4 * t
             for i in range(NCK):
-                w = 16 * i + 4 * t
                 x = (n * NCK + i) * 4
-                if r >= 0 and w < W:
-                    kr[x], kr[x + 1], kr[x + 2], kr[x + 3] = ld4(kc, int64(r) * W + w)
-                else:
-                    kr[x] = ZW
-                    kr[x + 1] = ZW
-                    kr[x + 2] = ZW
-                    kr[x + 3] = ZW
+                kr[x], kr[x + 1], kr[x + 2], kr[x + 3] = ld4(kc, src + 16 * i)
 
     @dev
     def load_v(vr, vc, rl, g, t, W):
         """This lane's V fragment words: keys 2 t, 2 t + 1, 2 t + 8, 2 t + 9, chunks at words 32 h + 4 g."""
         for kk in range(4):
-            r = shfl_idx(rl, 2 * t + (kk & 1) + 8 * (kk >> 1))
+            src = int64(shfl_idx(rl, 2 * t + (kk & 1) + 8 * (kk >> 1))) * W + 4 * g
             for h in range(NCV):
-                w = 32 * h + 4 * g
                 x = (kk * NCV + h) * 4
-                if r >= 0 and w < W:
-                    vr[x], vr[x + 1], vr[x + 2], vr[x + 3] = ld4(vc, int64(r) * W + w)
-                else:
-                    vr[x] = ZW
-                    vr[x + 1] = ZW
-                    vr[x + 2] = ZW
-                    vr[x + 3] = ZW
+                vr[x], vr[x + 1], vr[x + 2], vr[x + 3] = ld4(vc, src + 32 * h)
 
     @dev
     def mma_s(sacc, x, a0, a1, a2, a3, b0, b1):

@@ -155,59 +155,77 @@ def make_decode_simt(kind, NW, MR, DD, SPLIT):
 @functools.lru_cache(maxsize=None)
 def make_combine(in_kind, out_kind, NTH):
     """Merge kernel over the grid (H, Sq, B): o_p (S, B, Sq, H, D), lse_p (S, B, H, Sq) -> out (B, Sq, H, D)
-    in ``out_kind`` elements, lse (B, H, Sq). The split weights exp(lse_s - max) are computed once per
-    block into shared memory (up to MAXS splits; more fall back to recomputing them), so the loop over splits
-    is a chain of independent loads per thread."""
+    in ``out_kind`` elements, lse (B, H, Sq). NTH threads (a multiple of 32). The split weights
+    exp(lse_s - max) are computed once per block into shared memory (up to MAXS splits; more fall back to
+    recomputing them) after warp-shuffle reductions of the max and the sum; each thread then reads its
+    partials ``UNROLL`` splits at a time with unconditional loads (clamped indices), so that many are in
+    flight at once (a load under ``if w != 0`` makes every split a dependent DRAM round trip: 16-23 us for
+    33 splits on the H200, 2026-12-03). Splits are summed in order 0 .. S-1, as before."""
     cin, _, ft = _converters(in_kind)
     _, cout, _ = _converters(out_kind)
     ft = float64 if "f64" in (in_kind, out_kind) else float32
     NEG_INF = ft(-np.inf)
     ZERO = ft(0.0)
     MAXS = 256
+    NWC = NTH // 32
+    NWC2 = 2 * NWC
+    UNROLL = 8
+    assert NTH % 32 == 0
 
     def kernel(o_p, lse_p, out, lse):
         h = cuda.blockIdx.x
         i = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
         S = o_p.shape[0]
         D = o_p.shape[4]
         wts = cuda.shared.array(MAXS, ft)
-        red = cuda.shared.array(NTH, ft)
+        red = cuda.shared.array(NWC2, ft)
         mx = NEG_INF
         for s in range(tid, S, NTH):
             mx = max(mx, ft(lse_p[s, b, h, i]))
-        red[tid] = mx
+        for k in (16, 8, 4, 2, 1):
+            mx = max(mx, shfl_xor(mx, k))
+        if lane == 0:
+            red[warp] = mx
         cuda.syncthreads()
         mx = NEG_INF
-        for x in range(NTH):
+        for x in range(NWC):
             mx = max(mx, red[x])
         mu = ZERO if mx == NEG_INF else mx
-        cuda.syncthreads()
         tot = ZERO
         for s in range(tid, S, NTH):
             wv = math.exp(ft(lse_p[s, b, h, i]) - mu)
             if s < MAXS:
                 wts[s] = wv
             tot += wv
-        red[tid] = tot
+        for k in (16, 8, 4, 2, 1):
+            tot += shfl_xor(tot, k)
+        if lane == 0:
+            red[NWC + warp] = tot
         cuda.syncthreads()
         tot = ZERO
-        for x in range(NTH):
-            tot += red[x]
+        for x in range(NWC):
+            tot += red[NWC + x]
         inv = ZERO if tot == ZERO else ft(1.0) / tot
+        xs = cuda.local.array(UNROLL, ft)
         for d in range(tid, D, NTH):
             val = ZERO
-            if S <= MAXS:
-                for s in range(S):
-                    wv = wts[s]
-                    if wv != ZERO:
-                        val += wv * ft(cin(o_p[s, b, i, h, d]))
-            else:
-                for s in range(S):
-                    lv = ft(lse_p[s, b, h, i])
-                    if lv != NEG_INF:
-                        val += math.exp(lv - mu) * ft(cin(o_p[s, b, i, h, d]))
+            for s0 in range(0, S, UNROLL):
+                for j in range(UNROLL):
+                    xs[j] = ft(cin(o_p[min(s0 + j, S - 1), b, i, h, d]))
+                for j in range(UNROLL):
+                    s = s0 + j
+                    if s < S:
+                        if S <= MAXS:
+                            wv = wts[s]
+                        else:
+                            lv = ft(lse_p[s, b, h, i])
+                            wv = ZERO if lv == NEG_INF else math.exp(lv - mu)
+                        if wv != ZERO:
+                            val += wv * xs[j]
             out[b, i, h, d] = cout(val * inv)
         if tid == 0:
             lse[b, h, i] = mu + math.log(tot) if tot > ZERO else NEG_INF

@@ -33,9 +33,12 @@ TC_TILES = {"gpu": (4, 3, 16, False, False, True, False), "sim": (2, 2, 16, Fals
 #: so those keep TC_TILES.
 TC_TILES_FUSED = {"gpu": (4, 2, 16, False, False, False, True), "sim": None}
 #: (warps, PIPE, register cap) of the direct-operand tensor-core kernel (``_decode_kernels.make_decode_direct``:
-#: K/V loaded straight into mma fragments, no shared-memory stage), used for head dims up to 128; None = the
-#: staged kernel everywhere
-DIRECT_TILES = {"gpu": (4, 1, 0), "sim": (2, 1, 0)}
+#: K/V loaded straight into mma fragments, no shared-memory stage) when it is the default for head dims 64 / 128;
+#: None = the staged kernel everywhere. Off: slower than the staged kernel on the H200 (bf16 D128, 2026-12-02/03,
+#: benchmarks/results/gpu_h200_2026-12-03_decode_direct_variants.txt: 2.9-3.0 vs 3.9-4.1 TB/s at B8 / 32k and
+#: B32 / 8k; 212 registers, 2 blocks of 4 warps per SM, one tile of loads in flight per warp). Reachable as
+#: ``attend_cuda(..., tc_tiles=("direct", warps, PIPE, cap))``.
+DIRECT_TILES = {"gpu": None, "sim": None}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: keys a split must at least get before the key range is split further
 MIN_SPLIT_KEYS = 256
