@@ -18,6 +18,9 @@ from numba_kernels.cuda import decode_attention as dec  # noqa: E402
 from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits, tc_blocks_per_sm, TC_TILES  # noqa: E402
 
 SHAPES = [(1, 1024), (1, 4096), (1, 16384), (1, 131072), (8, 4096), (64, 1024)]
+#: ONCE runs: PROBE_SHAPES="BxS:splits,..." (splits 0 = automatic), e.g. "1x1024:1,32x8192:0"
+ONCE_SHAPES = [tuple(int(v) for v in x.replace(":", "x").split("x")) for x in
+               os.environ.get("PROBE_SHAPES", "").split(",") if x]
 SPLITS = {1024: (1, 2, 4, 8, 16, 32), 4096: (1, 4, 8, 16, 33, 64), 16384: (8, 16, 33, 48, 66, 99, 132), 131072: (16, 33, 66, 132)}
 
 
@@ -41,8 +44,9 @@ def main():
         z = torch.zeros(1, device="cuda")
         print(f"torch z.add_(1): {cda.dtime(lambda: z.add_(1), 50) * 1e6:.1f} us", flush=True)
     bps = tc_blocks_per_sm(TC_TILES["gpu"][0], 128, True, False, False, *TC_TILES["gpu"][1:])
-    for B, S in SHAPES:
+    for B, S, *fixed in (ONCE_SHAPES if once and ONCE_SHAPES else [x + (0,) for x in SHAPES]):
         c = cda._setup(B, S, "contig")
+        c["plan"].num_splits = fixed[0]
         H, Hk, D = 32, 8, 128
         kt = c["k_t"].view(B, S, Hk, D).transpose(1, 2).contiguous()
         vt = c["v_t"].view(B, S, Hk, D).transpose(1, 2).contiguous()
@@ -55,7 +59,7 @@ def main():
                 call()
                 sdpa()
             torch.cuda.synchronize()
-            print(f"B{B} S{S} auto splits {auto}: ran 3x ours + 3x sdpa", flush=True)
+            print(f"B{B} S{S} splits {fixed[0] or auto}: ran 3x ours + 3x sdpa", flush=True)
             continue
         kv = 2 * B * S * Hk * D * 2
         ts = cda.dtime(sdpa)

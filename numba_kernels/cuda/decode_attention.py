@@ -40,8 +40,10 @@ TC_TILES_FUSED = {"gpu": (4, 2, 16, False, False, False, True), "sim": None}
 #: ``attend_cuda(..., tc_tiles=("direct", warps, PIPE, cap))``.
 DIRECT_TILES = {"gpu": None, "sim": None}
 SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
-#: keys a split must at least get before the key range is split further
-MIN_SPLIT_KEYS = 256
+#: keys a split must at least get before the key range is split further. 64: H200 bf16 B1 / 1k (2026-12-03,
+#: benchmarks/results/gpu_h200_2026-12-03_decode_small_probe_after.txt) 4 splits 18.2 us, 8 15.7, 16 13.7; at 4k,
+#: 16 splits 18.5 us vs 33 19.5; larger caches are bounded by the resident block slots instead
+MIN_SPLIT_KEYS = 64
 #: the tensor-core kernel merges up to this many splits itself (last block per row group); more go to the
 #: merge kernel (H100: B8 4 splits fused 393 us vs 398 two launches; B1 33 splits fused 58 us vs 51)
 FUSED_MERGE_MAX = 8
