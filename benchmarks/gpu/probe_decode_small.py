@@ -75,7 +75,6 @@ def main():
                 cell += f" (fused {cda.dtime(call) * 1e6:.1f})"
                 dec.FUSED_MERGE_MAX = old
             line.append(cell)
-        c["plan"].num_splits = 0
         print(f"B{B:3d} S{S:6d} ({kv / 1e6:.0f} MB K/V) device us | " + " | ".join(line), flush=True)
         del c, kt, vt
         torch.cuda.empty_cache()
