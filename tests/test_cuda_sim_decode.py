@@ -117,6 +117,36 @@ def test_sim_decode_tile_variants(rng, monkeypatch, tiles):
         assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
 
 
+@pytest.mark.parametrize("tiles,D", [((2, 3, 16, False, False, True, False, 7), 16),
+                                     ((2, 2, 16, False, False, True, True, 7), 32),
+                                     ((2, 2, 32, False, False, False, False, 6), 16),
+                                     ((2, 3, 16, False, False, True, False, 7), 48)],
+                         ids=["all-lean-cp.async", "all-lean-registers", "32-key-tiles-mask-skip-lazy",
+                              "head-dim-48-chunks-not-dividing-32"])
+@pytest.mark.parametrize("grow", [False, True], ids=["flat-scores", "scores-growing-along-the-cache"])
+def test_sim_decode_lean(rng, monkeypatch, tiles, D, grow):
+    """The instruction-lean tile loop (LEAN bits): per-lane copy offsets, the unmasked path for tiles every
+    query row sees whole (windowed and causal with Sq 2, so both paths run), and the lazy rescale, whose
+    running max moves only past 2^8: keys scaled up along the cache make every tile move it, flat ones none."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    monkeypatch.setitem(cda.TC_TILES, "sim", tiles)
+    q = rng.standard_normal((2, 2, 4, D)).astype(bfloat16)
+    kc, vc = (rng.standard_normal((61, 5, 2, D)) for _ in range(2))
+    bt = rng.permutation(61)[:60].reshape(2, 30).astype(np.int32)
+    if grow:  # key magnitudes rising with the logical position, through the page table
+        kc[bt] *= np.linspace(0.1, 4.0, 150).reshape(1, 30, 5, 1, 1)
+    kc, vc = kc.astype(bfloat16), vc.astype(bfloat16)
+    seqlens = np.array([150, 37], np.int32)
+    for kw in (dict(causal=True), dict(window_size=(70, 0))):
+        out, lse = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, block_table=bt,
+                                                   num_splits=2, return_lse=True, backend="cuda", **kw)
+        ref, rlse = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt,
+                                                     return_lse=True, **kw)
+        assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
+        np.testing.assert_allclose(lse.copy_to_host(), rlse, rtol=1e-4, atol=1e-3)
+
+
 def test_launch_param_format():
     """The light launch path packs numba's flattened kernel ABI: 8-byte slots, an array is 5 + 2 * ndim of them."""
     from numba.cuda import types

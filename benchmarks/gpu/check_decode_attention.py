@@ -223,9 +223,13 @@ def torch_ref(c, B, S, H=32, Hk=8, D=128):
 
 
 #: staged kernel: (warps, stages, keys per tile, L2 prefetch, Q in registers, early page lookups, K/V through
-#: registers); direct-operand kernel: ("direct", warps, PIPE, register cap). VARIANTS=a,b,... picks by index.
-VARIANTS = [(4, 3, 16, False, False, True, False), (4, 2, 16, False, False, False, True), ("direct", 4, 1, 0),
-            ("direct", 2, 1, 0), ("direct", 4, 2, 0), ("direct", 4, 1, 168), ("direct", 8, 1, 0)]
+#: registers, LEAN bits); direct-operand kernel: ("direct", warps, PIPE, register cap). VARIANTS=a,b,... picks
+#: by index.
+VARIANTS = [(4, 3, 16, False, False, True, False, 0), (4, 3, 16, False, False, True, False, 7),
+            (4, 2, 16, False, False, False, True, 0), (4, 2, 16, False, False, False, True, 7),
+            (4, 3, 16, False, False, True, False, 1), (4, 3, 16, False, False, True, False, 3),
+            (4, 2, 32, False, False, True, False, 7), (4, 3, 16, False, True, True, False, 7),
+            ("direct", 4, 1, 0), ("direct", 8, 1, 0)]
 if os.environ.get("VARIANTS"):
     VARIANTS = [VARIANTS[int(i)] for i in os.environ["VARIANTS"].split(",")]
 

@@ -9,12 +9,13 @@ from numba import cuda, float32
 from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._intrinsics import ex2, shfl_xor
+from numba_kernels.cuda._intrinsics import ex2, shfl_xor, vote_any
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 F32_NEG_INF = np.float32(-np.inf)
 F32_ZERO = np.float32(0.0)
+F32_ONE = np.float32(1.0)
 F32_LOG2E = np.float32(LOG2E)
 F32_LN2 = np.float32(LN2)
 
@@ -102,9 +103,12 @@ def make_tc_helpers(bf16, STR, CH, NTH):
 
 
 @functools.lru_cache(maxsize=None)
-def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP):
+def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY=0.0):
     """The per-tile online softmax of the tensor-core forward kernels (prefill and decode) on the mma.sync
-    accumulator layout: S_LEN score and NT_O * 4 output accumulators per thread."""
+    accumulator layout: S_LEN score and NT_O * 4 output accumulators per thread.
+    LAZY > 0 (log2 units): the running maxes move, and O and l are rescaled, only when some row of the warp
+    (a vote) sees a tile max above its running max + LAZY; otherwise the old maxes stay and P <= 2^LAZY.
+    The result (O / l, m + log2 l) is the same; a tile that moves no max costs no rescale."""
 
     @dev
     def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
@@ -139,10 +143,19 @@ def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP):
         mx_b = max(mx_b, shfl_xor(mx_b, 2))
         mn_a = max(m_a, mx_a)
         mn_b = max(m_b, mx_b)
+        move = True
+        if LAZY > 0:  # a row whose running max is -inf moves on its first finite score (-inf + LAZY = -inf)
+            move = vote_any((mx_a > m_a + float32(LAZY)) | (mx_b > m_b + float32(LAZY)))
+            if not move:
+                mn_a = m_a
+                mn_b = m_b
         mu_a = F32_ZERO if mn_a == F32_NEG_INF else mn_a
         mu_b = F32_ZERO if mn_b == F32_NEG_INF else mn_b
-        alpha_a = ex2(m_a - mu_a)
-        alpha_b = ex2(m_b - mu_b)
+        alpha_a = F32_ONE
+        alpha_b = F32_ONE
+        if move:
+            alpha_a = ex2(m_a - mu_a)
+            alpha_b = ex2(m_b - mu_b)
         sum_a = F32_ZERO
         sum_b = F32_ZERO
         for y in range(S_LEN):
@@ -157,11 +170,12 @@ def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP):
                 rk = rk_a if (y & 2) == 0 else rk_b
                 p = p * inv_keep if col_hash(rk, col) >= thresh else F32_ZERO
             sacc[sb + y] = p
-        for nt in range(NT_O):
-            oacc[ob + nt * 4] *= alpha_a
-            oacc[ob + nt * 4 + 1] *= alpha_a
-            oacc[ob + nt * 4 + 2] *= alpha_b
-            oacc[ob + nt * 4 + 3] *= alpha_b
+        if move:
+            for nt in range(NT_O):
+                oacc[ob + nt * 4] *= alpha_a
+                oacc[ob + nt * 4 + 1] *= alpha_a
+                oacc[ob + nt * 4 + 2] *= alpha_b
+                oacc[ob + nt * 4 + 3] *= alpha_b
         return mn_a, mn_b, l_a * alpha_a + sum_a, l_b * alpha_b + sum_b
 
     return softmax_tile

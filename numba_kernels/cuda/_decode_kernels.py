@@ -69,6 +69,8 @@ else:
 
 #: most key splits one call may use (the fused split merge keeps 16 x MAX_SPLITS weights in shared memory)
 MAX_SPLITS = 256
+#: LEAN & 4 (lazy rescale): how far (log2 units) a tile max may pass the running max before it moves
+LAZY_LOG2 = 8.0
 
 
 @dev
@@ -230,7 +232,7 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
 
 @functools.lru_cache(maxsize=None)
 def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True, BC=16, PF=False, QREG=False, TPF=False,
-                   REG=False):
+                   REG=False, LEAN=0):
     """Tensor-core decode kernel: NW warps, 16 packed rows, BC-key tiles (16 or 32) per warp streamed through
     STAGES shared buffers per warp, head dim padded to DP; PF: cp.async with an L2 256-byte prefetch hint;
     QREG: the Q fragments are loaded once into registers (4 * DP / 16 words) instead of per tile;
@@ -241,6 +243,14 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     STAGES = 2 shared buffers plus one tile in registers per warp; 8 * BC * DP / 256 words per lane). On the
     H200 a read-only stream of this shape moved 4.33-4.42 TB/s this way against 4.17-4.27 through cp.async
     rings (benchmarks/gpu/probe_decode_read.py).
+    LEAN (bit mask; the kernel is issue-bound, so these cut instructions per tile):
+    1: each lane's 16-byte chunk column and first row are fixed (when the chunks per row divide 32), so the
+    copies of a tile are straight-line code on per-lane offsets instead of a loop of 64-bit divisions;
+    2: a tile inside the key range every query row sees whole (block-uniform, set before the loop) skips the
+    mask;
+    4: lazy rescale: the running max only moves (and O, l are rescaled) when some row's tile max exceeds it
+    by more than LAZY_LOG2 (a warp vote); else P = 2^(s - m) <= 2^LAZY_LOG2 with the old max, exact in fp32
+    and in the bf16/f16 P operand's range.
     Returns (kernel, threads per block, dynamic shared bytes).
 
     SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
@@ -270,10 +280,32 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     NU = BC * CH // 32                  # 16-byte chunks per lane and tile (REG), for K and for V each
     NR = 8 * NU if REG else 1
     assert not REG or (BC * CH) % 32 == 0
+    FAST = bool(LEAN & 1) and 32 % CH == 0 and BC % (32 // CH) == 0
+    RS = 32 // CH if FAST else 1        # rows a warp pass covers: lane -> (row lane // CH, chunk lane % CH)
+    SH = CH.bit_length() - 1
+    NOMASK, LAZY = bool(LEAN & 2), bool(LEAN & 4)
+
+    @dev
+    def lane_chunk(lane, W):
+        """FAST: (first row, word offset of the chunk, whether the chunk is inside the head dim) of this lane."""
+        c4 = (lane & (CH - 1)) * 4
+        return lane >> SH, c4, c4 < W
 
     @dev
     def copy_rows(smem, rbase, kc, vc, dst, warp, lane, W):
         """The warp's cp.async copies of its BC K and V rows (row bases in ``rbase``, -1 = zero-fill) to ``dst``."""
+        if FAST:
+            r0, c4, okc = lane_chunk(lane, W)
+            d0 = dst + r0 * STR + c4
+            i0 = warp * BC + r0
+            for u in range(BC // RS):
+                base = rbase[uint32(i0 + u * RS)]
+                ok = (base >= 0) & okc
+                src = base + c4 if ok else int64(0)
+                nb = 16 if ok else 0
+                cp16(smem, d0 + u * RS * STR, kc, src, nb)
+                cp16(smem, d0 + TILE + u * RS * STR, vc, src, nb)
+            return
         for c in range(lane, BC * CH, 32):
             r = c // CH
             ch = c - r * CH
@@ -286,6 +318,19 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     @dev
     def load_rows(regs, rbase, kc, vc, warp, lane, W):
         """REG: this lane's 16-byte chunks of the warp's BC K and V rows (row bases in ``rbase``) into regs."""
+        if FAST:
+            r0, c4, okc = lane_chunk(lane, W)
+            i0 = warp * BC + r0
+            for u in range(NU):
+                base = rbase[uint32(i0 + u * RS)]
+                if (base >= 0) & okc:
+                    src = base + c4
+                    regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3] = ld4(kc, src)
+                    regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6], regs[8 * u + 7] = ld4(vc, src)
+                else:
+                    for x in range(8):
+                        regs[8 * u + x] = uint32(0)
+            return
         for u in range(NU):
             c = lane + 32 * u
             r = c // CH
@@ -302,6 +347,13 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     @dev
     def store_rows(smem, regs, dst, lane):
         """REG: the chunks ``load_rows`` put in regs into the warp's stage at ``dst``."""
+        if FAST:
+            d0 = dst + (lane >> SH) * STR + (lane & (CH - 1)) * 4
+            for u in range(NU):
+                d = d0 + u * RS * STR
+                st16(smem, d, regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3])
+                st16(smem, d + TILE, regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6], regs[8 * u + 7])
+            return
         for u in range(NU):
             c = lane + 32 * u
             r = c // CH
@@ -362,7 +414,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         copy_rows(smem, rbase, kc, vc, dst, warp, lane, kc.shape[3])
         syncwarp()
 
-    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False)
+    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, False, LAZY_LOG2 if LAZY else 0.0)
 
     def kernel(qw, kc, vc, table, start, end, o, lse, slopes, scale_log2, softcap, cap_in, left, right, nsplit,
                out, lse_out, counter):
@@ -465,6 +517,12 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         if QREG:
             for kk in range(KS_D):
                 qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3] = ldsm(smem, q_lane + kk * 8)
+        lo_all = k0  # NOMASK: keys [lo_all, hi_all) are visible from all Sq query rows
+        hi_all = k1
+        if left >= 0:
+            lo_all = max(lo_all, Sq - 1 + off - left)
+        if right >= 0:
+            hi_all = min(hi_all, off + right + 1)
         stage = 0
         it = warp
         while it < ntile:
@@ -513,8 +571,17 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                     b0, b1, b2, b3 = ldsm(smem, kv0 + k_lane + np2 * 16 * STR + kk * 8)
                     mma_acc(sacc, np2 * 8, a0, a1, a2, a3, b0, b1)
                     mma_acc(sacc, np2 * 8 + 4, a0, a1, a2, a3, b2, b3)
-            m_a, m_b, l_a, l_b = softmax_tile(sacc, 0, oacc, 0, m_a, m_b, l_a, l_b, ia, ib, 0, 0, j0, t, True, k1,
-                                              off, left, right, sl_a, sl_b, scale_log2, softcap, cap_in, 0, F32_ZERO)
+            masked = True
+            if NOMASK:  # every key of the tile visible from every query row: no mask
+                masked = (j0 < lo_all) | (j0 + BC > hi_all)
+            if masked:
+                m_a, m_b, l_a, l_b = softmax_tile(sacc, 0, oacc, 0, m_a, m_b, l_a, l_b, ia, ib, 0, 0, j0, t, True,
+                                                  k1, off, left, right, sl_a, sl_b, scale_log2, softcap, cap_in, 0,
+                                                  F32_ZERO)
+            else:
+                m_a, m_b, l_a, l_b = softmax_tile(sacc, 0, oacc, 0, m_a, m_b, l_a, l_b, ia, ib, 0, 0, j0, t, False,
+                                                  k1, off, left, right, sl_a, sl_b, scale_log2, softcap, cap_in, 0,
+                                                  F32_ZERO)
             for kp in range(BC // 16):  # P (16 rows x 16 keys per k-step) as the A operand of PV
                 a0 = pack(sacc[kp * 8], sacc[kp * 8 + 1])
                 a1 = pack(sacc[kp * 8 + 2], sacc[kp * 8 + 3])

@@ -216,6 +216,11 @@ if not SIM:
     def syncwarp():
         cuda.syncwarp(FULL_MASK)
 
+    @cuda.jit(device=True, inline=True)
+    def vote_any(pred):
+        """Whether ``pred`` holds in some lane of the warp (all lanes take part)."""
+        return cuda.any_sync(FULL_MASK, pred)
+
 else:
     import ml_dtypes
 
@@ -251,6 +256,9 @@ else:
 
     def syncwarp():
         _warp_exchange(None, lambda vals: vals)
+
+    def vote_any(pred):
+        return _warp_exchange(bool(pred), lambda vals: [any(vals)] * 32)
 
     def ld(arr, idx):
         return arr[idx]

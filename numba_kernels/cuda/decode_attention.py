@@ -25,13 +25,13 @@ from numba_kernels.cuda.flash_attention import _cached
 #: simulator; CUDA-core kernel (warps, max packed rows per block). Early page lookups on: the 77 quick device
 #: checks pass with them (2026-12-01, benchmarks/results/gpu_h200_2026-12-01b_decode_check_tpf.txt), +2-6% paged
 #: in the variant sweep.
-TC_TILES = {"gpu": (4, 3, 16, False, False, True, False), "sim": (2, 2, 16, False, False, True, False)}
+TC_TILES = {"gpu": (4, 3, 16, False, False, True, False, 7), "sim": (2, 2, 16, False, False, True, False, 7)}
 #: the tensor-core configuration of calls whose splits the kernel merges itself (2 .. FUSED_MERGE_MAX splits):
 #: K/V through registers, two shared stages. H200 bf16 D128 (2026-12-02, gpu_h200_2026-12-02b_decode_variants):
 #: B8 / 32k 276 -> 262 us contiguous, 279 -> 269 us page 16 (4 splits), correct against float64; the same flag
 #: was slower unsplit (B32 / 8k 271 -> 312 us) and with the merge kernel (B1 / 128k, 33 splits: 158 -> 168 us),
 #: so those keep TC_TILES.
-TC_TILES_FUSED = {"gpu": (4, 2, 16, False, False, False, True), "sim": None}
+TC_TILES_FUSED = {"gpu": (4, 2, 16, False, False, False, True, 7), "sim": None}
 #: (warps, PIPE, register cap) of the direct-operand tensor-core kernel (``_decode_kernels.make_decode_direct``:
 #: K/V loaded straight into mma fragments, no shared-memory stage) when it is the default for head dims 64 / 128;
 #: None = the staged kernel everywhere. Off: slower than the staged kernel on the H200 (bf16 D128, 2026-12-02/03,
@@ -182,14 +182,14 @@ def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM):
 
 
 @functools.lru_cache(maxsize=None)
-def tc_blocks_per_sm(nw, DP, bf16, cap, alibi, stages, bc, pf, qreg, tpf=False, reg=False):
+def tc_blocks_per_sm(nw, DP, bf16, cap, alibi, stages, bc, pf, qreg, tpf=False, reg=False, lean=0):
     """Resident blocks per SM of the split tensor-core kernel of this configuration (the driver's occupancy
     of its compiled code with its shared memory); TC_BLOCKS_PER_SM in the simulator."""
     if intr.SIM:
         return TC_BLOCKS_PER_SM
     from numba_kernels.cuda._launch import blocks_per_sm_sig
 
-    kern, nth, smem = make_decode_tc(nw, DP, bf16, cap, alibi, True, stages, True, bc, pf, qreg, tpf, reg)
+    kern, nth, smem = make_decode_tc(nw, DP, bf16, cap, alibi, True, stages, True, bc, pf, qreg, tpf, reg, lean)
     return blocks_per_sm_sig(kern, nth, smem, _tc_signature(True))
 
 
@@ -281,16 +281,16 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         else:
             DP = -(-D // 16) * 16
             cfg = tuple(TC_TILES[_mode()] if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
-            cfg = cfg + (False,) * (7 - len(cfg))  # older 6-field configurations: the flags after them off
-            nw, stages, bc, pf, qreg, tpf, reg = cfg
+            cfg = cfg + (0,) * (8 - len(cfg))  # older 6/7-field configurations: the flags after them off
+            nw, stages, bc, pf, qreg, tpf, reg, lean = cfg
             ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf,
-                                                            qreg, tpf, reg))
+                                                            qreg, tpf, reg, lean))
     else:
         ns = choose_splits(plan, n_rt)
     split = ns > 1
     fused = tc and split and ns <= FUSED_MERGE_MAX
     if fused and not direct and tc_tiles is None and TC_TILES_FUSED.get(_mode()):
-        nw, stages, bc, pf, qreg, tpf, reg = TC_TILES_FUSED[_mode()]  # same blocks per SM, so the same ns
+        nw, stages, bc, pf, qreg, tpf, reg, lean = TC_TILES_FUSED[_mode()]  # same blocks per SM, so the same ns
     final = lse_final = final_view = None
     if fused or not split:
         if tc:
@@ -314,7 +314,7 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
                                                  maxreg)
         else:
             kern, nth, smem = make_decode_tc(nw, DP, kind == "bf16", cap, alibi, split, stages, fused, bc, pf, qreg,
-                                             tpf, reg)
+                                             tpf, reg, lean)
         args = ((_u32(qd), _u32(kc), _u32(vc), table, start, end) + args_tail +
                 (final, lse_final, _counters(B * plan.Hk * n_rt)))
     else:
@@ -357,8 +357,8 @@ def ptx_signatures(head_dims=(64, 128, 256)):
         for bf16, cap, alibi, split, merge in ((False, False, False, False, True), (True, False, False, True, True),
                                                (True, False, False, True, False), (True, True, True, False, True)):
             fused = split and merge  # the configurations attend_cuda launches: see TC_TILES_FUSED
-            nw, stages, bc, pf, qreg, tpf, reg = TC_TILES_FUSED["gpu"] if fused else TC_TILES["gpu"]
-            kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, merge, bc, pf, qreg, tpf, reg)[0]
+            nw, stages, bc, pf, qreg, tpf, reg, lean = TC_TILES_FUSED["gpu"] if fused else TC_TILES["gpu"]
+            kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, merge, bc, pf, qreg, tpf, reg, lean)[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
                         f"{'_split' if split else ''}{'' if merge else '_nomerge'}_D{D}", kern.py_func,
