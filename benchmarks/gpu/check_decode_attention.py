@@ -229,7 +229,7 @@ VARIANTS = [(4, 3, 16, False, False, True, False, 0), (4, 3, 16, False, False, T
             (4, 2, 16, False, False, False, True, 0), (4, 2, 16, False, False, False, True, 7),
             (4, 3, 16, False, False, True, False, 1), (4, 3, 16, False, False, True, False, 3),
             (4, 2, 32, False, False, True, False, 7), (4, 3, 16, False, True, True, False, 7),
-            ("direct", 4, 1, 0), ("direct", 8, 1, 0)]
+            ("direct", 4, 1, 0), ("direct", 8, 1, 0), (4, 2, 16, False, False, True, True, 7)]
 if os.environ.get("VARIANTS"):
     VARIANTS = [VARIANTS[int(i)] for i in os.environ["VARIANTS"].split(",")]
 

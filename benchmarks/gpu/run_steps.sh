@@ -37,5 +37,6 @@ for s in "$@"; do case $s in
   scan_ab) OLD_SCAN_BWD=${OLD_SCAN_BWD:-} step scan_ab 300 python3 $G/ab_scan_bwd.py ;;
   fft_gpu_tests) step fft_gpu_tests 300 python3 -m pytest -q -m gpu tests/test_fft_conv.py ;;
   dec_profile) step dec_profile 150 python3 $G/check_decode_attention.py profile ;;
+  dec_small) step dec_small 200 python3 $G/probe_decode_small.py ;;
   *) echo "unknown step $s" ;;
 esac; done

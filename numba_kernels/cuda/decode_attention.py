@@ -21,17 +21,16 @@ from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
 
 #: tensor-core kernel (warps, shared-memory stages per warp, keys per warp tile, L2 prefetch hint, Q in
-#: registers, page lookups one iteration early, K/V through registers instead of cp.async) on the GPU / in the
-#: simulator; CUDA-core kernel (warps, max packed rows per block). Early page lookups on: the 77 quick device
-#: checks pass with them (2026-12-01, benchmarks/results/gpu_h200_2026-12-01b_decode_check_tpf.txt), +2-6% paged
-#: in the variant sweep.
-TC_TILES = {"gpu": (4, 3, 16, False, False, True, False, 7), "sim": (2, 2, 16, False, False, True, False, 7)}
-#: the tensor-core configuration of calls whose splits the kernel merges itself (2 .. FUSED_MERGE_MAX splits):
-#: K/V through registers, two shared stages. H200 bf16 D128 (2026-12-02, gpu_h200_2026-12-02b_decode_variants):
-#: B8 / 32k 276 -> 262 us contiguous, 279 -> 269 us page 16 (4 splits), correct against float64; the same flag
-#: was slower unsplit (B32 / 8k 271 -> 312 us) and with the merge kernel (B1 / 128k, 33 splits: 158 -> 168 us),
-#: so those keep TC_TILES.
-TC_TILES_FUSED = {"gpu": (4, 2, 16, False, False, False, True, 7), "sim": None}
+#: registers, page lookups one iteration early, K/V through registers instead of cp.async, LEAN bits) on the GPU /
+#: in the simulator; CUDA-core kernel (warps, max packed rows per block). K/V through registers with all LEAN bits
+#: (per-lane copy offsets, unmasked interior tiles, lazy rescale): H200 bf16 D128 (2026-12-03,
+#: benchmarks/results/gpu_h200_2026-12-03b_decode_lean_variants.txt) B32 / 8k 268 -> 250 us, B1 / 128k (33 splits)
+#: 148 -> 136 us, B8 / 32k (4 splits) 274 -> 257 us against the cp.async kernel without LEAN, correct against
+#: float64 (the LEAN bits alone on the cp.async kernel: 2-3%; through registers without them: B32 / 8k 305 us).
+TC_TILES = {"gpu": (4, 2, 16, False, False, False, True, 7), "sim": (2, 2, 16, False, False, False, True, 7)}
+#: the configuration for padded head dims above 128, where one K/V tile in registers (8 * 16 * DP / 256 words per
+#: lane) would spill (D 256 through registers: 255 registers, ~800 bytes of spills); None = TC_TILES
+TC_TILES_WIDE = {"gpu": (4, 3, 16, False, False, True, False, 7), "sim": None}
 #: (warps, PIPE, register cap) of the direct-operand tensor-core kernel (``_decode_kernels.make_decode_direct``:
 #: K/V loaded straight into mma fragments, no shared-memory stage) when it is the default for head dims 64 / 128;
 #: None = the staged kernel everywhere. Off: slower than the staged kernel on the H200 (bf16 D128, 2026-12-02/03,
@@ -53,6 +52,12 @@ TC_BLOCKS_PER_SM = 2
 
 def _mode():
     return "sim" if intr.SIM else "gpu"
+
+
+def tc_config(DP, mode=None):
+    """The tensor-core kernel configuration (8 fields, see TC_TILES) for padded head dim DP."""
+    mode = mode or _mode()
+    return (TC_TILES_WIDE.get(mode) if DP > 128 else None) or TC_TILES[mode]
 
 
 def _num_sms():
@@ -280,7 +285,7 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
                                                                 maxreg))
         else:
             DP = -(-D // 16) * 16
-            cfg = tuple(TC_TILES[_mode()] if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
+            cfg = tuple(tc_config(DP) if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
             cfg = cfg + (0,) * (8 - len(cfg))  # older 6/7-field configurations: the flags after them off
             nw, stages, bc, pf, qreg, tpf, reg, lean = cfg
             ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf,
@@ -289,8 +294,6 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
         ns = choose_splits(plan, n_rt)
     split = ns > 1
     fused = tc and split and ns <= FUSED_MERGE_MAX
-    if fused and not direct and tc_tiles is None and TC_TILES_FUSED.get(_mode()):
-        nw, stages, bc, pf, qreg, tpf, reg, lean = TC_TILES_FUSED[_mode()]  # same blocks per SM, so the same ns
     final = lse_final = final_view = None
     if fused or not split:
         if tc:
@@ -356,8 +359,7 @@ def ptx_signatures(head_dims=(64, 128, 256)):
         DP = -(-D // 16) * 16
         for bf16, cap, alibi, split, merge in ((False, False, False, False, True), (True, False, False, True, True),
                                                (True, False, False, True, False), (True, True, True, False, True)):
-            fused = split and merge  # the configurations attend_cuda launches: see TC_TILES_FUSED
-            nw, stages, bc, pf, qreg, tpf, reg, lean = TC_TILES_FUSED["gpu"] if fused else TC_TILES["gpu"]
+            nw, stages, bc, pf, qreg, tpf, reg, lean = tc_config(DP, "gpu")
             kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, merge, bc, pf, qreg, tpf, reg, lean)[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
