@@ -88,6 +88,17 @@ def split_range(Sq, Sk, left, right, sp, nsplit, align):
 
 
 @dev
+def page_of(p, P, LEAN):
+    """(page, slot) of position p >= 0 in pages of P rows; LEAN: a 32-bit unsigned division (positions and page
+    sizes are < 2^31), not a 64-bit floor division."""
+    if LEAN:
+        pg = int64(uint32(p) // uint32(P))
+    else:
+        pg = p // P
+    return pg, p - pg * P
+
+
+@dev
 def packed_row(R, Sq, hk, G):
     """Packed row R of k/v head hk -> (query token i, query head h)."""
     g = R // Sq
@@ -316,11 +327,18 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             cp16(smem, dst + TILE + r * STR + ch * 4, vc, src, 16 if ok else 0)
 
     @dev
-    def load_rows(regs, rbase, kc, vc, warp, lane, W):
-        """REG: this lane's 16-byte chunks of the warp's BC K and V rows (row bases in ``rbase``) into regs."""
+    def load_rows(regs, rbase, kc, vc, warp, lane, W, nvalid):
+        """REG: this lane's 16-byte chunks of the warp's BC K and V rows (row bases in ``rbase``; the first nvalid
+        exist) into regs."""
         if FAST:
             r0, c4, okc = lane_chunk(lane, W)
             i0 = warp * BC + r0
+            if (nvalid >= BC) & (W >= CH * 4):  # a whole tile (warp-uniform): no zero-fill, no predicates
+                for u in range(NU):
+                    src = rbase[uint32(i0 + u * RS)] + c4
+                    regs[8 * u], regs[8 * u + 1], regs[8 * u + 2], regs[8 * u + 3] = ld4(kc, src)
+                    regs[8 * u + 4], regs[8 * u + 5], regs[8 * u + 6], regs[8 * u + 7] = ld4(vc, src)
+                return
             for u in range(NU):
                 base = rbase[uint32(i0 + u * RS)]
                 if (base >= 0) & okc:
@@ -370,9 +388,8 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
             base = int64(-1)
             if lane < nvalid:
                 P = kc.shape[1]
-                p = p0 + lane
-                pg = p // P
-                base = ((int64(table[b, pg]) * P + (p - pg * P)) * kc.shape[2] + hk) * kc.shape[3]
+                pg, slot = page_of(p0 + lane, P, LEAN)
+                base = ((int64(table[b, pg]) * P + slot) * kc.shape[2] + hk) * kc.shape[3]
             rbase[warp * BC + lane] = base
         syncwarp()
 
@@ -390,11 +407,8 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         pv = int32(-1)
         slot = int64(0)
         if lane < BC and lane < nvalid:
-            P = kc.shape[1]
-            p = p0 + lane
-            pg = p // P
+            pg, slot = page_of(p0 + lane, kc.shape[1], LEAN)
             pv = table[b, pg]
-            slot = p - pg * P
         return pv, slot
 
     @dev
@@ -484,13 +498,13 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
         if REG:  # tile warp -> stage 0 through registers; tile warp + NW into registers
             if warp < ntile:
                 set_rows(rbase, kc, table, b, hk, st + k0 + warp * BC, k1 - k0 - warp * BC, warp, lane)
-                load_rows(regs, rbase, kc, vc, warp, lane, W)
+                load_rows(regs, rbase, kc, vc, warp, lane, W, k1 - k0 - warp * BC)
                 store_rows(smem, regs, wbase, lane)
                 syncwarp()
             tt = warp + NW
             if tt < ntile:
                 set_rows(rbase, kc, table, b, hk, st + k0 + tt * BC, k1 - k0 - tt * BC, warp, lane)
-                load_rows(regs, rbase, kc, vc, warp, lane, W)
+                load_rows(regs, rbase, kc, vc, warp, lane, W, k1 - k0 - tt * BC)
                 syncwarp()
             if TPF:
                 tt = warp + 2 * NW
@@ -541,7 +555,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
                             pv, slot = lookup(kc, table, b, st + k0 + nxt * BC, k1 - k0 - nxt * BC, lane)
                     else:
                         set_rows(rbase, kc, table, b, hk, st + k0 + ahead2 * BC, k1 - k0 - ahead2 * BC, warp, lane)
-                    load_rows(regs, rbase, kc, vc, warp, lane, W)
+                    load_rows(regs, rbase, kc, vc, warp, lane, W, k1 - k0 - ahead2 * BC)
             elif ahead < ntile:
                 sa = stage + STAGES - 1
                 if sa >= STAGES:
