@@ -27,7 +27,7 @@ from numba_kernels.cuda.flash_attention import _cached
 #: benchmarks/results/gpu_h200_2026-12-03b_decode_lean_variants.txt) B32 / 8k 268 -> 250 us, B1 / 128k (33 splits)
 #: 148 -> 136 us, B8 / 32k (4 splits) 274 -> 257 us against the cp.async kernel without LEAN, correct against
 #: float64 (the LEAN bits alone on the cp.async kernel: 2-3%; through registers without them: B32 / 8k 305 us).
-TC_TILES = {"gpu": (4, 2, 16, False, False, False, True, 7), "sim": (2, 2, 16, False, False, False, True, 7)}
+TC_TILES = {"gpu": (4, 2, 16, False, False, True, True, 7), "sim": (2, 2, 16, False, False, True, True, 7)}
 #: the configuration for padded head dims above 128, where one K/V tile in registers (8 * 16 * DP / 256 words per
 #: lane) would spill (D 256 through registers: 255 registers, ~800 bytes of spills); None = TC_TILES
 TC_TILES_WIDE = {"gpu": (4, 3, 16, False, False, True, False, 7), "sim": None}
