@@ -26,7 +26,8 @@ from numba_kernels.cuda.flash_attention import _cached
 #: (per-lane copy offsets, unmasked interior tiles, lazy rescale): H200 bf16 D128 (2026-12-03,
 #: benchmarks/results/gpu_h200_2026-12-03b_decode_lean_variants.txt) B32 / 8k 268 -> 250 us, B1 / 128k (33 splits)
 #: 148 -> 136 us, B8 / 32k (4 splits) 274 -> 257 us against the cp.async kernel without LEAN, correct against
-#: float64 (the LEAN bits alone on the cp.async kernel: 2-3%; through registers without them: B32 / 8k 305 us).
+#: float64 (the LEAN bits alone on the cp.async kernel: 2-3%; through registers without them: B32 / 8k 305 us);
+#: early page lookups on top (..._decode_tpf_variants.txt): B32 / 8k 256 -> 248 us, B8 / 32k page 16 264 -> 260.
 TC_TILES = {"gpu": (4, 2, 16, False, False, True, True, 7), "sim": (2, 2, 16, False, False, True, True, 7)}
 #: the configuration for padded head dims above 128, where one K/V tile in registers (8 * 16 * DP / 256 words per
 #: lane) would spill (D 256 through registers: 255 registers, ~800 bytes of spills); None = TC_TILES
