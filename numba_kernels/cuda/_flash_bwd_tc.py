@@ -26,7 +26,7 @@ from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, col_hash, dev, jit_kernel, lane_ids,
-                                             make_tc_helpers, query_range, row_key, seq_bounds)
+                                             make_row_loader, make_tc_helpers, query_range, row_key, seq_bounds)
 from numba_kernels.cuda._intrinsics import ex2
 
 F32_ONE = float32(1.0)
@@ -123,43 +123,6 @@ def _lanes(lane, STR):
 
 
 _lanes = dev(_lanes)
-
-
-@functools.lru_cache(maxsize=None)
-def make_row_loader(NR, STR, CH, NTH):
-    """cp.async of an NR-row tile (CH 16-byte chunks per row) of src[row0 + r, head, :] into shared rows of STR
-    words, zero-filled past ``nvalid`` rows and past the row's end: each thread copies one fixed chunk column of
-    every (NTH / CH)-th row, a trip count fixed at compile time (the generic loader when CH does not divide NTH)."""
-    if NTH % CH:
-        load_rows = make_tc_helpers(False, STR, CH, NTH)[1]
-
-        @dev
-        def load_generic(smem, dst0, src, row0, nvalid, head, tid):
-            load_rows(smem, dst0, src, row0, NR, nvalid, head, tid)
-
-        return load_generic
-    RPI = NTH // CH
-    NPASS = -(-NR // RPI)
-    EVEN = NR % RPI == 0
-    cp16 = intr.cp_async16
-
-    @dev
-    def load(smem, dst0, src, row0, nvalid, head, tid):
-        W = src.shape[2]
-        HS = src.shape[1]
-        r = tid // CH
-        ch = tid - r * CH
-        okc = ch * 4 < W
-        base = ((row0 + r) * HS + head) * W + ch * 4
-        step = RPI * HS * W
-        dst = dst0 + r * STR + ch * 4
-        for i in range(NPASS):
-            rr = r + i * RPI
-            if EVEN or rr < NR:
-                ok = okc and rr < nvalid
-                cp16(smem, dst + i * RPI * STR, src, base + i * step if ok else 0, 16 if ok else 0)
-
-    return load
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,9 +8,9 @@ from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, dev, jit_kernel, key_range, lane_ids,
-                                             make_tc_helpers, row_key, seq_bounds)
+                                             make_row_loader, make_tc_helpers, row_key, seq_bounds)
 from numba_kernels.cuda._flash_bwd_tc import (_lanes, _rel_bounds, _row_stats, _tile_hidden, _tile_needs_mask,
-                                              make_grad_elem, make_row_loader)
+                                              make_grad_elem)
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,14 +22,17 @@ from numba import cuda, float32, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, dev, jit_kernel,
-                                             key_range, lane_ids, make_online_softmax, make_tc_helpers, row_key,
-                                             seq_bounds)
+                                             key_range, lane_ids, make_online_softmax, make_row_loader,
+                                             make_tc_helpers, row_key, seq_bounds)
 from numba_kernels.cuda._intrinsics import shfl_xor
 
 
 @functools.lru_cache(maxsize=None)
-def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=False):
     """Kernel for NW warps x MT x 16 rows, BC keys per tile, head dim padded to DP (a multiple of 16).
+    ROWLOAD: Q / K / V tiles through ``make_row_loader`` (each thread one fixed chunk column, a compile-time trip
+    count: ~10 instructions per 16-byte copy instead of ~47 for the generic loop of 64-bit divisions; the
+    backward's loader); off until measured on a GPU.
     Returns (kernel, rows per block, threads per block, dynamic shared bytes)."""
     assert MT in (1, 2)
     BR = 16 * MT * NW
@@ -45,6 +48,37 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the cp.async waits
     mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    load_q = make_row_loader(BR, STR, CH, NTH)
+    load_kv = make_row_loader(BC, STR, CH, NTH)
+
+    @dev
+    def first_tiles(smem, q, k, v, qs, i0, Sq, ks, lo, hi, Sk, h, hk, tid):
+        """cp.async of the block's Q rows and its first K / V tile (one commit group)."""
+        if ROWLOAD:
+            load_q(smem, 0, q, qs + i0, Sq - i0, h, tid)
+            if lo < hi:
+                load_kv(smem, KV_OFF, k, ks + lo, Sk - lo, hk, tid)
+                load_kv(smem, KV_OFF + TILE, v, ks + lo, Sk - lo, hk, tid)
+        else:
+            load_rows(smem, 0, q, qs + i0, BR, Sq - i0, h, tid)
+            if lo < hi:
+                load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
+                load_rows(smem, KV_OFF + TILE, v, ks + lo, BC, Sk - lo, hk, tid)
+        intr.cp_async_commit()
+
+    @dev
+    def next_tile(smem, nxt, k, v, row0, nvalid, hk, tid, more):
+        """stage_kv: start the next K / V tile when ``more``, wait for the current one."""
+        if ROWLOAD:
+            if more:
+                load_kv(smem, nxt, k, row0, nvalid, hk, tid)
+                load_kv(smem, nxt + TILE, v, row0, nvalid, hk, tid)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+        else:
+            stage_kv(smem, nxt, BC, k, v, row0, nvalid, hk, tid, more)
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP)
 
@@ -90,11 +124,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         smem = cuda.shared.array(0, uint32)
         lo, hi = key_range(i0, i0 + BR, Sq, Sk, left, right)
         lo = (lo // BC) * BC
-        load_rows(smem, 0, q, qs + i0, BR, Sq - i0, h, tid)
-        if lo < hi:
-            load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
-            load_rows(smem, KV_OFF + TILE, v, ks + lo, BC, Sk - lo, hk, tid)
-        intr.cp_async_commit()
+        first_tiles(smem, q, k, v, qs, i0, Sq, ks, lo, hi, Sk, h, hk, tid)
         # per-lane ldmatrix row starts (words): matrix m = lane // 8 supplies row lane % 8
         mrow = lane & 7
         q_lane = (warp * 16 * MT + mrow + 8 * ((lane >> 3) & 1)) * STR + 4 * (lane >> 4)
@@ -128,7 +158,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
         for j0 in range(lo, hi, BC):
             kv0 = KV_OFF + stage * 2 * TILE
             # prefetch the next K/V tile into the other stage, wait for this one
-            stage_kv(smem, KV_OFF + (1 - stage) * 2 * TILE, BC, k, v, ks + j0 + BC, Sk - j0 - BC, hk, tid, j0 + BC < hi)
+            next_tile(smem, KV_OFF + (1 - stage) * 2 * TILE, k, v, ks + j0 + BC, Sk - j0 - BC, hk, tid, j0 + BC < hi)
             cuda.syncthreads()
             # ---- S = Q K^T: each K fragment feeds both m-tiles
             for x in range(SA):
