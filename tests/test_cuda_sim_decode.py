@@ -223,3 +223,27 @@ def test_sim_decode_direct(rng, monkeypatch, dt, Sq, pipe, kw):
                                               causal=True, num_splits=ns, backend="cuda", **kw)
         ref = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt, causal=True, **kw)
         assert max_err(_host(out, dt), ref) < TOL[np.dtype(dt)]
+
+
+def test_choose_splits_rules(monkeypatch):
+    """One wave of blocks, >= MIN_SPLIT_KEYS keys per split, and for the tensor-core kernel at most
+    SHORT_CACHE_SPLITS on caches up to SHORT_CACHE_KEYS (132 SMs x 2 blocks, B1 Hk 8 as measured)."""
+    from types import SimpleNamespace
+
+    from numba_kernels.cuda import decode_attention as cda
+
+    monkeypatch.setattr(cda, "_num_sms", lambda: 132)
+
+    def plan(B, S):
+        return SimpleNamespace(num_splits=0, B=B, Hk=8, end=np.full(B, S), leftpad=np.zeros(B, int))
+
+    assert cda.choose_splits(plan(1, 4096), 1, 2) == 33  # the CUDA-core kernel: the full wave
+    assert cda.choose_splits(plan(1, 4096), 1, 2, short_cap=True) == cda.SHORT_CACHE_SPLITS == 16
+    assert cda.choose_splits(plan(1, 1024), 1, 2, short_cap=True) == 16
+    assert cda.choose_splits(plan(1, 512), 1, 2, short_cap=True) == 512 // cda.MIN_SPLIT_KEYS
+    assert cda.choose_splits(plan(1, 16384), 1, 2, short_cap=True) == 33
+    assert cda.choose_splits(plan(8, 32768), 1, 2, short_cap=True) == 4
+    assert cda.choose_splits(plan(64, 1024), 1, 2, short_cap=True) == 1
+    p = plan(1, 4096)
+    p.num_splits = 5
+    assert cda.choose_splits(p, 1, 2, short_cap=True) == 5  # an explicit count wins

@@ -266,7 +266,7 @@ def variants_sweep(deadline):
                 bps = direct_blocks_per_sm(cfg[1], 128, True, False, False, True, cfg[2], cfg[3])
             else:
                 bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, *cfg[1:])
-            ns = choose_splits(c["plan"], 1, bps)
+            ns = choose_splits(c["plan"], 1, bps, short_cap=cfg[0] != "direct")
             print(f"variant B{B:3d} S{S:7d} {layout:7s} {str(cfg):40s} blocks/SM {bps} splits {ns:3d} {t * 1e6:8.1f} us "
                   f"{kv_bytes / t / 1e12:5.2f} TB/s  (setup+compile {time.time() - t1:5.1f} s)", flush=True)
         del c

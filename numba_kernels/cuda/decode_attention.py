@@ -44,6 +44,13 @@ SIMT_TILES = {"gpu": (4, 8), "sim": (2, 2)}
 #: benchmarks/results/gpu_h200_2026-12-03_decode_small_probe_after.txt) 4 splits 18.2 us, 8 15.7, 16 13.7; at 4k,
 #: 16 splits 18.5 us vs 33 19.5; larger caches are bounded by the resident block slots instead
 MIN_SPLIT_KEYS = 64
+#: tensor-core kernel, caches of at most SHORT_CACHE_KEYS keys: at most SHORT_CACHE_SPLITS splits. H200 bf16 B1
+#: Hk 8 (2026-12-03, gpu_h200_2026-12-03b_decode_small_probe_reg.txt / _wholetiles.txt): 4k cache 16 splits
+#: 17.1 / 16.8 us against 19.1 / 19.1 with the 33 of a full wave (merging 33 partials costs more than the extra
+#: blocks gain); 1k: 16 splits is also the best (13.5 us); 16k: 16 splits 35.5 / 34.6 vs 33 34.6 / 34.0, so longer
+#: caches keep the full wave
+SHORT_CACHE_KEYS = 4096
+SHORT_CACHE_SPLITS = 16
 #: the tensor-core kernel merges up to this many splits itself (last block per row group); more go to the
 #: merge kernel (H100: B8 4 splits fused 393 us vs 398 two launches; B1 33 splits fused 58 us vs 51)
 FUSED_MERGE_MAX = 8
@@ -174,9 +181,11 @@ def simt_rows(M):
     return nw, r
 
 
-def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM):
+def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM, short_cap=False):
     """num_splits; 0 = automatic: as many splits as fit the resident block slots in one wave
-    (floor(slots / blocks), slots = resident blocks per SM x SMs), each split >= MIN_SPLIT_KEYS keys.
+    (floor(slots / blocks), slots = resident blocks per SM x SMs), each split >= MIN_SPLIT_KEYS keys, and with
+    ``short_cap`` (the tensor-core kernel) at most SHORT_CACHE_SPLITS when no sequence has more than
+    SHORT_CACHE_KEYS keys.
     Measured on the H100 (benchmarks/results/decode_attention_gpu_h100_splits.txt): one full wave of long
     blocks beats both fewer splits and more waves of short ones, and a wave and a bit (B8, 5 splits) costs 25%."""
     if plan.num_splits:
@@ -184,7 +193,8 @@ def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM):
     blocks = plan.B * plan.Hk * blocks_per_split
     slots = blocks_per_sm * _num_sms()
     longest = int((plan.end - plan.leftpad).max())
-    return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, MAX_SPLITS)))
+    cap = SHORT_CACHE_SPLITS if short_cap and longest <= SHORT_CACHE_KEYS else MAX_SPLITS
+    return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, cap)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,7 +300,7 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
             cfg = cfg + (0,) * (8 - len(cfg))  # older 6/7-field configurations: the flags after them off
             nw, stages, bc, pf, qreg, tpf, reg, lean = cfg
             ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf,
-                                                            qreg, tpf, reg, lean))
+                                                            qreg, tpf, reg, lean), short_cap=True)
     else:
         ns = choose_splits(plan, n_rt)
     split = ns > 1
