@@ -89,12 +89,14 @@ def test_sim_one_m_tile_per_warp(rng, monkeypatch):
 
 @pytest.mark.parametrize("name,kw", CASES + [("varlen-causal", dict(causal=True))], ids=[c[0] for c in CASES] + ["varlen-causal"])
 @pytest.mark.parametrize("D", [20, 48], ids=["D20-fixed-columns", "D48-chunks-not-dividing-the-threads"])
-def test_sim_forward_row_loader(rng, monkeypatch, name, kw, D):
-    """The tensor-core forward with its tiles through make_row_loader (TC_ROWLOAD, off by default until timed on a
-    GPU): ragged last tiles of Q and K/V, padded head dims, varlen with rows that see no key."""
+def test_sim_forward_row_loader_lazy(rng, monkeypatch, name, kw, D):
+    """The tensor-core forward with its tiles through make_row_loader and the lazy rescale (TC_ROWLOAD, TC_LAZY, off
+    by default until timed on a GPU): ragged last tiles of Q and K/V, padded head dims, varlen with rows that see no
+    key; keys scaled up along the sequence so the running max keeps moving."""
     from numba_kernels.cuda import flash_attention as cfa
 
     monkeypatch.setattr(cfa, "TC_ROWLOAD", True)
+    monkeypatch.setattr(cfa, "TC_LAZY", True)
     if name.startswith("varlen"):
         cq, ck = np.array([0, 20, 23], np.int32), np.array([0, 6, 23], np.int32)
         q = rng.standard_normal((23, 2, D)).astype(bfloat16)
@@ -102,7 +104,9 @@ def test_sim_forward_row_loader(rng, monkeypatch, name, kw, D):
         out = nk.flash_attention_varlen(q, k, v, cq, ck, backend="cuda", **kw)
         ref = flash_attention_varlen_ref(q, k, v, cq, ck, **kw)
     else:
-        q, k, v = _qkv(rng, bfloat16, 1, 19, 37, 2, 1, D)
+        q, k, v = _qkv(rng, np.float64, 1, 19, 37, 2, 1, D)
+        k = (k * np.linspace(0.2, 3.0, 37)[None, :, None, None]).astype(bfloat16)
+        q, v = q.astype(bfloat16), v.astype(bfloat16)
         out = nk.flash_attention(q, k, v, backend="cuda", **kw)
         ref = flash_attention_ref(q, k, v, **kw)
     assert max_err(out, ref) < TOL[np.dtype(bfloat16)]

@@ -26,13 +26,18 @@ from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F3
                                              make_tc_helpers, row_key, seq_bounds)
 from numba_kernels.cuda._intrinsics import shfl_xor
 
+#: LAZY: how far (log2 units) a tile's row max may pass the running max before O and l are rescaled
+LAZY_LOG2 = 8.0
+
 
 @functools.lru_cache(maxsize=None)
-def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=False):
+def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=False, LAZY=False):
     """Kernel for NW warps x MT x 16 rows, BC keys per tile, head dim padded to DP (a multiple of 16).
     ROWLOAD: Q / K / V tiles through ``make_row_loader`` (each thread one fixed chunk column, a compile-time trip
     count: ~10 instructions per 16-byte copy instead of ~47 for the generic loop of 64-bit divisions; the
-    backward's loader); off until measured on a GPU.
+    backward's loader); LAZY: the online softmax's lazy rescale (``make_online_softmax``: O and l rescaled only
+    when a row's max passes the running max by more than 2^8, a warp vote; the decode kernel's LEAN bit 4). Both
+    off until measured on a GPU.
     Returns (kernel, rows per block, threads per block, dynamic shared bytes)."""
     assert MT in (1, 2)
     BR = 16 * MT * NW
@@ -80,7 +85,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=F
         else:
             stage_kv(smem, nxt, BC, k, v, row0, nvalid, hk, tid, more)
 
-    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP)
+    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY_LOG2 if LAZY else 0.0)
 
     @dev
     def write_rows(o, lse, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, qs, Sq, h, t, DW0, lse_a, lse_c):

@@ -28,6 +28,9 @@ TC_TILES_SIM = (1, 2, 16)
 #: of the tile loop (D 128) drops from ~750 copy instructions per thread and tile to ~160 (2026-12-03, local
 #: ptxas + nvdisasm), but it is not yet timed on a GPU, so off
 TC_ROWLOAD = False
+#: tensor-core forward with the lazy rescale of the online softmax (the decode kernel's LEAN bit 4); not yet timed
+#: on a GPU, so off
+TC_LAZY = False
 SIMT_TILES = {"gpu": (4, 4), "sim": (1, 2)}
 
 
@@ -94,7 +97,7 @@ def flash_fwd_cuda_words(qw, kw, vw, cu_q, cu_k, max_sq, bf16, scale, left, righ
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
     nw, mt, bc, DP = tc_config(D)
     kern, BR, NTH, SMEM = make_tc_kernel(nw, mt, bc, DP, bool(bf16), softcap > 0, slopes is not None, dropout_p > 0,
-                                         TC_ROWLOAD)
+                                         TC_ROWLOAD, TC_LAZY)
     out = out_array((Tq, H, W), np.uint32) if out is None else out
     lse = out_array(H * Tq, np.float32) if lse is None else lse
     sl = np.zeros((0, 0), np.float32) if slopes is None else np.asarray(slopes, np.float32)
@@ -161,7 +164,7 @@ def ptx_signatures(head_dims=(64, 128, 256)):
     for D in head_dims:
         nw, mt, bc, DP = tc_config(D)
         for bf16, flags in ((False, (False, False, False)), (True, (False, False, False)), (True, (True, True, True))):
-            kern = make_tc_kernel(nw, mt, bc, DP, bf16, *flags, TC_ROWLOAD)[0]
+            kern = make_tc_kernel(nw, mt, bc, DP, bf16, *flags, TC_ROWLOAD, TC_LAZY)[0]
             name = f"tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi_drop' if flags[0] else ''}_D{D}"
             out.append((name, kern.py_func, sig(types.uint32, types.float32)))
         nw, rw, dd = simt_config(D)
