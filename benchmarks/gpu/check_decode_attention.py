@@ -229,7 +229,9 @@ VARIANTS = [(4, 3, 16, False, False, True, False, 0), (4, 3, 16, False, False, T
             (4, 2, 16, False, False, False, True, 0), (4, 2, 16, False, False, False, True, 7),
             (4, 3, 16, False, False, True, False, 1), (4, 3, 16, False, False, True, False, 3),
             (4, 2, 32, False, False, True, False, 7), (4, 3, 16, False, True, True, False, 7),
-            ("direct", 4, 1, 0), ("direct", 8, 1, 0), (4, 2, 16, False, False, True, True, 7)]
+            ("direct", 4, 1, 0), ("direct", 8, 1, 0), (4, 2, 16, False, False, True, True, 7),
+            (2, 2, 16, False, False, True, True, 7), (8, 2, 16, False, False, True, True, 7),
+            (4, 2, 32, False, False, True, False, 7)]
 if os.environ.get("VARIANTS"):
     VARIANTS = [VARIANTS[int(i)] for i in os.environ["VARIANTS"].split(",")]
 
@@ -247,8 +249,12 @@ def variants_sweep(deadline):
     tc = dtime(lambda: y.copy_(x))
     print(f"device copy: {2 * x.numel() / tc / 1e12:.2f} TB/s (read + write of 1 GiB)", flush=True)
     del x, y
-    for B, S, layout in ((8, 32768, "contig"), (32, 8192, "contig"), (8, 32768, "page16"), (32, 8192, "page256"),
-                         (1, 131072, "contig"), (1, 16384, "page16")):
+    shapes = ((8, 32768, "contig"), (32, 8192, "contig"), (8, 32768, "page16"), (32, 8192, "page256"),
+              (1, 131072, "contig"), (1, 16384, "page16"))
+    if os.environ.get("VSHAPES"):  # e.g. VSHAPES=1x1024:contig,1x4096:page16
+        shapes = tuple((int(x.split("x")[0]), int(x.split("x")[1].split(":")[0]), x.split(":")[1])
+                       for x in os.environ["VSHAPES"].split(","))
+    for B, S, layout in shapes:
         c = _setup(B, S, layout)
         ref = torch_ref(c, B, S)
         kv_bytes = 2 * B * S * 8 * 128 * 2
