@@ -7,10 +7,11 @@ packed as row R = g * Sq + i), so each K/V byte is read once per block, and one 
 
 * ``make_decode_tc`` (float16/bfloat16, head dim a multiple of 8): 16 packed rows per block on tensor cores
   (mma.sync m16n8k16). The warps split the keys: each warp streams its own 16-key tiles through a private
-  double-buffered cp.async pipeline (no block barrier in the loop), keeps its own online softmax, and the
-  warps' (max, sum, O) are merged through shared memory at the end. Tile variants are factory parameters
-  (keys per tile, stages, L2 prefetch hint, Q fragments in registers, early page lookups); the H200 sweep
-  is in BENCHMARKS.md.
+  pipeline (no block barrier in the loop): cp.async rings, or (the default up to head dim 128) 16-byte loads
+  into registers stored to two shared buffers a tile later; it keeps its own online softmax, and the warps'
+  (max, sum, O) are merged through shared memory at the end. Tile variants are factory parameters (keys per
+  tile, stages, L2 prefetch hint, Q fragments in registers, early page lookups, K/V through registers, the
+  LEAN instruction cuts: the kernel is issue-bound); the H200 sweeps are in BENCHMARKS.md.
 * ``make_decode_direct`` (the same, head dim <= 128): K/V loaded straight into mma fragment registers, no
   shared-memory stage (notes below, at the factory).
 The CUDA-core decode kernel, the split merge and the rotary/append kernels are in ``_decode_simt``.
