@@ -247,3 +247,15 @@ def test_choose_splits_rules(monkeypatch):
     p = plan(1, 4096)
     p.num_splits = 5
     assert cda.choose_splits(p, 1, 2, short_cap=True) == 5  # an explicit count wins
+
+
+def test_tc_config_keeps_wide_heads_off_registers():
+    """Up to padded head dim 128 the tensor-core decode kernel stages K/V through registers (TC_TILES); above, one
+    tile in registers would spill (D 256: 255 registers and ~800 bytes of spills), so TC_TILES_WIDE (cp.async)."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    assert cda.tc_config(128, "gpu") == cda.TC_TILES["gpu"] and cda.TC_TILES["gpu"][6]
+    assert cda.tc_config(64, "gpu") == cda.TC_TILES["gpu"]
+    wide = cda.tc_config(256, "gpu")
+    assert wide == cda.TC_TILES_WIDE["gpu"] and not wide[6] and len(wide) == 8
+    assert cda.tc_config(256, "sim") == cda.TC_TILES["sim"]  # the simulator has no register limit
