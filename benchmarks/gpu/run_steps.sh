@@ -34,6 +34,7 @@ for s in "$@"; do case $s in
   bwd_check) step bwd_check 240 python3 $G/check_flash_attention_backward.py check=quick ;;
   bwd_bench) step bwd_bench 300 python3 $G/check_flash_attention_backward.py bench ;;
   bwd_sweep1k) step bwd_sweep1k 240 python3 $G/check_flash_attention_backward.py sweep1k ;;
+  bwd_sweep) step bwd_sweep 400 python3 $G/check_flash_attention_backward.py sweep=330 ;;
   conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
   fft_host) OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host 240 python3 $G/probe_fft_host.py ;;
   fft_host_big) PROBE_L=2048,4096 NUMBA_KERNELS_FFT_FUSED_MAX_N=8192 OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host_big 200 python3 $G/probe_fft_host.py ;;
