@@ -117,3 +117,15 @@ def test_sim_backward_tensor_cores_deterministic_twice_equal_varlen(rng):
 def test_sim_backward_half_above_tensor_core_head_dim(rng):
     """Head dims above TC_BWD_MAX_D run on the CUDA-core kernels (widened to float32)."""
     _run(rng, np.float16, dict(causal=True), (1, 5, 6, 1, 1, 136), deterministic=False)
+
+
+@pytest.mark.parametrize("tiles", [((4, 32), (1, 16), True), ((2, 32), (1, 16), True)],
+                         ids=["4-warps-2-m-tiles-dq-column-slices", "2-warps-2-m-tiles-one-slice"])
+def test_sim_backward_dq_reductions_tile_geometry(rng, monkeypatch, tiles):
+    """dQ by reductions with 2 m-tiles of query rows per tile (warp w does m-tile w % 2, a head-dim slice w // 2):
+    the geometry of the GPU's D 128 (4, 32) and short-range tiles, which the default simulator tiles (1 m-tile)
+    do not reach; causal GQA with ragged tiles, D 32."""
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    monkeypatch.setattr(cfb, "TC_BWD_TILES_SIM", tiles)
+    _run(rng, bfloat16, dict(causal=True), (1, 37, 45, 2, 1, 32), deterministic=False)
