@@ -27,3 +27,19 @@ def test_flash_attention_kernel_compiles_for_sm90(idx):
             assert instr in ptx, f"{name}: {instr} missing"
         if "_cap_alibi_drop" not in name:  # the plain/causal hot path keeps every fragment in registers
             assert not re.search(r"\.local\s", ptx), f"{name}: accumulators spilled to local memory"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attention_row_loader_lazy_compiles_for_sm90(monkeypatch, D):
+    """The prepared forward options (TC_ROWLOAD, TC_LAZY; off by default until timed) compile for cc 9.0, with the
+    lazy rescale's warp vote and no accumulators in local memory."""
+    from numba import cuda
+
+    from numba_kernels.cuda import flash_attention as cfa
+
+    monkeypatch.setattr(cfa, "TC_ROWLOAD", True)
+    monkeypatch.setattr(cfa, "TC_LAZY", True)
+    name, fn, sig = next(c for c in cfa.ptx_signatures(head_dims=(D,)) if c[0] == f"tc_bf16_D{D}")
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert "cp.async.cg.shared.global" in ptx and "vote.sync.any.pred" in ptx
+    assert not re.search(r"\.local\s", ptx), f"{name}: accumulators spilled to local memory"
