@@ -230,8 +230,7 @@ VARIANTS = [(4, 3, 16, False, False, True, False, 0), (4, 3, 16, False, False, T
             (4, 3, 16, False, False, True, False, 1), (4, 3, 16, False, False, True, False, 3),
             (4, 2, 32, False, False, True, False, 7), (4, 3, 16, False, True, True, False, 7),
             ("direct", 4, 1, 0), ("direct", 8, 1, 0), (4, 2, 16, False, False, True, True, 7),
-            (2, 2, 16, False, False, True, True, 7), (8, 2, 16, False, False, True, True, 7),
-            (4, 2, 32, False, False, True, False, 7)]
+            (2, 2, 16, False, False, True, True, 7), (8, 2, 16, False, False, True, True, 7)]
 if os.environ.get("VARIANTS"):
     VARIANTS = [VARIANTS[int(i)] for i in os.environ["VARIANTS"].split(",")]
 
