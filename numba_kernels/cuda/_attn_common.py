@@ -52,7 +52,7 @@ def seq_bounds(cu_q, cu_k, b):
 
 @functools.lru_cache(maxsize=None)
 def make_tc_helpers(bf16, STR, CH, NTH):
-    """(mma_acc, load_rows, stage_kv, pack_a) of the tensor-core kernels: shared rows of STR uint32 words,
+    """(mma_acc, load_rows, pack_a) of the tensor-core kernels: shared rows of STR uint32 words,
     CH 16-byte chunks per row, NTH threads per block."""
     mma = intr.mma_bf16 if bf16 else intr.mma_f16
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
@@ -80,34 +80,22 @@ def make_tc_helpers(bf16, STR, CH, NTH):
             cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
 
     @dev
-    def stage_kv(smem, nxt, nrows, k, v, row0, nvalid, head, tid, more):
-        """Wait for this thread's copies of the K / V tile in flight (the caller then syncs the block); first,
-        when ``more``, start copying the next one: rows row0.. of k and v (nrows each, nvalid of them real)
-        into smem at nxt and nxt + nrows STR."""
-        if more:
-            load_rows(smem, nxt, k, row0, nrows, nvalid, head, tid)
-            load_rows(smem, nxt + nrows * STR, v, row0, nrows, nvalid, head, tid)
-            intr.cp_async_commit()
-            intr.cp_async_wait1()
-        else:
-            intr.cp_async_wait0()
-
-    @dev
     def pack_a(acc, x):
         """A fragment (4 words of packed halves) of the 16 x 16 tile held by two n-tiles of accumulators
         acc[x:x+8]: the accumulator layout of mma is the A layout of the next product."""
         return (pack(acc[x], acc[x + 1]), pack(acc[x + 2], acc[x + 3]), pack(acc[x + 4], acc[x + 5]),
                 pack(acc[x + 6], acc[x + 7]))
 
-    return mma_acc, load_rows, stage_kv, pack_a
+    return mma_acc, load_rows, pack_a
 
 
 @functools.lru_cache(maxsize=None)
-def make_row_loader(NR, STR, CH, NTH):
+def make_row_loader(NR, STR, CH, NTH, GENERIC=False):
     """cp.async of an NR-row tile (CH 16-byte chunks per row) of src[row0 + r, head, :] into shared rows of STR
     words, zero-filled past ``nvalid`` rows and past the row's end: each thread copies one fixed chunk column of
-    every (NTH / CH)-th row, a trip count fixed at compile time (the generic loader when CH does not divide NTH)."""
-    if NTH % CH:
+    every (NTH / CH)-th row, a trip count fixed at compile time (the generic loader when CH does not divide NTH,
+    or when GENERIC)."""
+    if GENERIC or NTH % CH:
         load_rows = make_tc_helpers(False, STR, CH, NTH)[1]
 
         @dev
@@ -137,6 +125,11 @@ def make_row_loader(NR, STR, CH, NTH):
                 cp16(smem, dst + i * RPI * STR, src, base + i * step if ok else 0, 16 if ok else 0)
 
     return load
+
+
+#: lazy rescale (``make_online_softmax(LAZY=)``): how far (log2 units) a tile's row max may pass the running max
+#: before the max moves and O and l are rescaled
+LAZY_LOG2 = 8.0
 
 
 @functools.lru_cache(maxsize=None)

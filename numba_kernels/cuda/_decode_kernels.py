@@ -22,8 +22,8 @@ import math
 from numba import cuda, float32, int32, int64, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, dev, jit_kernel, key_range,
-                                             make_online_softmax, make_tc_helpers)
+from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, LAZY_LOG2, dev, jit_kernel,
+                                             key_range, make_online_softmax, make_tc_helpers)
 from numba_kernels.cuda._intrinsics import ex2, shfl_idx, shfl_xor, syncwarp
 from numba_kernels.cuda._scan_intrinsics import ld4, st16
 
@@ -70,8 +70,6 @@ else:
 
 #: most key splits one call may use (the fused split merge keeps 16 x MAX_SPLITS weights in shared memory)
 MAX_SPLITS = 256
-#: LEAN & 4 (lazy rescale): how far (log2 units) a tile max may pass the running max before it moves
-LAZY_LOG2 = 8.0
 
 
 @dev

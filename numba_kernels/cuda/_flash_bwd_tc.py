@@ -150,7 +150,7 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, W
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the waits
     red2 = intr.red_add_v2_f32
-    mma_acc, _, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    mma_acc, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     load_q = make_row_loader(BR, STR, CH, NTH)
     load_k = make_row_loader(BC, STR, CH, NTH)
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)

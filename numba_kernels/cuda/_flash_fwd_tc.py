@@ -21,13 +21,10 @@ import math
 from numba import cuda, float32, uint32
 
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, dev, jit_kernel,
-                                             key_range, lane_ids, make_online_softmax, make_row_loader,
+from numba_kernels.cuda._attn_common import (F32_LN2, F32_LOG2E, F32_NEG_INF, F32_ZERO, LAZY_LOG2, dev,
+                                             jit_kernel, key_range, lane_ids, make_online_softmax, make_row_loader,
                                              make_tc_helpers, row_key, seq_bounds)
 from numba_kernels.cuda._intrinsics import shfl_xor
-
-#: LAZY: how far (log2 units) a tile's row max may pass the running max before O and l are rescaled
-LAZY_LOG2 = 8.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,38 +49,30 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=F
     SMEM = 4 * (KV_OFF + 4 * TILE)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the cp.async waits
-    mma_acc, load_rows, stage_kv, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
-    load_q = make_row_loader(BR, STR, CH, NTH)
-    load_kv = make_row_loader(BC, STR, CH, NTH)
+    mma_acc, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
+    load_q = make_row_loader(BR, STR, CH, NTH, not ROWLOAD)
+    load_kv = make_row_loader(BC, STR, CH, NTH, not ROWLOAD)
 
     @dev
     def first_tiles(smem, q, k, v, qs, i0, Sq, ks, lo, hi, Sk, h, hk, tid):
         """cp.async of the block's Q rows and its first K / V tile (one commit group)."""
-        if ROWLOAD:
-            load_q(smem, 0, q, qs + i0, Sq - i0, h, tid)
-            if lo < hi:
-                load_kv(smem, KV_OFF, k, ks + lo, Sk - lo, hk, tid)
-                load_kv(smem, KV_OFF + TILE, v, ks + lo, Sk - lo, hk, tid)
-        else:
-            load_rows(smem, 0, q, qs + i0, BR, Sq - i0, h, tid)
-            if lo < hi:
-                load_rows(smem, KV_OFF, k, ks + lo, BC, Sk - lo, hk, tid)
-                load_rows(smem, KV_OFF + TILE, v, ks + lo, BC, Sk - lo, hk, tid)
+        load_q(smem, 0, q, qs + i0, Sq - i0, h, tid)
+        if lo < hi:
+            load_kv(smem, KV_OFF, k, ks + lo, Sk - lo, hk, tid)
+            load_kv(smem, KV_OFF + TILE, v, ks + lo, Sk - lo, hk, tid)
         intr.cp_async_commit()
 
     @dev
     def next_tile(smem, nxt, k, v, row0, nvalid, hk, tid, more):
-        """stage_kv: start the next K / V tile when ``more``, wait for the current one."""
-        if ROWLOAD:
-            if more:
-                load_kv(smem, nxt, k, row0, nvalid, hk, tid)
-                load_kv(smem, nxt + TILE, v, row0, nvalid, hk, tid)
-                intr.cp_async_commit()
-                intr.cp_async_wait1()
-            else:
-                intr.cp_async_wait0()
+        """Start copying the next K / V tile (rows row0.., nvalid real) into nxt when ``more``; wait for the
+        current one."""
+        if more:
+            load_kv(smem, nxt, k, row0, nvalid, hk, tid)
+            load_kv(smem, nxt + TILE, v, row0, nvalid, hk, tid)
+            intr.cp_async_commit()
+            intr.cp_async_wait1()
         else:
-            stage_kv(smem, nxt, BC, k, v, row0, nvalid, hk, tid, more)
+            intr.cp_async_wait0()
 
     softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY_LOG2 if LAZY else 0.0)
 
