@@ -87,7 +87,8 @@ def test_sim_one_m_tile_per_warp(rng, monkeypatch):
     assert max_err(out, flash_attention_ref(q, k, v, causal=True)) < TOL[np.dtype(np.float16)]
 
 
-@pytest.mark.parametrize("name,kw", CASES + [("varlen-causal", dict(causal=True))], ids=[c[0] for c in CASES] + ["varlen-causal"])
+@pytest.mark.parametrize("name,kw", CASES + [("varlen-causal", dict(causal=True))],
+                         ids=[c[0] for c in CASES] + ["varlen-causal"])
 @pytest.mark.parametrize("D", [20, 48], ids=["D20-fixed-columns", "D48-chunks-not-dividing-the-threads"])
 def test_sim_forward_row_loader_lazy(rng, monkeypatch, name, kw, D):
     """The tensor-core forward with its tiles through make_row_loader and the lazy rescale (TC_ROWLOAD, TC_LAZY, off

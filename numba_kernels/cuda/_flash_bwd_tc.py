@@ -25,11 +25,10 @@ import numpy as np
 from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
-from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, col_hash, dev, jit_kernel, lane_ids,
+from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ONE, F32_ZERO, col_hash, dev, jit_kernel, lane_ids,
                                              make_row_loader, make_tc_helpers, query_range, row_key, seq_bounds)
 from numba_kernels.cuda._intrinsics import ex2
 
-F32_ONE = float32(1.0)
 F32_INF = float32(np.inf)
 
 
