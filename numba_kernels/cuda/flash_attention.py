@@ -24,12 +24,14 @@ from numba_kernels.cuda._pool import _device_key, out_array
 #: the H200 (benchmarks/results/); tiny tiles for the simulator
 TC_TILES = {64: (4, 2, 64), 128: (4, 2, 64), 256: (4, 1, 64)}
 TC_TILES_SIM = (1, 2, 16)
-#: tensor-core forward loads its tiles through ``make_row_loader`` (the backward's fixed-column loader); the SASS
-#: of the tile loop (D 128) drops from ~750 copy instructions per thread and tile to ~160 (2026-12-03, local
-#: ptxas + nvdisasm), but it is not yet timed on a GPU, so off
-TC_ROWLOAD = False
-#: tensor-core forward with the lazy rescale of the online softmax (the decode kernel's LEAN bit 4); not yet timed
-#: on a GPU, so off
+#: tensor-core forward loads its tiles through ``make_row_loader`` (the backward's fixed-column loader: ~160 copy
+#: instructions per thread and tile at D 128 instead of ~750). H200 bf16 (2026-12-03,
+#: benchmarks/results/gpu_h200_2026-12-03c_flash_fwd_bench_*.txt): D128 0.65-0.72x -> 0.77-0.87x SDPA, S4096 tile
+#: sweep sums 447 -> 531 TFLOP/s (D128), 409 -> 488 (D64)
+TC_ROWLOAD = True
+#: tensor-core forward with the lazy rescale of the online softmax (the decode kernel's LEAN bit 4). Off: on top of
+#: TC_ROWLOAD no faster on the H200 (same run: S4096 sweep sums 531 / 481 TFLOP/s at D128 / D64 vs 531 / 488
+#: without), correct (fwd_check) but further from SDPA's output (rel 3e-3 vs 1.1e-3)
 TC_LAZY = False
 SIMT_TILES = {"gpu": (4, 4), "sim": (1, 2)}
 
