@@ -87,12 +87,24 @@ def test_sim_one_m_tile_per_warp(rng, monkeypatch):
     assert max_err(out, flash_attention_ref(q, k, v, causal=True)) < TOL[np.dtype(np.float16)]
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sim_forward_generic_tile_loader(rng, monkeypatch, causal):
+    """The forward's generic tile copies (TC_ROWLOAD off, the default before 2026-12-03; still selectable): ragged
+    last tiles and a padded head dim."""
+    from numba_kernels.cuda import flash_attention as cfa
+
+    monkeypatch.setattr(cfa, "TC_ROWLOAD", False)
+    q, k, v = _qkv(rng, np.float16, 1, 19, 37, 2, 1, 20)
+    out = nk.flash_attention(q, k, v, causal=causal, backend="cuda")
+    assert max_err(out, flash_attention_ref(q, k, v, causal=causal)) < TOL[np.dtype(np.float16)]
+
+
 @pytest.mark.parametrize("name,kw", CASES + [("varlen-causal", dict(causal=True))],
                          ids=[c[0] for c in CASES] + ["varlen-causal"])
 @pytest.mark.parametrize("D", [20, 48], ids=["D20-fixed-columns", "D48-chunks-not-dividing-the-threads"])
 def test_sim_forward_row_loader_lazy(rng, monkeypatch, name, kw, D):
-    """The tensor-core forward with its tiles through make_row_loader and the lazy rescale (TC_ROWLOAD, TC_LAZY, off
-    by default until timed on a GPU): ragged last tiles of Q and K/V, padded head dims, varlen with rows that see no
+    """The tensor-core forward with its tiles through make_row_loader and the lazy rescale (TC_ROWLOAD on by default,
+    TC_LAZY off: timed on the H200 and not faster): ragged last tiles of Q and K/V, padded head dims, varlen with rows that see no
     key; keys scaled up along the sequence so the running max keeps moving."""
     from numba_kernels.cuda import flash_attention as cfa
 

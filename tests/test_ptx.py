@@ -31,8 +31,8 @@ def test_flash_attention_kernel_compiles_for_sm90(idx):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_flash_attention_row_loader_lazy_compiles_for_sm90(monkeypatch, D):
-    """The prepared forward options (TC_ROWLOAD, TC_LAZY; off by default until timed) compile for cc 9.0, with the
-    lazy rescale's warp vote and no accumulators in local memory."""
+    """The forward's row loader with the lazy rescale (TC_ROWLOAD on by default, TC_LAZY off) compiles for cc 9.0,
+    with the lazy rescale's warp vote and no accumulators in local memory."""
     from numba import cuda
 
     from numba_kernels.cuda import flash_attention as cfa
