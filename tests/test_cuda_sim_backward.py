@@ -129,3 +129,17 @@ def test_sim_backward_dq_reductions_tile_geometry(rng, monkeypatch, tiles):
 
     monkeypatch.setattr(cfb, "TC_BWD_TILES_SIM", tiles)
     _run(rng, bfloat16, dict(causal=True), (1, 37, 45, 2, 1, 32), deterministic=False)
+
+
+@pytest.mark.parametrize("name,dt,kw", [("bf16-causal", bfloat16, dict(causal=True)),
+                                        ("f16-window-softcap-alibi-dropout", np.float16,
+                                         dict(window_size=(5, 3), softcap=3.0, alibi_slopes=np.array([0.3, 0.7]),
+                                              dropout_p=0.2, seed=11))],
+                         ids=["bf16-causal", "f16-window-softcap-alibi-dropout"])
+def test_sim_backward_dq_pass_q_in_registers(rng, monkeypatch, name, dt, kw):
+    """The deterministic dQ pass with its warp's Q / dO fragments read once into registers (TC_BWD_DQ_QREG): ragged
+    query and key tiles (Sq 19, Sk 37), GQA, D 20 padded to 32, so each warp's fragments span two k-steps."""
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    monkeypatch.setattr(cfb, "TC_BWD_DQ_QREG", True)
+    _run(rng, dt, kw, (1, 19, 37, 2, 1, 20), deterministic=True)

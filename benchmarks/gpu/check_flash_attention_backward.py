@@ -153,7 +153,10 @@ def sweep(limit_s, S=4096, table=None):
     H, B = 16, 16384 // S
     best = {}
     short_sk, cfb.TC_BWD_SHORT_SK = cfb.TC_BWD_SHORT_SK, 0  # the candidates in TC_BWD_TILES apply at every S
+    dims = os.environ.get("SWEEP_D")  # e.g. SWEEP_D=128: only those head dims
     for D, cands in (table or SWEEP).items():
+        if dims and str(D) not in dims.split(","):
+            continue
         data = [(causal, _torch_case(B, S, H, D, causal)) for causal in (False, True)]
         refs = []
         for causal, c in data:

@@ -96,3 +96,21 @@ for on in (False, True):
     print(f"fast launch {'on ' if on else 'off'}: attend_cuda {a:7.1f} us | public call {p:7.1f} us | "
           f"public call, cache_seqlens changing every step {d:7.1f} us", flush=True)
 fl.ENABLED = True
+
+# where the public call's host time goes: cProfile over many calls (the profiler inflates every Python call by
+# about the same amount, so read the shares, not the microseconds)
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+
+for label, qx in (("device q", qd), ("host numpy q", q)):
+    nk.flash_attention_with_kvcache(qx, kc, vc, **kw)
+    cuda.synchronize()
+    prof = cProfile.Profile()
+    with cuda.defer_cleanup():
+        prof.enable()
+        for _ in range(500):
+            nk.flash_attention_with_kvcache(qx, kc, vc, **kw)
+        prof.disable()
+    cuda.synchronize()
+    print(f"--- cProfile, 500 public calls, {label} (sorted by own time)")
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(22)

@@ -33,8 +33,11 @@ for s in "$@"; do case $s in
   fft) step fft 420 python3 $G/check_fft_conv.py --quick ;;
   bwd_check) step bwd_check 240 python3 $G/check_flash_attention_backward.py check=quick ;;
   bwd_bench) step bwd_bench 300 python3 $G/check_flash_attention_backward.py bench ;;
+  bwd_check_qreg) step bwd_check_qreg 150 $P "import numba_kernels.cuda.flash_attention_backward as m; m.TC_BWD_DQ_QREG = True" $G/check_flash_attention_backward.py check=quick ;;
+  bwd_bench_qreg) step bwd_bench_qreg 150 $P "import numba_kernels.cuda.flash_attention_backward as m; m.TC_BWD_DQ_QREG = True" $G/check_flash_attention_backward.py bench ;;
   bwd_sweep1k) step bwd_sweep1k 240 python3 $G/check_flash_attention_backward.py sweep1k ;;
   bwd_sweep) step bwd_sweep 400 python3 $G/check_flash_attention_backward.py sweep=330 ;;
+  bwd_sweep128) SWEEP_D=128 step bwd_sweep128 300 python3 $G/check_flash_attention_backward.py sweep=280 ;;
   conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
   fft_host) OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host 240 python3 $G/probe_fft_host.py ;;
   fft_host_big) PROBE_L=2048,4096 NUMBA_KERNELS_FFT_FUSED_MAX_N=8192 OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host_big 200 python3 $G/probe_fft_host.py ;;
@@ -42,5 +45,6 @@ for s in "$@"; do case $s in
   fft_gpu_tests) step fft_gpu_tests 300 python3 -m pytest -q -m gpu tests/test_fft_conv.py ;;
   dec_profile) step dec_profile 150 python3 $G/check_decode_attention.py profile ;;
   dec_small) step dec_small 200 python3 $G/probe_decode_small.py ;;
+  dec_host) step dec_host 150 python3 $G/profile_decode_host.py ;;
   *) echo "unknown step $s" ;;
 esac; done

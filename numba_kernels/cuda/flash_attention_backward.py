@@ -43,6 +43,9 @@ TC_BWD_SHORT_SK = 1024
 #: kernel options of the tensor-core kernels (``make_tc_bwd_kernel`` / ``make_tc_dq_kernel`` keywords: WSKIP,
 #: VRED); empty = their defaults. For sweeps.
 TC_BWD_OPTS = {}
+#: the deterministic dQ kernel keeps its warp's Q / dO fragments in registers (``make_tc_dq_kernel(QREG=True)``,
+#: padded head dims <= 128): not yet timed on a GPU, so off
+TC_BWD_DQ_QREG = False
 TC_BWD_MAX_D = 128
 
 
@@ -156,12 +159,16 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
     deterministic = deterministic or not atomic
     opts = dict(TC_BWD_OPTS)
+    dq_opts = {"QREG": TC_BWD_DQ_QREG and DP <= 128}
+    for name in ("WSKIP", "QREG"):
+        if name in opts:
+            dq_opts[name] = opts[name]
+    opts.pop("QREG", None)
     kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
         fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
-        opts.pop("VRED", None)
-        dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **opts)
+        dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **dq_opts)
         dqw = out_array(qw.shape, np.uint32)
         fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
     else:
@@ -221,8 +228,12 @@ def ptx_signatures(head_dims=(64, 128)):
                 kern = make_tc_bwd_kernel(nw, br, DP, bf16, *flags, has_dq)[0]
                 out.append((f"tc_dkdv{'_dq' if has_dq else ''}_{tag}", kern.py_func,
                             sig(types.uint32, types.float32, 3)))
-            out.append((f"tc_dq_{tag}", make_tc_dq_kernel(nwq, bcq, DP, bf16, *flags)[0].py_func,
+            qreg = TC_BWD_DQ_QREG and DP <= 128
+            out.append((f"tc_dq_{tag}", make_tc_dq_kernel(nwq, bcq, DP, bf16, *flags, QREG=qreg)[0].py_func,
                         sig(types.uint32, types.float32, 1)))
+            if bf16 and not flags[0] and DP <= 128 and not qreg:  # the option, while it is off
+                out.append((f"tc_dq_qreg_{tag}", make_tc_dq_kernel(nwq, bcq, DP, bf16, *flags, QREG=True)[0].py_func,
+                            sig(types.uint32, types.float32, 1)))
         if min(d for d in TC_BWD_TILES if d >= DP) in TC_BWD_TILES_SHORT:  # the short-range tiles, bf16
             (nw, br), _, _, _ = tc_bwd_config(D, 1, False)
             for has_dq in (True, False):
