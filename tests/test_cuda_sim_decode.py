@@ -259,3 +259,49 @@ def test_tc_config_keeps_wide_heads_off_registers():
     wide = cda.tc_config(256, "gpu")
     assert wide == cda.TC_TILES_WIDE["gpu"] and not wide[6] and len(wide) == 8
     assert cda.tc_config(256, "sim") == cda.TC_TILES["sim"]  # the simulator has no register limit
+
+
+def test_tc_config_small_jobs():
+    """Jobs of at most SMALL_JOB_KEYS keys (batch x k/v heads x row tiles x longest cache) take TC_TILES_SMALL
+    (32-key cp.async tiles) at padded head dims <= 128; larger jobs and wide heads do not."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    small = cda.TC_TILES_SMALL["gpu"]
+    assert small[2] == 32 and not small[6] and len(small) == 8
+    assert cda.tc_config(128, "gpu", 1 * 8 * 1 * 16384) == small  # B1 Hk8 16k: measured faster
+    assert cda.tc_config(64, "gpu", cda.SMALL_JOB_KEYS) == small
+    assert cda.tc_config(128, "gpu", cda.SMALL_JOB_KEYS + 1) == cda.TC_TILES["gpu"]
+    assert cda.tc_config(128, "gpu", 1 * 8 * 1 * 131072) == cda.TC_TILES["gpu"]  # B1 128k: measured slower
+    assert cda.tc_config(128, "gpu") == cda.TC_TILES["gpu"]
+    assert cda.tc_config(256, "gpu", 1) == cda.TC_TILES_WIDE["gpu"]
+    assert cda.tc_config(128, "sim", 1) == cda.TC_TILES["sim"]  # simulator: no small-job config by default
+
+
+@pytest.mark.parametrize("limit,bc", [(None, 32), (100, 16)], ids=["small-job-32-key-tiles", "over-the-limit"])
+def test_sim_decode_small_job_config(rng, monkeypatch, limit, bc):
+    """The public call picks the small-job configuration by its job size (and the default above the limit), and
+    the 32-key cp.async tiles with every LEAN bit and early page lookups are correct (paged, causal and windowed,
+    automatic and explicit splits)."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    monkeypatch.setitem(cda.TC_TILES_SMALL, "sim", (2, 2, 32, False, False, True, False, 7))
+    if limit is not None:
+        monkeypatch.setattr(cda, "SMALL_JOB_KEYS", limit)
+    seen = []
+    real = cda.make_decode_tc
+
+    def spy(*a, **k):
+        seen.append(a[8] if len(a) > 8 else k.get("BC", 16))
+        return real(*a, **k)
+
+    monkeypatch.setattr(cda, "make_decode_tc", spy)
+    q = rng.standard_normal((2, 1, 4, 16)).astype(bfloat16)
+    kc, vc = (rng.standard_normal((61, 5, 2, 16)).astype(bfloat16) for _ in range(2))
+    bt = rng.permutation(61)[:60].reshape(2, 30).astype(np.int32)
+    seqlens = np.array([150, 37], np.int32)  # job = 2 x 2 x 1 x 150 = 600 keys
+    for ns, kw in ((0, dict(causal=True)), (2, dict(window_size=(70, 0)))):
+        out = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, block_table=bt,
+                                              num_splits=ns, backend="cuda", **kw)
+        ref = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt, **kw)
+        assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
+    assert seen and set(seen) == {bc}

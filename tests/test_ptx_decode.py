@@ -8,7 +8,7 @@ import pytest
 pytestmark = pytest.mark.ptx
 
 HEAD_DIMS = (128,)
-N_CONFIGS = 10 * len(HEAD_DIMS)
+N_CONFIGS = 12 * len(HEAD_DIMS)  # 6 tensor-core (2 of them the small-job configuration) + 6 CUDA-core per head dim
 
 
 def _configs():

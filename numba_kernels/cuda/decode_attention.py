@@ -32,6 +32,15 @@ TC_TILES = {"gpu": (4, 2, 16, False, False, True, True, 7), "sim": (2, 2, 16, Fa
 #: the configuration for padded head dims above 128, where one K/V tile in registers (8 * 16 * DP / 256 words per
 #: lane) would spill (D 256 through registers: 255 registers, ~800 bytes of spills); None = TC_TILES
 TC_TILES_WIDE = {"gpu": (4, 3, 16, False, False, True, False, 7), "sim": None}
+#: the configuration for small jobs (padded head dim <= 128 and at most SMALL_JOB_KEYS keys over all row groups:
+#: batch x k/v heads x 16-row tiles x longest cache): 32-key tiles through cp.async, one resident block per SM, so
+#: at most 16 splits at Hk 8. H200 bf16 D128 (2026-12-03, benchmarks/results/gpu_h200_2026-12-03c_decode_small_variants
+#: .txt, ..._bc32_mid.txt, ..._bc32_large.txt; device time, same runs): B1 / 4k 16.7 -> 15.2 us, B1 / 16k page 16
+#: 34.0 -> 31.5, B2 / 8k 31.7 -> 29.9, B4 / 4k 31.7 -> 29.5, B1 / 1k 13.4 both; slower on large jobs, which keep
+#: TC_TILES: B1 / 128k 137.6 vs 146.5, B8 / 32k 254.5 vs 272, B32 / 8k 244.0 vs 265.8. None = TC_TILES everywhere
+TC_TILES_SMALL = {"gpu": (4, 2, 32, False, False, True, False, 7), "sim": None}
+#: measured small at 2^17 (the four above) and large from 2^20; the boundary between is not measured
+SMALL_JOB_KEYS = 1 << 18
 #: (warps, PIPE, register cap) of the direct-operand tensor-core kernel (``_decode_kernels.make_decode_direct``:
 #: K/V loaded straight into mma fragments, no shared-memory stage) when it is the default for head dims 64 / 128;
 #: None = the staged kernel everywhere. Off: slower than the staged kernel on the H200 (bf16 D128, 2026-12-02/03,
@@ -62,10 +71,15 @@ def _mode():
     return "sim" if intr.SIM else "gpu"
 
 
-def tc_config(DP, mode=None):
-    """The tensor-core kernel configuration (8 fields, see TC_TILES) for padded head dim DP."""
+def tc_config(DP, mode=None, job_keys=None):
+    """The tensor-core kernel configuration (8 fields, see TC_TILES) for padded head dim DP; ``job_keys`` (batch x
+    k/v heads x 16-row tiles x longest cache) picks TC_TILES_SMALL up to SMALL_JOB_KEYS."""
     mode = mode or _mode()
-    return (TC_TILES_WIDE.get(mode) if DP > 128 else None) or TC_TILES[mode]
+    if DP > 128:
+        return TC_TILES_WIDE.get(mode) or TC_TILES[mode]
+    if job_keys is not None and job_keys <= SMALL_JOB_KEYS and TC_TILES_SMALL.get(mode):
+        return TC_TILES_SMALL[mode]
+    return TC_TILES[mode]
 
 
 def _num_sms():
@@ -296,7 +310,8 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
                                                                 maxreg))
         else:
             DP = -(-D // 16) * 16
-            cfg = tuple(tc_config(DP) if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
+            job = plan.B * plan.Hk * n_rt * int((plan.end - plan.leftpad).max())
+            cfg = tuple(tc_config(DP, job_keys=job) if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
             cfg = cfg + (0,) * (8 - len(cfg))  # older 6/7-field configurations: the flags after them off
             nw, stages, bc, pf, qreg, tpf, reg, lean = cfg
             ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf,
@@ -368,13 +383,17 @@ def ptx_signatures(head_dims=(64, 128, 256)):
     f32, f64, u32 = types.float32, types.float64, types.uint32
     for D in head_dims:
         DP = -(-D // 16) * 16
-        for bf16, cap, alibi, split, merge in ((False, False, False, False, True), (True, False, False, True, True),
-                                               (True, False, False, True, False), (True, True, True, False, True)):
-            nw, stages, bc, pf, qreg, tpf, reg, lean = tc_config(DP, "gpu")
+        small = TC_TILES_SMALL["gpu"] if DP <= 128 else None
+        for bf16, cap, alibi, split, merge, job in (
+                (False, False, False, False, True, None), (True, False, False, True, True, None),
+                (True, False, False, True, False, None), (True, True, True, False, True, None)) + (
+                ((True, False, False, True, True, 1), (True, False, False, True, False, 1)) if small else ()):
+            nw, stages, bc, pf, qreg, tpf, reg, lean = tc_config(DP, "gpu", job)
             kern = make_decode_tc(nw, DP, bf16, cap, alibi, split, stages, merge, bc, pf, qreg, tpf, reg, lean)[0]
             o_el, o_nd = (f32, 5) if split else (u32, 4)
             out.append((f"decode_tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi' if cap else ''}"
-                        f"{'_split' if split else ''}{'' if merge else '_nomerge'}_D{D}", kern.py_func,
+                        f"{'_split' if split else ''}{'' if merge else '_nomerge'}{'_small' if job else ''}_D{D}",
+                        kern.py_func,
                         sig(u32, u32, o_el, o_nd, f32) + (types.Array(u32, 4, "C"), types.Array(f32, 3, "C"), i32_1)))
         nw, mr = SIMT_TILES["gpu"]
         for kind, el, ft in (("f32", f32, f32), ("f64", f64, f64), ("bf16", types.uint16, f32)):
