@@ -43,3 +43,18 @@ def test_flash_attention_row_loader_lazy_compiles_for_sm90(monkeypatch, D):
     ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
     assert "cp.async.cg.shared.global" in ptx and "vote.sync.any.pred" in ptx
     assert not re.search(r"\.local\s", ptx), f"{name}: accumulators spilled to local memory"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attention_row_bounds_compiles_for_sm90(monkeypatch, D):
+    """The forward with per-row 32-bit mask bounds (TC_ROWBOUNDS, off until timed) compiles for cc 9.0 with its
+    accumulators in registers."""
+    from numba import cuda
+
+    from numba_kernels.cuda import flash_attention as cfa
+
+    monkeypatch.setattr(cfa, "TC_ROWBOUNDS", True)
+    name, fn, sig = next(c for c in cfa.ptx_signatures(head_dims=(D,)) if c[0] == f"tc_bf16_D{D}")
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert "mma.sync.aligned.m16n8k16" in ptx
+    assert not re.search(r"\.local\s", ptx), f"{name}: accumulators spilled to local memory"

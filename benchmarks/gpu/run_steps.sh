@@ -18,6 +18,8 @@ for s in "$@"; do case $s in
   fwd_check_lean) step fwd_check_lean 240 $P "import numba_kernels.cuda.flash_attention as m; m.TC_ROWLOAD = True; m.TC_LAZY = True" $G/check_flash_attention.py check ;;
   fwd_bench_rowload) step fwd_bench_rowload 150 $P "import numba_kernels.cuda.flash_attention as m; m.TC_ROWLOAD = True" $G/check_flash_attention.py bench ;;
   fwd_bench_lean) step fwd_bench_lean 150 $P "import numba_kernels.cuda.flash_attention as m; m.TC_ROWLOAD = True; m.TC_LAZY = True" $G/check_flash_attention.py bench ;;
+  fwd_check_rowbounds) step fwd_check_rowbounds 240 $P "import numba_kernels.cuda.flash_attention as m; m.TC_ROWBOUNDS = True" $G/check_flash_attention.py check ;;
+  fwd_bench_rowbounds) step fwd_bench_rowbounds 150 $P "import numba_kernels.cuda.flash_attention as m; m.TC_ROWBOUNDS = True" $G/check_flash_attention.py bench ;;
   fwd_bench_plain) step fwd_bench_plain 150 $P "import numba_kernels.cuda._intrinsics as i; i.ldsm_x4_o = i.ldsm_x4; i.ldsm_x4_t_o = i.ldsm_x4_t" $G/check_flash_attention.py bench ;;
   dec_extra) step dec_extra 240 python3 $G/check_decode_attention.py extra ;;
   dec_check) step dec_check 240 python3 $G/check_decode_attention.py check --quick ;;

@@ -4,7 +4,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int32
 
 from numba_kernels import _masks
 from numba_kernels._dropout import build_hash
@@ -132,13 +132,32 @@ def make_row_loader(NR, STR, CH, NTH, GENERIC=False):
 LAZY_LOG2 = 8.0
 
 
+_I32_BIG = 1 << 30
+
+
+@dev
+def col_bounds(row, base, Sk, off, left, right):
+    """Visible key columns of query ``row`` relative to column ``base``, as int32 (lo, hi): column base + c is
+    visible iff lo <= c <= hi (clamped to +-2^30, far outside any tile)."""
+    hi = Sk - 1 - base
+    if right >= 0:
+        hi = min(hi, row + off + right - base)
+    lo = -_I32_BIG
+    if left >= 0:
+        lo = row + off - left - base
+    return int32(max(-_I32_BIG, min(_I32_BIG, lo))), int32(max(-_I32_BIG, min(_I32_BIG, hi)))
+
+
 @functools.lru_cache(maxsize=None)
-def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY=0.0):
+def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY=0.0, ROWBOUNDS=False):
     """The per-tile online softmax of the tensor-core forward kernels (prefill and decode) on the mma.sync
     accumulator layout: S_LEN score and NT_O * 4 output accumulators per thread.
     LAZY > 0 (log2 units): the running maxes move, and O and l are rescaled, only when some row of the warp
     (a vote) sees a tile max above its running max + LAZY; otherwise the old maxes stay and P <= 2^LAZY.
-    The result (O / l, m + log2 l) is the same; a tile that moves no max costs no rescale."""
+    The result (O / l, m + log2 l) is the same; a tile that moves no max costs no rescale.
+    ROWBOUNDS: the mask compares each element's column offset (a compile-time constant) with its row's visible
+    column bounds (``col_bounds``, once per row and tile, 32-bit) instead of evaluating ``visible`` (64-bit
+    arithmetic) per element."""
 
     @dev
     def softmax_tile(sacc, sb, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, rk_a, rk_b, j0, t, need_mask, Sk, off,
@@ -149,6 +168,10 @@ def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY=0.0):
         oacc[ob:ob+O_LEN] rescaled. Returns the new (m_a, m_b, l_a, l_b); l is this lane's partial sum."""
         mx_a = F32_NEG_INF
         mx_b = F32_NEG_INF
+        lo_a = hi_a = lo_b = hi_b = int32(0)
+        if ROWBOUNDS and need_mask:
+            lo_a, hi_a = col_bounds(ra, j0 + 2 * t, Sk, off, left, right)
+            lo_b, hi_b = col_bounds(rb, j0 + 2 * t, Sk, off, left, right)
         for y in range(S_LEN):
             s = sacc[sb + y]
             if HAS_CAP:
@@ -160,7 +183,14 @@ def make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY=0.0):
             if HAS_ALIBI:
                 s -= (slope_a if (y & 2) == 0 else slope_b) * float32(abs(row + off - col))
             if need_mask:
-                if not visible(row, col, Sk, off, left, right):
+                if ROWBOUNDS:
+                    c = int32((y >> 2) * 8 + (y & 1))
+                    if (y & 2) == 0:
+                        if c < lo_a or c > hi_a:
+                            s = F32_NEG_INF
+                    elif c < lo_b or c > hi_b:
+                        s = F32_NEG_INF
+                elif not visible(row, col, Sk, off, left, right):
                     s = F32_NEG_INF
             sacc[sb + y] = s
             if (y & 2) == 0:

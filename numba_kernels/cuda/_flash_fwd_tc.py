@@ -28,13 +28,17 @@ from numba_kernels.cuda._intrinsics import shfl_xor
 
 
 @functools.lru_cache(maxsize=None)
-def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=False, LAZY=False):
+def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=False, LAZY=False, ROWBOUNDS=False):
     """Kernel for NW warps x MT x 16 rows, BC keys per tile, head dim padded to DP (a multiple of 16).
     ROWLOAD: Q / K / V tiles through ``make_row_loader`` (each thread one fixed chunk column, a compile-time trip
     count: ~10 instructions per 16-byte copy instead of ~47 for the generic loop of 64-bit divisions; the
-    backward's loader); LAZY: the online softmax's lazy rescale (``make_online_softmax``: O and l rescaled only
-    when a row's max passes the running max by more than 2^8, a warp vote; the decode kernel's LEAN bit 4). Both
-    off until measured on a GPU.
+    backward's loader; the default, ``flash_attention.TC_ROWLOAD``); LAZY: the online softmax's lazy rescale
+    (``make_online_softmax``: O and l rescaled only when a row's max passes the running max by more than 2^8, a
+    warp vote; the decode kernel's LEAN bit 4; measured, not faster); ROWBOUNDS: tiles that need a mask compare
+    each element's constant column offset with per-row bounds in 32 bits (``make_online_softmax``) instead of the
+    64-bit ``visible`` per element: the masked scale-and-max region of one m-tile 383-595 -> 260 SASS
+    instructions at D 64 (local ptxas; unmasked tiles already take a 64-instruction mask-free region, ptxas
+    unswitches the run-time flag). Not yet timed.
     Returns (kernel, rows per block, threads per block, dynamic shared bytes)."""
     assert MT in (1, 2)
     BR = 16 * MT * NW
@@ -74,7 +78,8 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=F
         else:
             intr.cp_async_wait0()
 
-    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY_LOG2 if LAZY else 0.0)
+    softmax_tile = make_online_softmax(S_LEN, NT_O, HAS_CAP, HAS_ALIBI, HAS_DROP, LAZY_LOG2 if LAZY else 0.0,
+                                       ROWBOUNDS)
 
     @dev
     def write_rows(o, lse, oacc, ob, m_a, m_b, l_a, l_b, ra, rb, qs, Sq, h, t, DW0, lse_a, lse_c):

@@ -33,6 +33,9 @@ TC_ROWLOAD = True
 #: TC_ROWLOAD no faster on the H200 (same run: S4096 sweep sums 531 / 481 TFLOP/s at D128 / D64 vs 531 / 488
 #: without), correct (fwd_check) but further from SDPA's output (rel 3e-3 vs 1.1e-3)
 TC_LAZY = False
+#: tensor-core forward masks its masked tiles with per-row 32-bit column bounds (``make_tc_kernel(ROWBOUNDS=True)``:
+#: the masked region of a tile's softmax ~1.5-2.3x fewer SASS instructions, local ptxas); not yet timed, so off
+TC_ROWBOUNDS = False
 SIMT_TILES = {"gpu": (4, 4), "sim": (1, 2)}
 
 
@@ -99,7 +102,7 @@ def flash_fwd_cuda_words(qw, kw, vw, cu_q, cu_k, max_sq, bf16, scale, left, righ
     lse_a, lse_c = (1, Tq) if lse_a is None else (lse_a, lse_c)
     nw, mt, bc, DP = tc_config(D)
     kern, BR, NTH, SMEM = make_tc_kernel(nw, mt, bc, DP, bool(bf16), softcap > 0, slopes is not None, dropout_p > 0,
-                                         TC_ROWLOAD, TC_LAZY)
+                                         TC_ROWLOAD, TC_LAZY, TC_ROWBOUNDS)
     out = out_array((Tq, H, W), np.uint32) if out is None else out
     lse = out_array(H * Tq, np.float32) if lse is None else lse
     sl = np.zeros((0, 0), np.float32) if slopes is None else np.asarray(slopes, np.float32)
@@ -166,7 +169,7 @@ def ptx_signatures(head_dims=(64, 128, 256)):
     for D in head_dims:
         nw, mt, bc, DP = tc_config(D)
         for bf16, flags in ((False, (False, False, False)), (True, (False, False, False)), (True, (True, True, True))):
-            kern = make_tc_kernel(nw, mt, bc, DP, bf16, *flags, TC_ROWLOAD, TC_LAZY)[0]
+            kern = make_tc_kernel(nw, mt, bc, DP, bf16, *flags, TC_ROWLOAD, TC_LAZY, TC_ROWBOUNDS)[0]
             name = f"tc_{'bf16' if bf16 else 'f16'}{'_cap_alibi_drop' if flags[0] else ''}_D{D}"
             out.append((name, kern.py_func, sig(types.uint32, types.float32)))
         nw, rw, dd = simt_config(D)
