@@ -305,3 +305,25 @@ def test_sim_decode_small_job_config(rng, monkeypatch, limit, bc):
         ref = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt, **kw)
         assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
     assert seen and set(seen) == {bc}
+
+
+@pytest.mark.parametrize("ns,D", [(3, 16), (16, 16), (20, 16), (16, 48)],
+                         ids=["3-splits", "16-splits-the-widest", "20-splits-falls-back", "D48-several-item-rounds"])
+def test_sim_decode_wide_split_merge(rng, monkeypatch, ns, D):
+    """The in-kernel split merge with every split's loads of two items at once (LEAN bit 8, up to WIDE_SPLITS
+    splits; more take the MUNROLL loop): causal Sq 2 with GQA 4 (8 packed rows, so both items of a thread are real
+    and some splits of the short sequence are empty), output and LSE against the float64 reference."""
+    from numba_kernels.cuda import decode_attention as cda
+
+    monkeypatch.setitem(cda.TC_TILES, "sim", (2, 2, 16, False, False, True, True, 15))
+    monkeypatch.setattr(cda, "FUSED_MERGE_MAX", 32)
+    q = rng.standard_normal((2, 2, 8, D)).astype(bfloat16)
+    kc, vc = (rng.standard_normal((61, 5, 2, D)).astype(bfloat16) for _ in range(2))
+    bt = rng.permutation(61)[:60].reshape(2, 30).astype(np.int32)
+    seqlens = np.array([150, 37], np.int32)
+    out, lse = nk.flash_attention_with_kvcache(q, _dev(kc), _dev(vc), cache_seqlens=seqlens, block_table=bt,
+                                               causal=True, num_splits=ns, return_lse=True, backend="cuda")
+    ref, rlse = flash_attention_with_kvcache_ref(q, kc, vc, cache_seqlens=seqlens, block_table=bt, causal=True,
+                                                 return_lse=True)
+    assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
+    np.testing.assert_allclose(lse.copy_to_host(), rlse, rtol=1e-4, atol=1e-3)

@@ -48,3 +48,20 @@ def test_support_kernels_compile_for_sm90():
         comb = make_combine("f32", kind, 128)
         cuda.compile_ptx(comb.py_func, (types.Array(types.float32, 5, "C"), types.Array(types.float32, 4, "C"), a4,
                                         types.Array(types.float32, 3, "C")), cc=(9, 0))
+
+
+@pytest.mark.parametrize("cfg", [(4, 2, 16, False, False, True, True, 15), (4, 2, 32, False, False, True, False, 15)],
+                         ids=["registers", "32-key-cp.async"])
+def test_decode_wide_merge_compiles_for_sm90(cfg):
+    """The wide in-kernel split merge (LEAN bit 8, not yet timed) compiles for cc 9.0 with its per-thread load
+    buffer (2 items x WIDE_SPLITS splits x 2 values) in registers."""
+    from numba import cuda
+
+    from numba_kernels.cuda._decode_kernels import make_decode_tc
+
+    sig = next(s for n, f, s in _configs() if n == "decode_tc_bf16_split_D128")
+    nw, stages, bc, pf, qreg, tpf, reg, lean = cfg
+    kern = make_decode_tc(nw, 128, True, False, False, True, stages, True, bc, pf, qreg, tpf, reg, lean)[0]
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    assert "mma.sync.aligned.m16n8k16" in ptx
+    assert not re.search(r"\.local\s", ptx), "wide merge buffer spilled to local memory"

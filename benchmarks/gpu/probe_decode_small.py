@@ -15,7 +15,7 @@ from numba import cuda  # noqa: E402
 
 from numba_kernels.cuda import _launch as fl  # noqa: E402
 from numba_kernels.cuda import decode_attention as dec  # noqa: E402
-from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits, tc_blocks_per_sm, TC_TILES  # noqa: E402
+from numba_kernels.cuda.decode_attention import attend_cuda, choose_splits, tc_blocks_per_sm  # noqa: E402
 
 SHAPES = [(1, 1024), (1, 4096), (1, 16384), (1, 131072), (8, 4096), (64, 1024)]
 #: ONCE runs: PROBE_SHAPES="BxS:splits,..." (splits 0 = automatic), e.g. "1x1024:1,32x8192:0"
@@ -43,9 +43,10 @@ def main():
               f"{cda.dtime(lambda: fl.launch(_empty, 264, 128, 0, (x,)), 50) * 1e6:.1f} us", flush=True)
         z = torch.zeros(1, device="cuda")
         print(f"torch z.add_(1): {cda.dtime(lambda: z.add_(1), 50) * 1e6:.1f} us", flush=True)
-    bps = tc_blocks_per_sm(TC_TILES["gpu"][0], 128, True, False, False, *TC_TILES["gpu"][1:])
     for B, S, *fixed in (ONCE_SHAPES if once and ONCE_SHAPES else [x + (0,) for x in SHAPES]):
         c = cda._setup(B, S, "contig")
+        cfg = dec.tc_config(128, job_keys=B * 8 * S)  # the configuration attend_cuda picks (Hk 8, one row tile)
+        bps = tc_blocks_per_sm(cfg[0], 128, True, False, False, *cfg[1:])
         c["plan"].num_splits = fixed[0]
         H, Hk, D = 32, 8, 128
         kt = c["k_t"].view(B, S, Hk, D).transpose(1, 2).contiguous()

@@ -47,6 +47,9 @@ for s in "$@"; do case $s in
   fft_gpu_tests) step fft_gpu_tests 300 python3 -m pytest -q -m gpu tests/test_fft_conv.py ;;
   dec_profile) step dec_profile 150 python3 $G/check_decode_attention.py profile ;;
   dec_small) step dec_small 200 python3 $G/probe_decode_small.py ;;
+  dec_small_merge7) step dec_small_merge7 200 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 4" $G/probe_decode_small.py ;;
+  dec_small_merge15) step dec_small_merge15 200 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 4; m.TC_TILES['gpu'] = m.TC_TILES['gpu'][:7] + (15,); m.TC_TILES_SMALL['gpu'] = m.TC_TILES_SMALL['gpu'][:7] + (15,)" $G/probe_decode_small.py ;;
+  dec_check_merge15) step dec_check_merge15 240 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 16; m.TC_TILES['gpu'] = m.TC_TILES['gpu'][:7] + (15,); m.TC_TILES_SMALL['gpu'] = m.TC_TILES_SMALL['gpu'][:7] + (15,)" $G/check_decode_attention.py check --quick ;;
   dec_host) step dec_host 150 python3 $G/profile_decode_host.py ;;
   *) echo "unknown step $s" ;;
 esac; done

@@ -104,14 +104,21 @@ def packed_row(R, Sq, hk, G):
     return R - g * Sq, hk * G + g
 
 
+#: splits the wide merge (``make_decode_finish(WIDE=True)``, LEAN bit 8) loads at once per item
+WIDE_SPLITS = 16
+
+
 @functools.lru_cache(maxsize=None)
-def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
+def make_decode_finish(NW, DP, bf16, SPLIT, MERGE, WIDE=False):
     """The end of a tensor-core decode block (shared by ``make_decode_tc`` and ``make_decode_direct``), as
     (put_ml, finish, MI, shared float32 words). Each warp has kept its own online softmax over its keys for the
     block's 16 packed rows; ``put_ml`` stores a warp's (max, sum) per row (sums reduced over the quad) into the
     merge area ``ef`` (dynamic shared memory), the caller stores its O rows at ef[MI + (warp * 16 + r) * DP + d]
     (unnormalized, in the warp's max), then ``finish`` merges the warps, writes the output (or the split's
-    partial and LSE) and, for SPLIT and MERGE, merges the splits in the last block of its row group."""
+    partial and LSE) and, for SPLIT and MERGE, merges the splits in the last block of its row group.
+    WIDE: up to WIDE_SPLITS splits, each thread of the merging block issues the loads of every split for two
+    (row, column pair) items before it adds any (one dependent L2 round trip per two items instead of one per
+    MUNROLL splits and item): the merge is the exposed tail of a small call."""
     NTH = 32 * NW
     HALF_DP = DP // 2
     MAXS = MAX_SPLITS
@@ -120,7 +127,52 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
     SPLIT_W = 16 * MAXS + 32            # float32 words of the split merge (weights, then max and sum per row)
     MUNROLL = 8                         # splits whose partials one thread loads at once in the split merge
     MX2 = 2 * MUNROLL
+    WS = WIDE_SPLITS
+    XW = 4 * WS                         # the wide merge's per-thread load buffer: 2 items x WS splits x 2
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+
+    @dev
+    def put_merged(out, lse_out, ef, b, i, h, c, r, v0, v1):
+        """Normalize a merged column pair of packed row r (query i, head h) by the weight sum; its LSE at c 0."""
+        tot = ef[16 * MAXS + 16 + r]
+        inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
+        out[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
+        if c == 0:
+            lse_out[b, h, i] = ef[16 * MAXS + r] + math.log(tot) if tot > F32_ZERO else F32_NEG_INF
+
+    @dev
+    def merge_wide(o, out, lse_out, ef, b, hk, mt, Sq, G, M, D, nsplit, tid):
+        """The weighted sum of merge_splits for nsplit <= WS: items x and x + NTH together, every split's two
+        values of both loaded (clamped to the last split, unconditional) before the first add."""
+        xw = cuda.local.array(XW, float32)
+        for x in range(tid, 16 * HALF_DP, 2 * NTH):
+            for u in range(2):
+                xu = x + u * NTH
+                r = xu // HALF_DP
+                c = 2 * (xu - r * HALF_DP)
+                R = mt * 16 + r
+                if xu < 16 * HALF_DP and R < M and c < D:
+                    i, h = packed_row(R, Sq, hk, G)
+                    for j in range(WS):
+                        sc = min(j, nsplit - 1)
+                        xw[u * 2 * WS + 2 * j] = o[sc, b, i, h, c]
+                        xw[u * 2 * WS + 2 * j + 1] = o[sc, b, i, h, c + 1]
+            for u in range(2):
+                xu = x + u * NTH
+                r = xu // HALF_DP
+                c = 2 * (xu - r * HALF_DP)
+                R = mt * 16 + r
+                if xu < 16 * HALF_DP and R < M and c < D:
+                    i, h = packed_row(R, Sq, hk, G)
+                    v0 = F32_ZERO
+                    v1 = F32_ZERO
+                    for j in range(WS):
+                        if j < nsplit:
+                            wv = ef[r * nsplit + j]
+                            if wv != F32_ZERO:
+                                v0 += wv * xw[u * 2 * WS + 2 * j]
+                                v1 += wv * xw[u * 2 * WS + 2 * j + 1]
+                    put_merged(out, lse_out, ef, b, i, h, c, r, v0, v1)
 
     @dev
     def merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid):
@@ -158,6 +210,11 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
             ef[16 * MAXS + tid] = mu
             ef[16 * MAXS + 16 + tid] = tot
         cuda.syncthreads()
+        if WIDE and nsplit <= WS:
+            merge_wide(o, out, lse_out, ef, b, hk, mt, Sq, G, M, D, nsplit, tid)
+            if tid == 0:
+                counter[cidx] = 0  # ready for the next call
+            return
         xs = cuda.local.array(MX2, float32)
         for x in range(tid, 16 * HALF_DP, NTH):
             r = x // HALF_DP
@@ -178,11 +235,7 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE):
                             if wv != F32_ZERO:
                                 v0 += wv * xs[2 * j]
                                 v1 += wv * xs[2 * j + 1]
-                tot = ef[16 * MAXS + 16 + r]
-                inv = F32_ZERO if tot == F32_ZERO else float32(1.0) / tot
-                out[b, i, h, c // 2] = pack(v0 * inv, v1 * inv)
-                if c == 0:
-                    lse_out[b, h, i] = ef[16 * MAXS + r] + math.log(tot) if tot > F32_ZERO else F32_NEG_INF
+                put_merged(out, lse_out, ef, b, i, h, c, r, v0, v1)
         if tid == 0:
             counter[cidx] = 0  # ready for the next call
 
@@ -260,7 +313,9 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     mask;
     4: lazy rescale: the running max only moves (and O, l are rescaled) when some row's tile max exceeds it
     by more than LAZY_LOG2 (a warp vote); else P = 2^(s - m) <= 2^LAZY_LOG2 with the old max, exact in fp32
-    and in the bf16/f16 P operand's range.
+    and in the bf16/f16 P operand's range;
+    8: the in-kernel split merge loads every split of two items at once (``make_decode_finish(WIDE=True)``, up to
+    WIDE_SPLITS splits).
     Returns (kernel, threads per block, dynamic shared bytes).
 
     SPLIT: each block writes its split's normalized partial output and LSE (o, lse: (nsplit, B, Sq, H, D) and
@@ -280,7 +335,7 @@ def make_decode_tc(NW, DP, bf16, HAS_CAP, HAS_ALIBI, SPLIT, STAGES=2, MERGE=True
     Q_W = 16 * STR
     WARP_W = STAGES * 2 * TILE          # STAGES buffers of (K, V) per warp
     RB = NW * BC                        # row-base scratch entries
-    put_ml, finish, MI, FIN_W = make_decode_finish(NW, DP, bf16, SPLIT, MERGE)
+    put_ml, finish, MI, FIN_W = make_decode_finish(NW, DP, bf16, SPLIT, MERGE, bool(LEAN & 8))
     SMEM = 4 * max(Q_W + NW * WARP_W, FIN_W)
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     ldsm, ldsm_t = intr.ldsm_x4_o, intr.ldsm_x4_t_o  # kept after the cp.async waits
