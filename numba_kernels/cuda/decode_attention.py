@@ -34,10 +34,11 @@ TC_TILES = {"gpu": (4, 2, 16, False, False, True, True, 7), "sim": (2, 2, 16, Fa
 TC_TILES_WIDE = {"gpu": (4, 3, 16, False, False, True, False, 7), "sim": None}
 #: the configuration for small jobs (padded head dim <= 128 and at most SMALL_JOB_KEYS keys over all row groups:
 #: batch x k/v heads x 16-row tiles x longest cache): 32-key tiles through cp.async, one resident block per SM, so
-#: at most 16 splits at Hk 8. H200 bf16 D128 (2026-12-03, benchmarks/results/gpu_h200_2026-12-03c_decode_small_variants
-#: .txt, ..._bc32_mid.txt, ..._bc32_large.txt; device time, same runs): B1 / 4k 16.7 -> 15.2 us, B1 / 16k page 16
-#: 34.0 -> 31.5, B2 / 8k 31.7 -> 29.9, B4 / 4k 31.7 -> 29.5, B1 / 1k 13.4 both; slower on large jobs, which keep
-#: TC_TILES: B1 / 128k 137.6 vs 146.5, B8 / 32k 254.5 vs 272, B32 / 8k 244.0 vs 265.8. None = TC_TILES everywhere
+#: at most 16 splits at Hk 8. H200 bf16 D128 (2026-12-03, device time, same runs; benchmarks/results/
+#: gpu_h200_2026-12-03c_decode_small_variants.txt, ..._bc32_mid.txt, ..._bc32_large.txt): B1 / 4k 16.7 -> 15.2
+#: us, B1 / 16k page 16 34.0 -> 31.5, B2 / 8k 31.7 -> 29.9, B4 / 4k 31.7 -> 29.5, B1 / 1k 13.4 both; slower on
+#: large jobs, which keep TC_TILES: B1 / 128k 137.6 vs 146.5, B8 / 32k 254.5 vs 272, B32 / 8k 244.0 vs 265.8.
+#: None = TC_TILES everywhere
 TC_TILES_SMALL = {"gpu": (4, 2, 32, False, False, True, False, 7), "sim": None}
 #: measured small at 2^17 (the four above) and large from 2^20; the boundary between is not measured
 SMALL_JOB_KEYS = 1 << 18

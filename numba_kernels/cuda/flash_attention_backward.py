@@ -44,7 +44,9 @@ TC_BWD_SHORT_SK = 1024
 #: VRED); empty = their defaults. For sweeps.
 TC_BWD_OPTS = {}
 #: the deterministic dQ kernel keeps its warp's Q / dO fragments in registers (``make_tc_dq_kernel(QREG=True)``,
-#: padded head dims <= 128): not yet timed on a GPU, so off
+#: padded head dims <= 128). Off: H200 bf16 D128 (2026-12-03, benchmarks/results/gpu_h200_2026-12-03c_flash_bwd_bench
+#: _qreg.txt against ..._bwd_bench.txt) +2-4% at S >= 4096 but -3% to -20% at S <= 2048 (246 instead of 168
+#: registers: 2 blocks per SM instead of 3)
 TC_BWD_DQ_QREG = False
 TC_BWD_MAX_D = 128
 
