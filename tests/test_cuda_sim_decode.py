@@ -277,11 +277,12 @@ def test_tc_config_small_jobs():
     assert cda.tc_config(128, "sim", 1) == cda.TC_TILES["sim"]  # simulator: no small-job config by default
 
 
-@pytest.mark.parametrize("limit,bc", [(None, 32), (100, 16)], ids=["small-job-32-key-tiles", "over-the-limit"])
-def test_sim_decode_small_job_config(rng, monkeypatch, limit, bc):
+@pytest.mark.parametrize("limit,bc,D", [(None, 32, 16), (None, 32, 40), (100, 16, 16)],
+                         ids=["small-job-32-key-tiles", "small-job-D40-chunks-not-dividing-32", "over-the-limit"])
+def test_sim_decode_small_job_config(rng, monkeypatch, limit, bc, D):
     """The public call picks the small-job configuration by its job size (and the default above the limit), and
     the 32-key cp.async tiles with every LEAN bit and early page lookups are correct (paged, causal and windowed,
-    automatic and explicit splits)."""
+    automatic and explicit splits; a head dim whose 16-byte chunks do not divide a warp)."""
     from numba_kernels.cuda import decode_attention as cda
 
     monkeypatch.setitem(cda.TC_TILES_SMALL, "sim", (2, 2, 32, False, False, True, False, 7))
@@ -295,8 +296,8 @@ def test_sim_decode_small_job_config(rng, monkeypatch, limit, bc):
         return real(*a, **k)
 
     monkeypatch.setattr(cda, "make_decode_tc", spy)
-    q = rng.standard_normal((2, 1, 4, 16)).astype(bfloat16)
-    kc, vc = (rng.standard_normal((61, 5, 2, 16)).astype(bfloat16) for _ in range(2))
+    q = rng.standard_normal((2, 1, 4, D)).astype(bfloat16)
+    kc, vc = (rng.standard_normal((61, 5, 2, D)).astype(bfloat16) for _ in range(2))
     bt = rng.permutation(61)[:60].reshape(2, 30).astype(np.int32)
     seqlens = np.array([150, 37], np.int32)  # job = 2 x 2 x 1 x 150 = 600 keys
     for ns, kw in ((0, dict(causal=True)), (2, dict(window_size=(70, 0)))):
