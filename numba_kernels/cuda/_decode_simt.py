@@ -4,7 +4,8 @@ the tensor-core kernel and the shared row/split helpers are in ``_decode_kernels
 * ``make_decode_simt`` (float32/float64, and halves of any head dim): CUDA cores, lanes over the head dim,
   warps over keys, warp-shuffle dot products.
 * ``make_combine`` merges split partials (the split-KV epilogue and ``attention_combine``).
-* ``make_rotate`` applies rotary embeddings to q and writes new k/v into the cache (the append).
+* ``make_rotate`` applies rotary embeddings to q; ``make_append_kv`` writes new k (rotated) and v into the
+  caches (the append), one launch.
 """
 import functools
 import math
@@ -234,40 +235,71 @@ def make_combine(in_kind, out_kind, NTH):
 
 
 @functools.lru_cache(maxsize=None)
-def make_rotate(kind, TO_CACHE, ROTATE, NTH):
-    """Rotary embedding (optional) of rows src[b, t, x, :] at position ``pos0[b] + t * step``, written to
-    ``dst[b, t, x, :]`` or, with TO_CACHE, into the cache at position ``pos0[b] + t`` through ``table``.
-    Grid (X, S, B). cos/sin (seqlen_ro, rotary_dim / 2) float32."""
-    cin, cout, ft = _converters(kind)
+def make_rotary_elem(kind):
+    """rot(src, b, t, x, d, pos, cos, sin, interleaved): element d of row src[b, t, x, :] after the rotary embedding
+    at position ``pos`` (interleaved pairs or NeoX halves; dims past 2 * cos.shape[1] unrotated), in the compute
+    dtype."""
+    cin, _, ft = _converters(kind)
 
-    def kernel(src, dst, table, pos0, step, cos, sin, interleaved):
+    @dev
+    def rot(src, b, t, x, d, pos, cos, sin, interleaved):
+        half = cos.shape[1]
+        val = cin(src[b, t, x, d])
+        if d < 2 * half:
+            if interleaved:
+                j = d >> 1
+                partner = cin(src[b, t, x, d ^ 1])
+                sgn = ft(-1.0) if (d & 1) == 0 else ft(1.0)
+            else:
+                j = d if d < half else d - half
+                partner = cin(src[b, t, x, d + half]) if d < half else cin(src[b, t, x, d - half])
+                sgn = ft(-1.0) if d < half else ft(1.0)
+            val = val * ft(cos[pos, j]) + sgn * partner * ft(sin[pos, j])
+        return val
+
+    return rot
+
+
+@functools.lru_cache(maxsize=None)
+def make_append_kv(kind, ROTATE, NTH):
+    """Append the new tokens of k (rotated when ROTATE) and v into their caches at position ``pos0[b] + t`` through
+    ``table``, in one launch: grid (Hk, Snew, B), k_new / v_new (B, Snew, Hk, D), caches (pages, page, Hk, D).
+    cos/sin (seqlen_ro, rotary_dim / 2) in the compute dtype (any array when not ROTATE)."""
+    cin, cout, _ = _converters(kind)
+    rot = make_rotary_elem(kind)
+
+    def kernel(k_new, k_cache, v_new, v_cache, table, pos0, cos, sin, interleaved):
         x = cuda.blockIdx.x
         t = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        D = src.shape[3]
-        half = cos.shape[1]
-        pos = pos0[b] + t * step
-        if TO_CACHE:
-            P = dst.shape[1]
-            p = pos0[b] + t
-            pg = p // P
-            page = table[b, pg]
-            slot = p - pg * P
-        for d in range(cuda.threadIdx.x, D, NTH):
-            val = cin(src[b, t, x, d])
-            if ROTATE and d < 2 * half:
-                if interleaved:
-                    j = d >> 1
-                    partner = cin(src[b, t, x, d ^ 1])
-                    sgn = ft(-1.0) if (d & 1) == 0 else ft(1.0)
-                else:
-                    j = d if d < half else d - half
-                    partner = cin(src[b, t, x, d + half]) if d < half else cin(src[b, t, x, d - half])
-                    sgn = ft(-1.0) if d < half else ft(1.0)
-                val = val * ft(cos[pos, j]) + sgn * partner * ft(sin[pos, j])
-            if TO_CACHE:
-                dst[page, slot, x, d] = cout(val)
+        p = pos0[b] + t
+        P = k_cache.shape[1]
+        pg = p // P
+        page = table[b, pg]
+        slot = p - pg * P
+        for d in range(cuda.threadIdx.x, k_new.shape[3], NTH):
+            if ROTATE:
+                k_cache[page, slot, x, d] = cout(rot(k_new, b, t, x, d, p, cos, sin, interleaved))
             else:
-                dst[b, t, x, d] = cout(val)
+                k_cache[page, slot, x, d] = k_new[b, t, x, d]
+            v_cache[page, slot, x, d] = v_new[b, t, x, d]
+
+    return jit_kernel(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def make_rotate(kind, NTH):
+    """Rotary embedding of rows src[b, t, x, :] at position ``pos0[b] + t * step``, written to ``dst[b, t, x, :]``
+    (the query before attending). Grid (X, S, B). cos/sin (seqlen_ro, rotary_dim / 2) in the compute dtype."""
+    _, cout, _ = _converters(kind)
+    rot = make_rotary_elem(kind)
+
+    def kernel(src, dst, pos0, step, cos, sin, interleaved):
+        x = cuda.blockIdx.x
+        t = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        pos = pos0[b] + t * step
+        for d in range(cuda.threadIdx.x, src.shape[3], NTH):
+            dst[b, t, x, d] = cout(rot(src, b, t, x, d, pos, cos, sin, interleaved))
 
     return jit_kernel(kernel)

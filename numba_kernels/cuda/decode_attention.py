@@ -16,7 +16,7 @@ from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
 from numba_kernels.cuda._conv1d_kernels import ELEM, kind_of
 from numba_kernels.cuda._decode_kernels import MAX_SPLITS, direct_dp, make_decode_direct, make_decode_tc
-from numba_kernels.cuda._decode_simt import make_combine, make_decode_simt, make_rotate
+from numba_kernels.cuda._decode_simt import make_append_kv, make_combine, make_decode_simt, make_rotate
 from numba_kernels.cuda._attn_common import LOG2E
 from numba_kernels.cuda.flash_attention import _cached
 
@@ -267,18 +267,16 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
         kn, vn = _elems(k, kind), _elems(v, kind)
         pos0 = _i32(plan.seqlens, "seqlens")
         grid = (plan.Hk, plan.snew, plan.B)
-        if plan.rotary:
-            fl.launch(make_rotate(kind, True, True, 64), grid, 64, 0,
-                      (kn, kc, table, pos0, 1, cos, sin, bool(rotary_interleaved)))
+        if plan.rotary:  # k rotated and v copied into the caches, one launch
+            fl.launch(make_append_kv(kind, True, 64), grid, 64, 0,
+                      (kn, kc, vn, vc, table, pos0, cos, sin, bool(rotary_interleaved)))
         else:
-            fl.launch(make_rotate(kind, True, False, 64), grid, 64, 0, (kn, kc, table, pos0, 1, kn, kn, False))
-        fl.launch(make_rotate(kind, True, False, 64), grid, 64, 0, (vn, vc, table, pos0, 1, kn, kn, False))
+            fl.launch(make_append_kv(kind, False, 64), grid, 64, 0, (kn, kc, vn, vc, table, pos0, kn, kn, False))
     qd = _elems(q, kind)
     if plan.rotary:
         qr = cuda.device_array(qd.shape, dtype=qd.dtype)
-        fl.launch(make_rotate(kind, False, True, 64), (plan.H, plan.Sq, plan.B), 64, 0,
-                  (qd, qr, table, _i32(plan.seqlens, "seqlens"), 1 if plan.windowed else 0, cos, sin,
-                   bool(rotary_interleaved)))
+        fl.launch(make_rotate(kind, 64), (plan.H, plan.Sq, plan.B), 64, 0,
+                  (qd, qr, _i32(plan.seqlens, "seqlens"), 1 if plan.windowed else 0, cos, sin, bool(rotary_interleaved)))
         qd = qr
     return attend_cuda(plan, qd, kc, vc, table, _i32(plan.leftpad, "leftpad"), _i32(plan.end, "end"), kind)
 
