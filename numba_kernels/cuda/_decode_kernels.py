@@ -141,28 +141,30 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE, WIDE=False):
             lse_out[b, h, i] = ef[16 * MAXS + r] + math.log(tot) if tot > F32_ZERO else F32_NEG_INF
 
     @dev
+    def merge_item(x, mt, M, D):
+        """Item x of the split merge: (real, packed row r in the m-tile, column pair c, packed row R)."""
+        r = x // HALF_DP
+        c = 2 * (x - r * HALF_DP)
+        R = mt * 16 + r
+        return R < M and c < D, r, c, R
+
+    @dev
     def merge_wide(o, out, lse_out, ef, b, hk, mt, Sq, G, M, D, nsplit, tid):
         """The weighted sum of merge_splits for nsplit <= WS: items x and x + NTH together, every split's two
         values of both loaded (clamped to the last split, unconditional) before the first add."""
         xw = cuda.local.array(XW, float32)
         for x in range(tid, 16 * HALF_DP, 2 * NTH):
             for u in range(2):
-                xu = x + u * NTH
-                r = xu // HALF_DP
-                c = 2 * (xu - r * HALF_DP)
-                R = mt * 16 + r
-                if xu < 16 * HALF_DP and R < M and c < D:
+                ok, r, c, R = merge_item(x + u * NTH, mt, M, D)
+                if x + u * NTH < 16 * HALF_DP and ok:
                     i, h = packed_row(R, Sq, hk, G)
                     for j in range(WS):
                         sc = min(j, nsplit - 1)
                         xw[u * 2 * WS + 2 * j] = o[sc, b, i, h, c]
                         xw[u * 2 * WS + 2 * j + 1] = o[sc, b, i, h, c + 1]
             for u in range(2):
-                xu = x + u * NTH
-                r = xu // HALF_DP
-                c = 2 * (xu - r * HALF_DP)
-                R = mt * 16 + r
-                if xu < 16 * HALF_DP and R < M and c < D:
+                ok, r, c, R = merge_item(x + u * NTH, mt, M, D)
+                if x + u * NTH < 16 * HALF_DP and ok:
                     i, h = packed_row(R, Sq, hk, G)
                     v0 = F32_ZERO
                     v1 = F32_ZERO
@@ -173,6 +175,29 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE, WIDE=False):
                                 v0 += wv * xw[u * 2 * WS + 2 * j]
                                 v1 += wv * xw[u * 2 * WS + 2 * j + 1]
                     put_merged(out, lse_out, ef, b, i, h, c, r, v0, v1)
+
+    @dev
+    def merge_unrolled(o, out, lse_out, ef, b, hk, mt, Sq, G, M, D, nsplit, tid):
+        """The weighted sum of merge_splits, MUNROLL splits' loads in flight per item."""
+        xs = cuda.local.array(MX2, float32)
+        for x in range(tid, 16 * HALF_DP, NTH):
+            ok, r, c, R = merge_item(x, mt, M, D)
+            if ok:
+                i, h = packed_row(R, Sq, hk, G)
+                v0 = F32_ZERO
+                v1 = F32_ZERO
+                for s0 in range(0, nsplit, MUNROLL):  # MUNROLL splits' loads in flight (clamped, unconditional)
+                    for j in range(MUNROLL):
+                        sc = min(s0 + j, nsplit - 1)
+                        xs[2 * j] = o[sc, b, i, h, c]
+                        xs[2 * j + 1] = o[sc, b, i, h, c + 1]
+                    for j in range(MUNROLL):
+                        if s0 + j < nsplit:
+                            wv = ef[r * nsplit + s0 + j]
+                            if wv != F32_ZERO:
+                                v0 += wv * xs[2 * j]
+                                v1 += wv * xs[2 * j + 1]
+                put_merged(out, lse_out, ef, b, i, h, c, r, v0, v1)
 
     @dev
     def merge_splits(o, lse, out, lse_out, counter, ef, b, hk, mt, n_mt, Hk, Sq, G, M, D, nsplit, tid):
@@ -212,30 +237,8 @@ def make_decode_finish(NW, DP, bf16, SPLIT, MERGE, WIDE=False):
         cuda.syncthreads()
         if WIDE and nsplit <= WS:
             merge_wide(o, out, lse_out, ef, b, hk, mt, Sq, G, M, D, nsplit, tid)
-            if tid == 0:
-                counter[cidx] = 0  # ready for the next call
-            return
-        xs = cuda.local.array(MX2, float32)
-        for x in range(tid, 16 * HALF_DP, NTH):
-            r = x // HALF_DP
-            c = 2 * (x - r * HALF_DP)
-            R = mt * 16 + r
-            if R < M and c < D:
-                i, h = packed_row(R, Sq, hk, G)
-                v0 = F32_ZERO
-                v1 = F32_ZERO
-                for s0 in range(0, nsplit, MUNROLL):  # MUNROLL splits' loads in flight (clamped, unconditional)
-                    for j in range(MUNROLL):
-                        sc = min(s0 + j, nsplit - 1)
-                        xs[2 * j] = o[sc, b, i, h, c]
-                        xs[2 * j + 1] = o[sc, b, i, h, c + 1]
-                    for j in range(MUNROLL):
-                        if s0 + j < nsplit:
-                            wv = ef[r * nsplit + s0 + j]
-                            if wv != F32_ZERO:
-                                v0 += wv * xs[2 * j]
-                                v1 += wv * xs[2 * j + 1]
-                put_merged(out, lse_out, ef, b, i, h, c, r, v0, v1)
+        else:
+            merge_unrolled(o, out, lse_out, ef, b, hk, mt, Sq, G, M, D, nsplit, tid)
         if tid == 0:
             counter[cidx] = 0  # ready for the next call
 
