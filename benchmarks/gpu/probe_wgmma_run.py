@@ -1,6 +1,7 @@
 """First run of Hopper ``wgmma`` from numba (GPU; the PTX part also runs without one): one warpgroup computes
 D (64 x 8, fp32) = A (64 x 16, bf16) B^T (B 8 x 16, bf16) with ``wgmma.mma_async.m64n8k16`` from shared-memory
-descriptors, and the result is compared with numpy.
+descriptors, and the result is compared with numpy. ``--ptx-only`` (no GPU): the PTX assembles for sm_90a (with the
+local ptxas; plain sm_90 rejects it) and shows HGMMA.
 
 numba compiles for sm_90 and the wgmma instructions need sm_90a, so the kernel does not go through
 ``cuda.jit``'s own loading: ``cuda.compile_ptx`` gives the PTX, ``.target sm_90`` becomes ``sm_90a``, and the
@@ -123,17 +124,26 @@ def sm90a_ptx():
 
 
 def check_ptx():
+    """Assemble the kernel with the local ptxas for sm_90 (rejected: wgmma needs the arch-specific target) and for
+    sm_90a; list the warpgroup instructions of the sm_90a code (nvdisasm, NVDISASM env or PATH)."""
     ptx, name, nparam = sm90a_ptx()
     print(f"entry {name[:60]}... with {nparam} parameters")
     ptxas = os.environ.get("PTXAS", shutil.which("ptxas"))
     if not ptxas:
         print("no ptxas: assembly not checked")
         return
+    ptx = re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx)  # the local ptxas may be older than numba's NVVM
     with tempfile.TemporaryDirectory() as d:
-        src, cub = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))  # local ptxas may be older
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", cub], capture_output=True, text=True)
-        print("ptxas -arch=sm_90a: rc", r.returncode, " | ".join(ln.strip() for ln in r.stderr.splitlines()[-2:]))
+        for arch in ("sm_90", "sm_90a"):
+            src, cub = os.path.join(d, arch + ".ptx"), os.path.join(d, arch + ".cubin")
+            open(src, "w").write(re.sub(r"\.target sm_90a\b", ".target " + arch, ptx))
+            r = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", cub], capture_output=True, text=True)
+            print(f"ptxas -arch={arch}: rc", r.returncode, " | ".join(ln.strip() for ln in r.stderr.splitlines()[-2:]))
+            dis = os.environ.get("NVDISASM", shutil.which("nvdisasm"))
+            if r.returncode == 0 and dis:
+                txt = subprocess.run([dis, cub], capture_output=True, text=True).stdout
+                print("  SASS:", [ln.split("*/")[-1].strip() for ln in txt.splitlines()
+                                  if "GMMA" in ln or "WARPGROUP" in ln])
 
 
 def run():
