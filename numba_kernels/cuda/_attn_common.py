@@ -32,6 +32,7 @@ def jit_kernel(fn):
 key_range = dev(_masks.key_range)
 query_range = dev(_masks.query_range)
 visible = dev(_masks.visible)
+row_span = dev(_masks.row_span)
 
 
 @dev
@@ -132,20 +133,12 @@ def make_row_loader(NR, STR, CH, NTH, GENERIC=False):
 LAZY_LOG2 = 8.0
 
 
-_I32_BIG = 1 << 30
-
-
 @dev
 def col_bounds(row, base, Sk, off, left, right):
-    """Visible key columns of query ``row`` relative to column ``base``, as int32 (lo, hi): column base + c is
-    visible iff lo <= c <= hi (clamped to +-2^30, far outside any tile)."""
-    hi = Sk - 1 - base
-    if right >= 0:
-        hi = min(hi, row + off + right - base)
-    lo = -_I32_BIG
-    if left >= 0:
-        lo = row + off - left - base
-    return int32(max(-_I32_BIG, min(_I32_BIG, lo))), int32(max(-_I32_BIG, min(_I32_BIG, hi)))
+    """Visible key columns of query ``row`` at or after column ``base``, as int32 (lo, hi): column base + c (c >= 0)
+    is visible iff lo <= c <= hi (``row_span`` over the keys [base, Sk))."""
+    c0, c1 = row_span(row, off, left, right, base, Sk - base)
+    return int32(c0), int32(c1 - 1)
 
 
 @functools.lru_cache(maxsize=None)

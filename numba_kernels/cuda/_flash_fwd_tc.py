@@ -36,7 +36,7 @@ def make_tc_kernel(NW, MT, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, ROWLOAD=F
     (``make_online_softmax``: O and l rescaled only when a row's max passes the running max by more than 2^8, a
     warp vote; the decode kernel's LEAN bit 4; measured, not faster); ROWBOUNDS: tiles that need a mask compare
     each element's constant column offset with per-row bounds in 32 bits (``make_online_softmax``) instead of the
-    64-bit ``visible`` per element: the masked scale-and-max region of one m-tile 383-595 -> 260 SASS
+    64-bit ``visible`` per element: the masked scale-and-max region of one m-tile 383-595 -> 277 SASS
     instructions at D 64 (local ptxas; unmasked tiles already take a 64-instruction mask-free region, ptxas
     unswitches the run-time flag). Not yet timed.
     Returns (kernel, rows per block, threads per block, dynamic shared bytes)."""
