@@ -199,18 +199,19 @@ def simt_rows(M):
     return nw, r
 
 
-def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM, short_cap=False):
+def choose_splits(plan, blocks_per_split, blocks_per_sm=TC_BLOCKS_PER_SM, short_cap=False, longest=None):
     """num_splits; 0 = automatic: as many splits as fit the resident block slots in one wave
     (floor(slots / blocks), slots = resident blocks per SM x SMs), each split >= MIN_SPLIT_KEYS keys, and with
     ``short_cap`` (the tensor-core kernel) at most SHORT_CACHE_SPLITS when no sequence has more than
-    SHORT_CACHE_KEYS keys.
+    SHORT_CACHE_KEYS keys. ``longest``: the longest key range, when the caller has it (else computed here).
     Measured on the H100 (benchmarks/results/decode_attention_gpu_h100_splits.txt): one full wave of long
     blocks beats both fewer splits and more waves of short ones, and a wave and a bit (B8, 5 splits) costs 25%."""
     if plan.num_splits:
         return plan.num_splits
     blocks = plan.B * plan.Hk * blocks_per_split
     slots = blocks_per_sm * _num_sms()
-    longest = int((plan.end - plan.leftpad).max())
+    if longest is None:
+        longest = int((plan.end - plan.leftpad).max())
     cap = SHORT_CACHE_SPLITS if short_cap and longest <= SHORT_CACHE_KEYS else MAX_SPLITS
     return int(max(1, min(slots // blocks, longest // MIN_SPLIT_KEYS, cap)))
 
@@ -319,12 +320,13 @@ def attend_cuda(plan, qd, kc, vc, table, start, end, kind, tc_tiles=None):
                                                                 maxreg))
         else:
             DP = -(-D // 16) * 16
-            job = plan.B * plan.Hk * n_rt * int((plan.end - plan.leftpad).max())
+            longest = int((plan.end - plan.leftpad).max())
+            job = plan.B * plan.Hk * n_rt * longest
             cfg = tuple(tc_config(DP, job_keys=job) if tc_tiles is None or tc_tiles[0] == "direct" else tc_tiles)
             cfg = cfg + (0,) * (8 - len(cfg))  # older 6/7-field configurations: the flags after them off
             nw, stages, bc, pf, qreg, tpf, reg, lean = cfg
             ns = choose_splits(plan, n_rt, tc_blocks_per_sm(nw, DP, kind == "bf16", cap, alibi, stages, bc, pf,
-                                                            qreg, tpf, reg, lean), short_cap=True)
+                                                            qreg, tpf, reg, lean), short_cap=True, longest=longest)
     else:
         ns = choose_splits(plan, n_rt)
     split = ns > 1
