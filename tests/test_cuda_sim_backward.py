@@ -143,3 +143,20 @@ def test_sim_backward_dq_pass_q_in_registers(rng, monkeypatch, name, dt, kw):
 
     monkeypatch.setattr(cfb, "TC_BWD_DQ_QREG", True)
     _run(rng, dt, kw, (1, 19, 37, 2, 1, 20), deterministic=True)
+
+
+WGMMA_CASES = [("bf16-causal", bfloat16, dict(causal=True)),
+               ("f16-window-softcap-alibi-dropout", np.float16,
+                dict(window_size=(20, 3), softcap=3.0, alibi_slopes=np.array([0.3, 0.7]), dropout_p=0.2, seed=11))]
+
+
+@pytest.mark.parametrize("name,dt,kw", WGMMA_CASES, ids=[c[0] for c in WGMMA_CASES])
+def test_sim_backward_wgmma_dkdv(rng, monkeypatch, name, dt, kw):
+    """The Hopper dK/dV kernel (warpgroup MMA from canonical-layout shared tiles, TC_BWD_WGMMA) with the simulator's
+    warpgroup products: one warpgroup (64 keys), 16 query rows per tile; Sk 70 spans two key tiles and ends mid-tile
+    (the second warpgroup tile half past the end), Sq 37 three ragged query tiles, GQA, D 20 padded to 32 (two
+    k-steps of S^T, the head dim past 20 zero-filled)."""
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA", {32: (1, 16)})
+    _run(rng, dt, kw, (1, 37, 70, 2, 1, 20), deterministic=True)

@@ -41,20 +41,6 @@ def test_sim_decode(rng, dt, D, page, Sq, snew, ns, rot, kw):
     _decode_case(rng, dt, D, page, Sq, snew, ns, rot, kw)
 
 
-APPEND_CASES = [c for c in CASES if c[4] and c[0] in (np.float16, bfloat16, np.float32)]
-
-
-@pytest.mark.parametrize("dt,D,page,Sq,snew,ns,rot,kw", APPEND_CASES,
-                         ids=[f"{dtype_id(c[0])}-D{c[1]}-page{c[2]}-rotary{c[6]}" for c in APPEND_CASES])
-def test_sim_decode_append_one_launch(rng, monkeypatch, dt, D, page, Sq, snew, ns, rot, kw):
-    """The new tokens appended by one kernel (APPEND_ONE_LAUNCH, off until run on a GPU): k rotated (interleaved and
-    NeoX halves) or copied, v copied, paged (page sizes 3 / 4 / 5 / 7) and contiguous; caches and output checked."""
-    from numba_kernels.cuda import decode_attention as cda
-
-    monkeypatch.setattr(cda, "APPEND_ONE_LAUNCH", True)
-    _decode_case(rng, dt, D, page, Sq, snew, ns, rot, kw)
-
-
 def _decode_case(rng, dt, D, page, Sq, snew, ns, rot, kw):
     B, H, Hk = 2, 4, 2
     seqlens = np.array([7, 19], np.int32)

@@ -43,8 +43,8 @@ def test_support_kernels_compile_for_sm90():
     f32_2 = types.Array(types.float32, 2, "C")
     for kind, el in (("bf16", types.uint16), ("f16", types.float16), ("f32", types.float32)):
         a4 = types.Array(el, 4, "C")
-        kern = make_rotate(kind, True, True, 64)
-        cuda.compile_ptx(kern.py_func, (a4, a4, i32_2, i32_1, types.int64, f32_2, f32_2, types.boolean), cc=(9, 0))
+        kern = make_rotate(kind, 64)
+        cuda.compile_ptx(kern.py_func, (a4, a4, i32_1, types.int64, f32_2, f32_2, types.boolean), cc=(9, 0))
         for rotate, cs in ((True, f32_2), (False, a4)):  # without rotary the launch passes k_new as cos / sin
             kern = make_append_kv(kind, rotate, 64)
             cuda.compile_ptx(kern.py_func, (a4, a4, a4, a4, i32_2, i32_1, cs, cs, types.boolean), cc=(9, 0))

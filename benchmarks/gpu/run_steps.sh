@@ -50,8 +50,10 @@ for s in "$@"; do case $s in
   dec_small_merge7) step dec_small_merge7 200 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 4" $G/probe_decode_small.py ;;
   dec_small_merge15) step dec_small_merge15 200 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 4; m.TC_TILES['gpu'] = m.TC_TILES['gpu'][:7] + (15,); m.TC_TILES_SMALL['gpu'] = m.TC_TILES_SMALL['gpu'][:7] + (15,)" $G/probe_decode_small.py ;;
   dec_check_merge15) step dec_check_merge15 240 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 16; m.TC_TILES['gpu'] = m.TC_TILES['gpu'][:7] + (15,); m.TC_TILES_SMALL['gpu'] = m.TC_TILES_SMALL['gpu'][:7] + (15,)" $G/check_decode_attention.py check --quick ;;
-  dec_check_append1) step dec_check_append1 240 $P "import numba_kernels.cuda.decode_attention as m; m.APPEND_ONE_LAUNCH = True" $G/check_decode_attention.py check --quick ;;
-  dec_host_append1) step dec_host_append1 150 $P "import numba_kernels.cuda.decode_attention as m; m.APPEND_ONE_LAUNCH = True" $G/profile_decode_host.py ;;
+  wg_probe) step wg_probe 150 python3 $G/check_bwd_wgmma.py probe ;;
+  wg_probe_swap) [ -f $OUT/wgmma_reading.txt ] || step wg_probe_swap 150 python3 $G/check_bwd_wgmma.py probe swap ;;
+  wg_check) step wg_check 240 python3 $G/check_bwd_wgmma.py check ;;
+  wg_bench) step wg_bench 300 python3 $G/check_bwd_wgmma.py bench ;;
   wgmma) step wgmma 90 python3 $G/probe_wgmma_run.py ;;
   dec_host) step dec_host 150 python3 $G/profile_decode_host.py ;;
   *) echo "unknown step $s" ;;

@@ -125,6 +125,52 @@ _lanes = dev(_lanes)
 
 
 @functools.lru_cache(maxsize=None)
+def make_tile_loader(load_q, BR, QT, HAS_DROP):
+    """load_tile(smem, base, lse_s, di_s, rk_s, st, q, dout, lse, di, qs, i0, Sq, b, h, lse_a, lse_c, seed, tid):
+    query tile [i0, i0 + BR) of head h into stage st: Q at word ``base``, dO at base + QT (``load_q``, cp.async,
+    one commit group); LSE (log2 units), D_i and the dropout row keys into lse_s / di_s / rk_s[st * BR ...]."""
+
+    @dev
+    def load_tile(smem, base, lse_s, di_s, rk_s, st, q, dout, lse, di, qs, i0, Sq, b, h, lse_a, lse_c, seed, tid):
+        load_q(smem, base, q, qs + i0, Sq - i0, h, tid)
+        load_q(smem, base + QT, dout, qs + i0, Sq - i0, h, tid)
+        intr.cp_async_commit()
+        if tid < BR:
+            l2, d = _row_stats(lse, di, qs, i0 + tid, Sq, h, lse_a, lse_c)
+            lse_s[st * BR + tid] = l2
+            di_s[st * BR + tid] = d
+            if HAS_DROP:
+                rk_s[st * BR + tid] = uint32(row_key(seed, b, h, i0 + tid))
+
+    return load_tile
+
+
+@functools.lru_cache(maxsize=None)
+def make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, mask, lo, hi, slope, scale_log2, softcap,
+    cap_in, thresh, inv_keep): P~ -> sacc, dS -> pacc over one warp's BR / 2 accumulators of S^T / dP^T (mma
+    fragment rows are keys ka / kb, columns query rows i0 + cl of the tile whose row stats start at sb); rel0 =
+    ka - i0 - 2 t - off as float32."""
+    S_LEN = BR // 2
+    grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    @dev
+    def elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, mask, lo, hi, slope, scale_log2, softcap,
+                    cap_in, thresh, inv_keep):
+        for y in range(S_LEN):
+            cl = (y >> 2) * 8 + 2 * t + (y & 1)
+            top = (y & 2) == 0
+            rk = uint64(rk_s[sb + cl]) if HAS_DROP else uint64(0)
+            rel = rel0 + float32((0 if top else 8) - (y >> 2) * 8 - (y & 1))
+            pd, ds = grad_elem(sacc[y], pacc[y], rel, ka if top else kb, lse_s[sb + cl], di_s[sb + cl], rk, mask, lo,
+                               hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
+            sacc[y] = pd
+            pacc[y] = ds
+
+    return elementwise
+
+
+@functools.lru_cache(maxsize=None)
 def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, WSKIP=True, VRED=True):
     """dK/dV kernel (and dQ by fp32 reductions when HAS_DQ; VRED: two columns per reduction): NW warps
     (BC = 16 NW keys), BR query rows per tile, head dim padded to DP. Returns (kernel, keys per block, threads,
@@ -152,36 +198,8 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, W
     mma_acc, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     load_q = make_row_loader(BR, STR, CH, NTH)
     load_k = make_row_loader(BC, STR, CH, NTH)
-    grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
-
-    @dev
-    def load_tile(smem, lse_s, di_s, rk_s, st, q, dout, lse, di, qs, i0, Sq, b, h, lse_a, lse_c, seed, tid):
-        """Query tile [i0, i0 + BR) of head h into stage st: Q, dO by cp.async; LSE, D_i, dropout row keys."""
-        base = Q_OFF + st * 2 * QT
-        load_q(smem, base, q, qs + i0, Sq - i0, h, tid)
-        load_q(smem, base + QT, dout, qs + i0, Sq - i0, h, tid)
-        intr.cp_async_commit()
-        if tid < BR:
-            l2, d = _row_stats(lse, di, qs, i0 + tid, Sq, h, lse_a, lse_c)
-            lse_s[st * BR + tid] = l2
-            di_s[st * BR + tid] = d
-            if HAS_DROP:
-                rk_s[st * BR + tid] = uint32(row_key(seed, b, h, i0 + tid))
-
-    @dev
-    def elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, mask, lo, hi, slope, scale_log2, softcap,
-                    cap_in, thresh, inv_keep):
-        """P~ -> sacc, dS -> pacc (accumulator rows are keys ka / kb, columns query rows i0 + cl); rel0 = ka - i0
-        - 2 t - off as float32."""
-        for y in range(S_LEN):
-            cl = (y >> 2) * 8 + 2 * t + (y & 1)
-            top = (y & 2) == 0
-            rk = uint64(rk_s[sb + cl]) if HAS_DROP else uint64(0)
-            rel = rel0 + float32((0 if top else 8) - (y >> 2) * 8 - (y & 1))
-            pd, ds = grad_elem(sacc[y], pacc[y], rel, ka if top else kb, lse_s[sb + cl], di_s[sb + cl], rk, mask, lo,
-                               hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
-            sacc[y] = pd
-            pacc[y] = ds
+    load_tile = make_tile_loader(load_q, BR, QT, HAS_DROP)
+    elementwise = make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     def kernel(q, k, v, dout, lse, di, dq_acc, dk, dv, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):
@@ -208,8 +226,8 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, W
         # with dQ by reductions, neighbouring key tiles start at different query tiles (less contention on dQ rows)
         r0 = cuda.blockIdx.x % nqt if HAS_DQ and nqt > 0 else 0
         if total > 0:
-            load_tile(smem, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo + r0 * BR, Sq, b, hk * G, lse_a, lse_c,
-                      seed, tid)
+            load_tile(smem, Q_OFF, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo + r0 * BR, Sq, b, hk * G, lse_a,
+                      lse_c, seed, tid)
         else:
             intr.cp_async_commit()
         a_lane, b_lane, t_lane = _lanes(lane, STR)
@@ -243,8 +261,8 @@ def make_tc_bwd_kernel(NW, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ, W
             hn = hh + 1 if tn == r0 else hh
             q0 = Q_OFF + stage * 2 * QT
             if it + 1 < total:  # prefetch the next query tile into the other stage
-                load_tile(smem, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs, qlo + tn * BR, Sq, b, hk * G + hn,
-                          lse_a, lse_c, seed, tid)
+                load_tile(smem, Q_OFF + (1 - stage) * 2 * QT, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di, qs,
+                          qlo + tn * BR, Sq, b, hk * G + hn, lse_a, lse_c, seed, tid)
                 intr.cp_async_wait1()
             else:
                 intr.cp_async_wait0()

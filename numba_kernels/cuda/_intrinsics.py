@@ -227,26 +227,31 @@ else:
     _warps = {}
     _warps_lock = threading.Lock()
 
-    class _Warp:
-        def __init__(self):
-            self.barrier = threading.Barrier(32, timeout=120)
-            self.slots = [None] * 32
+    class _Group:
+        def __init__(self, size):
+            self.barrier = threading.Barrier(size, timeout=120)
+            self.slots = [None] * size
             self.result = None
 
-    def _warp_exchange(value, combine):
-        """Collect one value per lane, let lane 0 run ``combine(list_of_32)`` -> list_of_32, return ours."""
+    def group_exchange(value, combine, size=32):
+        """Collect one value per thread of this thread's group of ``size`` consecutive threadIdx.x (a warp, or a
+        warpgroup of 128), let the group's first thread run ``combine(list_of_size)`` -> list_of_size, return ours."""
         tid = threading.current_thread().threadIdx
-        lane, wid = tid.x % 32, (tid.x // 32, tid.y, tid.z)
+        lane, gid = tid.x % size, (size, tid.x // size, tid.y, tid.z)
         with _warps_lock:
-            w = _warps.setdefault(wid, _Warp())
+            w = _warps.setdefault(gid, _Group(size))
         w.slots[lane] = value
         w.barrier.wait()
         if lane == 0:
             w.result = combine(list(w.slots))
         w.barrier.wait()
         res = w.result[lane]
-        w.barrier.wait()  # nobody reuses the slots before every lane has read its result
+        w.barrier.wait()  # nobody reuses the slots before every thread has read its result
         return res
+
+    def _warp_exchange(value, combine):
+        """``group_exchange`` over the 32 lanes of a warp."""
+        return group_exchange(value, combine, 32)
 
     def shfl_xor(val, lanemask):
         return _warp_exchange(val, lambda vals: [vals[i ^ lanemask] for i in range(32)])

@@ -61,9 +61,6 @@ MIN_SPLIT_KEYS = 64
 #: caches keep the full wave
 SHORT_CACHE_KEYS = 4096
 SHORT_CACHE_SPLITS = 16
-#: append new k / v with one kernel (``_decode_simt.make_append_kv``) instead of one per cache; off until it has run
-#: on a GPU (simulator-tested: tests/test_cuda_sim_decode.py::test_sim_decode_append_one_launch)
-APPEND_ONE_LAUNCH = False
 #: the tensor-core kernel merges up to this many splits itself (last block per row group); more go to the
 #: merge kernel (H100: B8 4 splits fused 393 us vs 398 two launches; B1 33 splits fused 58 us vs 51)
 FUSED_MERGE_MAX = 8
@@ -271,22 +268,14 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
         kn, vn = _elems(k, kind), _elems(v, kind)
         pos0 = _i32(plan.seqlens, "seqlens")
         grid = (plan.Hk, plan.snew, plan.B)
-        if APPEND_ONE_LAUNCH:  # k rotated (or copied) and v copied into the caches in one launch
-            fl.launch(make_append_kv(kind, plan.rotary, 64), grid, 64, 0,
-                      (kn, kc, vn, vc, table, pos0, cos if plan.rotary else kn, sin if plan.rotary else kn,
-                       bool(rotary_interleaved) if plan.rotary else False))
-        else:
-            if plan.rotary:
-                fl.launch(make_rotate(kind, True, True, 64), grid, 64, 0,
-                          (kn, kc, table, pos0, 1, cos, sin, bool(rotary_interleaved)))
-            else:
-                fl.launch(make_rotate(kind, True, False, 64), grid, 64, 0, (kn, kc, table, pos0, 1, kn, kn, False))
-            fl.launch(make_rotate(kind, True, False, 64), grid, 64, 0, (vn, vc, table, pos0, 1, kn, kn, False))
+        fl.launch(make_append_kv(kind, plan.rotary, 64), grid, 64, 0,  # k rotated (or copied), v copied
+                  (kn, kc, vn, vc, table, pos0, cos if plan.rotary else kn, sin if plan.rotary else kn,
+                   bool(rotary_interleaved) if plan.rotary else False))
     qd = _elems(q, kind)
     if plan.rotary:
         qr = cuda.device_array(qd.shape, dtype=qd.dtype)
-        fl.launch(make_rotate(kind, False, True, 64), (plan.H, plan.Sq, plan.B), 64, 0,
-                  (qd, qr, table, _i32(plan.seqlens, "seqlens"), 1 if plan.windowed else 0, cos, sin,
+        fl.launch(make_rotate(kind, 64), (plan.H, plan.Sq, plan.B), 64, 0,
+                  (qd, qr, _i32(plan.seqlens, "seqlens"), 1 if plan.windowed else 0, cos, sin,
                    bool(rotary_interleaved)))
         qd = qr
     return attend_cuda(plan, qd, kc, vc, table, _i32(plan.leftpad, "leftpad"), _i32(plan.end, "end"), kind)

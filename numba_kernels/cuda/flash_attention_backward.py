@@ -21,9 +21,11 @@ from numba import cuda
 from numba_kernels import _dispatch as dsp
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _launch as fl
+from numba_kernels.cuda import _wgmma as wg
 from numba_kernels.cuda._flash_bwd_simt import make_row_dot, make_simt_bwd_kernels
 from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel
 from numba_kernels.cuda._flash_bwd_tc_dq import make_tc_dq_kernel, make_word_kernels
+from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_bwd_kernel
 from numba_kernels.cuda._pool import out_array
 from numba_kernels.cuda.flash_attention import _as_words, _cached, _from_words, _scalars
 
@@ -49,6 +51,14 @@ TC_BWD_OPTS = {}
 #: registers: 2 blocks per SM instead of 3)
 TC_BWD_DQ_QREG = False
 TC_BWD_MAX_D = 128
+#: Hopper (compute capability 9.0): dK / dV on warpgroup MMA (``_flash_bwd_wgmma``), by padded head dim (the
+#: smallest key >= it):
+#: (warpgroups, query rows per tile); the deterministic dQ pass follows it. Empty: off (until timed on a GPU).
+#: In the simulator a non-empty table selects TC_BWD_WGMMA_SIM.
+TC_BWD_WGMMA = {}
+TC_BWD_WGMMA_SIM = (1, 16)
+#: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``)
+TC_BWD_WGMMA_SWAP = False
 
 
 def tc_bwd_config(D, max_sk=None, masked=False):
@@ -65,6 +75,14 @@ def tc_bwd_config(D, max_sk=None, masked=False):
     if DP % (16 * (nw * 16 // br)) != 0:  # the dQ product splits the head dim over nw * 16 / br warps
         br = 16 * nw
     return (nw, br), dq, atomic, DP
+
+
+def wgmma_bwd_config(DP):
+    """(warpgroups, query rows) of the wgmma dK/dV kernel for padded head dim DP, or None where it does not run."""
+    if intr.SIM:
+        return TC_BWD_WGMMA_SIM if TC_BWD_WGMMA else None
+    keys = [d for d in TC_BWD_WGMMA if d >= DP]
+    return TC_BWD_WGMMA[min(keys)] if keys and wg.available() else None
 
 
 def simt_bwd_config(D):
@@ -166,16 +184,25 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
         if name in opts:
             dq_opts[name] = opts[name]
     opts.pop("QREG", None)
-    kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
+    wcfg = wgmma_bwd_config(DP)
+    if wcfg:  # dK / dV on warpgroup MMA, dQ by its own pass
+        deterministic = True
+        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP)
+        run = kern.launch
+    else:
+        kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
+
+        def run(grid, block, smem, args):
+            fl.launch(kern, grid, block, smem, args)
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
-        fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
+        run(grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
         dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **dq_opts)
         dqw = out_array(qw.shape, np.uint32)
         fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
     else:
         acc = _zeros((Tq, H, 2 * W), np.float32)
-        fl.launch(kern, grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
+        run(grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
         dqw = out_array(qw.shape, np.uint32)
         fl.launch(dq_pack, max(1, -(-(Tq * H * W) // 256)), 256, 0, (acc, dqw, np.float32(scale)))
     return dqw, dkw, dvw

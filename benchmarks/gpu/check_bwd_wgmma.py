@@ -1,0 +1,117 @@
+"""On the GPU machine (H100 / H200): the Hopper wgmma dK/dV kernel of the flash_attention backward.
+
+    python benchmarks/gpu/check_bwd_wgmma.py probe [swap]   # two small cases with one descriptor reading; writes
+                                                            # $OUT/wgmma_reading.txt when they pass
+    python benchmarks/gpu/check_bwd_wgmma.py check           # the quick correctness set of
+                                                            # check_flash_attention_backward.py on the wgmma kernel
+    python benchmarks/gpu/check_bwd_wgmma.py bench           # wgmma configurations next to the mma.sync kernel
+                                                            # and torch SDPA's flash backward, same run
+
+``check`` and ``bench`` use the reading the probe wrote (default: not swapped). Each is its own process: a wrong
+descriptor reading can fault and take the CUDA context with it.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_flash_attention_backward as cb  # noqa: E402
+from _common import tbench  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from numba_kernels._dispatch import bfloat16  # noqa: E402
+from numba_kernels.cuda import _wgmma as wg  # noqa: E402
+from numba_kernels.cuda import flash_attention_backward as cfb  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+READING = os.path.join(OUT, "wgmma_reading.txt")
+DEFAULT = {64: (1, 64), 128: (1, 64)}
+
+
+def _use(cfg, swap):
+    cfb.TC_BWD_WGMMA.clear()
+    cfb.TC_BWD_WGMMA.update(cfg)
+    cfb.TC_BWD_WGMMA_SWAP = swap
+
+
+def _reading():
+    return os.path.exists(READING) and open(READING).read().strip() == "swap"
+
+
+def probe(swap):
+    from numba import cuda
+
+    print("device", cuda.get_current_device().name, "cc", cuda.get_current_device().compute_capability,
+          "wgmma available:", wg.available(), flush=True)
+    _use(DEFAULT, swap)
+    n0 = len(cb.chk.fails)
+    cb.check("wgmma plain", bfloat16, 2, 97, 113, 4, 2, 64)
+    cb.check("wgmma causal GQA D128", bfloat16, 1, 200, 200, 4, 2, 128, causal=True)
+    ok = len(cb.chk.fails) == n0
+    print(f"reading {'swap' if swap else 'default'}: {'PASS' if ok else 'FAIL'}", flush=True)
+    if ok:
+        with open(READING, "w") as f:
+            f.write("swap\n" if swap else "default\n")
+
+
+def check():
+    _use(DEFAULT, _reading())
+    cb.correctness(quick=True)
+    cb.check("wgmma f16 plain D128", np.float16, 1, 97, 113, 4, 2, 128)
+    cb.check("wgmma D40 (padded to 48)", bfloat16, 1, 97, 113, 4, 2, 40, causal=True)
+    _use({128: (2, 64)}, _reading())
+    cb.check("wgmma 2 warpgroups causal D128", bfloat16, 1, 300, 300, 4, 2, 128, causal=True)
+    cb.check("wgmma 2 warpgroups window+softcap+alibi+dropout D128", bfloat16, 1, 300, 300, 4, 2, 128,
+             window_size=(70, 9), softcap=5.0, alibi_slopes=cb.rng.random(4).astype(np.float32), dropout_p=0.2,
+             seed=5)
+    print("FAILURES:", cb.chk.fails if cb.chk.fails else "none", flush=True)
+
+
+def bench():
+    import torch
+
+    swap = _reading()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = 2 * 8192 ** 3 / tbench(lambda: a @ a, 10) / 1e12
+    rows = [f"peak bf16 matmul (torch 8192^3) {mm:.0f} TFLOP/s; wgmma reading {'swap' if swap else 'default'}"]
+    print(rows[0], flush=True)
+    H = 16
+    variants = {64: [None, (1, 64), (1, 32)], 128: [None, (1, 64), (2, 64), (1, 32)]}
+    lens = [int(x) for x in os.environ.get("BWD_BENCH_S", "1024,4096,16384").split(",")]
+    for D in (64, 128):
+        for S in lens:
+            B = 16384 // S
+            for causal in (False, True):
+                c = cb._torch_case(B, S, H, D, causal)
+                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+                o, ins, g = cb._sdpa_grads(c, causal)
+                t_sdpa = tbench(lambda: torch.autograd.grad(o, ins, g, retain_graph=True), 7)
+                ref = torch.autograd.grad(o, ins, g)
+                parts = []
+                for v in variants[D]:
+                    _use({D: v} if v else {}, swap)
+                    t = tbench(lambda: cb._ours(c, S, D, causal), 7)
+                    es = cb._err_vs(cb._ours(c, S, D, causal), ref, (B, S, H, D))
+                    parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f} "
+                                 f"({t_sdpa / t:4.2f}x, err {max(es):.1e})")
+                r = (f"bwd D{D:3d} S{S:5d} B{B:2d} H{H} causal={int(causal)}  sdpa-flash {fl / t_sdpa / 1e12:6.1f} "
+                     f"TFLOP/s | " + " | ".join(parts))
+                print(r, flush=True)
+                rows.append(r)
+                del c, o, ins, g, ref
+    _use({}, swap)
+    with open(os.path.join(OUT, "bench_bwd_wgmma.txt"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    step = sys.argv[1] if len(sys.argv) > 1 else "probe"
+    if step == "probe":
+        probe("swap" in sys.argv[2:])
+    elif step == "check":
+        check()
+    elif step == "bench":
+        bench()
+    print(f"[{step} done at {time.time() - t0:.0f} s]", flush=True)

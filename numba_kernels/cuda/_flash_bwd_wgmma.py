@@ -1,0 +1,206 @@
+"""FlashAttention-2 dK / dV on Hopper warpgroup MMA (``wgmma``, sm_90a; float16 / bfloat16, fp32 accumulate).
+
+The same algorithm and arguments as ``_flash_bwd_tc.make_tc_bwd_kernel`` without dQ (the deterministic dQ pass
+follows it): one block per (key tile of BC = 64 NWG keys, k/v head, sequence), warpgroup w owning keys
+64 w .. 64 w + 63, K / V in shared memory, dK / dV in registers, the query heads of the GQA group and their query
+tiles of BR rows walked with Q / dO double-buffered by cp.async. Per query tile and warpgroup:
+
+  S^T = K_w Q^T, dP^T = V_w dO^T   wgmma m64nBRk16, A and B from shared memory (K-major)
+  P~, dS                            ``make_elementwise`` on the accumulators (the mma.sync fragment layout)
+  dV += P~^T dO, dK += dS^T Q       wgmma m64nDPk16, A from registers (packed accumulators), B = dO / Q
+                                    from shared memory read transposed (MN-major)
+
+Against the mma.sync kernel, a warpgroup reads each Q / dO element of the tile from shared memory once per
+product instead of once per warp (there, ldmatrix traffic was as large as the mma time: BENCHMARKS.md).
+Shared tiles use the no-swizzle canonical layout of ``_wgmma`` (cp.async chunk c at word 4 c).
+"""
+import functools
+
+from numba import cuda, float32, uint32
+
+from numba_kernels.cuda import _intrinsics as intr
+from numba_kernels.cuda import _wgmma as wg
+from numba_kernels.cuda._attn_common import F32_LOG2E, F32_ZERO, dev, lane_ids, query_range, seq_bounds
+from numba_kernels.cuda._flash_bwd_tc import (_rel_bounds, _tile_hidden, _tile_needs_mask, make_elementwise,
+                                              make_tile_loader)
+
+
+@functools.lru_cache(maxsize=None)
+def make_canon_loader(NR, DP, NTH):
+    """load(smem, dst0, src, row0, nvalid, head, tid): cp.async of the NR x DP tile src[row0 + r, head, :] (uint32
+    words, two halves each) into the canonical layout at word dst0, zero-filled past ``nvalid`` rows and past
+    the row's end. Chunk c (16 bytes: row 8 (c // (8 CH)) + c % 8, column chunk (c // 8) % CH) goes to word
+    dst0 + 4 c: a warp writes whole 128-byte core matrices (no bank conflicts)."""
+    CH = DP // 8
+    NCH = NR * CH
+    NPASS = -(-NCH // NTH)
+    EVEN = NCH % NTH == 0
+    cp16 = intr.cp_async16
+
+    @dev
+    def load(smem, dst0, src, row0, nvalid, head, tid):
+        W = src.shape[2]
+        HS = src.shape[1]
+        for i in range(NPASS):
+            c = tid + i * NTH
+            if EVEN or c < NCH:
+                rest = c >> 3
+                ch = rest % CH
+                r = (rest // CH) * 8 + (c & 7)
+                ok = r < nvalid and ch * 4 < W
+                cp16(smem, dst0 + 4 * c, src, ((row0 + r) * HS + head) * W + ch * 4 if ok else 0, 16 if ok else 0)
+
+    return load
+
+
+@functools.lru_cache(maxsize=None)
+def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_T=False):
+    """dK/dV kernel: NWG warpgroups (BC = 64 NWG keys), BR query rows per tile (a multiple of 16), head dim padded
+    to DP (a multiple of 16). SWAP_T exchanges the two byte offsets of the transposed operands' descriptors (the
+    other reading of the PTX layout text; for the GPU check). Returns (Sm90aKernel, keys per block, threads,
+    dynamic shared bytes)."""
+    BC = 64 * NWG
+    NTH = 128 * NWG
+    KS_D, NB2 = DP // 16, BR // 16
+    AFR = 8 * NB2                  # words of the packed A fragments of one tile (P~ and dS)
+    S_LEN, O_LEN = BR // 2, DP // 2
+    ROWB = DP * 16                 # bytes between 8-row groups of a tile (SBO of the K-major operands)
+    KT = BC * DP // 2              # words of the K (and V) tile
+    QT = BR * DP // 2              # words of a Q (and dO) tile
+    V_OFF = KT
+    Q_OFF = 2 * KT                 # stage s: Q at Q_OFF + 2 s QT, dO right after it
+    SMEM = 4 * (Q_OFF + 4 * QT) + 128  # + the alignment pad
+    LS2 = 2 * BR
+    kind = "bf16" if bf16 else "f16"
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    pack_a = _pack_a(bf16)
+    mma_s = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB)
+    t_lbo, t_sbo = (128, ROWB) if SWAP_T else (ROWB, 128)   # MN-major B: K step (8 query rows), N step (8 columns)
+    mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, t_lbo, t_sbo)
+    load_q = make_canon_loader(BR, DP, NTH)
+    load_k = make_canon_loader(BC, DP, NTH)
+    load_tile = make_tile_loader(load_q, BR, QT, HAS_DROP)
+    elementwise = make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    def kernel(q, k, v, dout, lse, di, dq_acc, dk, dv, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
+               left, right, lse_a, lse_c, seed, thresh, inv_keep):
+        tid = cuda.threadIdx.x
+        warp, lane, g, t = lane_ids(tid)
+        hk = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
+        j0 = cuda.blockIdx.x * BC
+        if j0 >= Sk:
+            return
+        G = q.shape[1] // k.shape[1]
+        off = Sk - Sq
+        smem = cuda.shared.array(0, uint32)
+        lse_s = cuda.shared.array(LS2, float32)
+        di_s = cuda.shared.array(LS2, float32)
+        rk_s = cuda.shared.array(LS2, uint32)
+        pad = wg.align_pad(smem, 128)
+        qlo, qhi = query_range(j0, j0 + BC, Sq, Sk, left, right)
+        nqt = (qhi - qlo + BR - 1) // BR if qhi > qlo else 0
+        total = G * nqt
+        load_k(smem, pad, k, ks + j0, Sk - j0, hk, tid)
+        load_k(smem, pad + V_OFF, v, ks + j0, Sk - j0, hk, tid)
+        if total > 0:
+            load_tile(smem, pad + Q_OFF, lse_s, di_s, rk_s, 0, q, dout, lse, di, qs, qlo, Sq, b, hk * G, lse_a,
+                      lse_c, seed, tid)
+        else:
+            intr.cp_async_commit()
+        wgi = warp >> 2
+        kg0 = j0 + wgi * 64           # this warpgroup's first key
+        ka_w = pad + wgi * (KT // NWG)  # its K rows (V at + V_OFF)
+        kw0 = j0 + warp * 16
+        ka = kw0 + g
+        kb = ka + 8
+        lo, hi = _rel_bounds(left, right)
+        dkacc = cuda.local.array(O_LEN, float32)
+        dvacc = cuda.local.array(O_LEN, float32)
+        for x in range(O_LEN):
+            dkacc[x] = F32_ZERO
+            dvacc[x] = F32_ZERO
+        sacc = cuda.local.array(S_LEN, float32)
+        pacc = cuda.local.array(S_LEN, float32)
+        afr = cuda.local.array(AFR, uint32)
+        stage = 0
+        ti = 0
+        hh = 0
+        for it in range(total):
+            h = hk * G + hh
+            i0 = qlo + ti * BR
+            tn = ti + 1
+            hn = hh
+            if tn == nqt:
+                tn = 0
+                hn = hh + 1
+            q0 = pad + Q_OFF + stage * 2 * QT
+            if it + 1 < total:  # prefetch the next query tile into the other stage
+                load_tile(smem, pad + Q_OFF + (1 - stage) * 2 * QT, lse_s, di_s, rk_s, 1 - stage, q, dout, lse, di,
+                          qs, qlo + tn * BR, Sq, b, hk * G + hn, lse_a, lse_c, seed, tid)
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+            wg.proxy_fence()  # this thread's cp.async results, visible to the wgmma reads
+            cuda.syncthreads()
+            slope = F32_ZERO
+            if HAS_ALIBI:
+                slope = float32(slopes[b, h]) * F32_LOG2E
+            # the warpgroup's 64 keys hidden from every row of the tile (uniform over the warpgroup): P~ = dS = 0
+            if not (kg0 >= Sk or _tile_hidden(i0, i0 + BR, kg0, kg0 + 64, off, left, right)):
+                # ---- S^T = K_w Q^T, dP^T = V_w dO^T
+                for x in range(S_LEN):
+                    sacc[x] = F32_ZERO
+                    pacc[x] = F32_ZERO
+                wg.wg_fence()
+                for kk in range(KS_D):
+                    mma_s(sacc, 0, smem, ka_w + kk * 64, q0 + kk * 64)
+                    mma_s(pacc, 0, smem, ka_w + V_OFF + kk * 64, q0 + QT + kk * 64)
+                wg.wg_commit()
+                wg.wg_wait0()
+                sb = stage * BR
+                rel0 = float32(ka - i0 - 2 * t - off)
+                if _tile_needs_mask(i0, i0 + BR, kw0, kw0 + 16, off, left, right):
+                    elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, True, lo, hi, slope, scale_log2,
+                                softcap, cap_in, thresh, inv_keep)
+                else:
+                    elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, False, lo, hi, slope, scale_log2,
+                                softcap, cap_in, thresh, inv_keep)
+                # ---- dV += P~^T dO, dK += dS^T Q (16 query rows = two 8-row groups = 8 DP words per step)
+                # (all A fragments packed before the batch: no register writes between its wgmma)
+                for kk in range(NB2):
+                    afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3] = pack_a(sacc, 8 * kk)
+                    afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7] = pack_a(pacc, 8 * kk)
+                wg.wg_fence()
+                for kk in range(NB2):
+                    mma_o(dvacc, 0, smem, afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3],
+                          q0 + QT + kk * 8 * DP)
+                    mma_o(dkacc, 0, smem, afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7],
+                          q0 + kk * 8 * DP)
+                wg.wg_commit()
+                wg.wg_wait0()
+            stage = 1 - stage
+            ti = tn
+            hh = hn
+            cuda.syncthreads()  # every warpgroup is done with this stage before it is refilled
+        intr.cp_async_wait0()
+        DW = dk.shape[2]
+        for nt in range(O_LEN // 4):
+            w = nt * 4 + t
+            if w < DW:
+                if ka < Sk:
+                    dv[ks + ka, hk, w] = pack(dvacc[nt * 4], dvacc[nt * 4 + 1])
+                    dk[ks + ka, hk, w] = pack(dkacc[nt * 4] * scale, dkacc[nt * 4 + 1] * scale)
+                if kb < Sk:
+                    dv[ks + kb, hk, w] = pack(dvacc[nt * 4 + 2], dvacc[nt * 4 + 3])
+                    dk[ks + kb, hk, w] = pack(dkacc[nt * 4 + 2] * scale, dkacc[nt * 4 + 3] * scale)
+
+    return wg.Sm90aKernel(kernel), BC, NTH, SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def _pack_a(bf16):
+    from numba_kernels.cuda._attn_common import make_tc_helpers
+
+    return make_tc_helpers(bf16, 4, 1, 32)[2]
