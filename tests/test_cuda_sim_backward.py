@@ -152,11 +152,11 @@ WGMMA_CASES = [("bf16-causal", bfloat16, dict(causal=True)),
 
 @pytest.mark.parametrize("name,dt,kw", WGMMA_CASES, ids=[c[0] for c in WGMMA_CASES])
 def test_sim_backward_wgmma_dkdv(rng, monkeypatch, name, dt, kw):
-    """The Hopper dK/dV kernel (warpgroup MMA from canonical-layout shared tiles, TC_BWD_WGMMA) with the simulator's
+    """The Hopper dK/dV kernel (warpgroup MMA from canonical-layout shared tiles, TC_BWD_WGMMA_SIM) with the simulator's
     warpgroup products: one warpgroup (64 keys), 16 query rows per tile; Sk 70 spans two key tiles and ends mid-tile
     (the second warpgroup tile half past the end), Sq 37 three ragged query tiles, GQA, D 20 padded to 32 (two
     k-steps of S^T, the head dim past 20 zero-filled)."""
     from numba_kernels.cuda import flash_attention_backward as cfb
 
-    monkeypatch.setattr(cfb, "TC_BWD_WGMMA", {32: (1, 16)})
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA_SIM", (1, 16))
     _run(rng, dt, kw, (1, 37, 70, 2, 1, 20), deterministic=True)

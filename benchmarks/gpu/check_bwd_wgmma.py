@@ -29,7 +29,11 @@ READING = os.path.join(OUT, "wgmma_reading.txt")
 DEFAULT = {64: (1, 64), 128: (1, 64)}
 
 
+SHIPPED = dict(cfb.TC_BWD_WGMMA)
+
+
 def _use(cfg, swap):
+    """Only the head dims in cfg on the wgmma kernel (an empty cfg: the mma.sync kernels everywhere)."""
     cfb.TC_BWD_WGMMA.clear()
     cfb.TC_BWD_WGMMA.update(cfg)
     cfb.TC_BWD_WGMMA_SWAP = swap
@@ -56,7 +60,10 @@ def probe(swap):
 
 
 def check():
-    _use(DEFAULT, _reading())
+    cfg = dict(DEFAULT)
+    if os.environ.get("WG_CHECK_2WG"):
+        cfg[128] = (2, 64)
+    _use(cfg, _reading())
     cb.correctness(quick=True)
     cb.check("wgmma f16 plain D128", np.float16, 1, 97, 113, 4, 2, 128)
     cb.check("wgmma D40 (padded to 48)", bfloat16, 1, 97, 113, 4, 2, 40, causal=True)
@@ -78,6 +85,9 @@ def bench():
     print(rows[0], flush=True)
     H = 16
     variants = {64: [None, (1, 64), (1, 32)], 128: [None, (1, 64), (2, 64), (1, 32)]}
+    if os.environ.get("WG_VARIANTS"):  # e.g. "64:2x64,2x32;128:2x32": mma.sync first, then these
+        variants = {int(d): [None] + [tuple(int(x) for x in c.split("x")) for c in cs.split(",")]
+                    for d, cs in (part.split(":") for part in os.environ["WG_VARIANTS"].split(";"))}
     lens = [int(x) for x in os.environ.get("BWD_BENCH_S", "1024,4096,16384").split(",")]
     for D in (64, 128):
         for S in lens:
@@ -100,9 +110,38 @@ def bench():
                 print(r, flush=True)
                 rows.append(r)
                 del c, o, ins, g, ref
-    _use({}, swap)
+    _use(SHIPPED, swap)
     with open(os.path.join(OUT, "bench_bwd_wgmma.txt"), "w") as f:
         f.write("\n".join(rows) + "\n")
+
+
+def profile():
+    """Per-kernel device time of one backward call (torch profiler / CUPTI sees numba's and the driver's launches):
+    D128 S4096 B4 H16, mma.sync and wgmma (2, 64), causal and not."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
+    swap = _reading()
+    for causal in (False, True):
+        c = cb._torch_case(4, 4096, 16, 128, causal)
+        for v in (None, (2, 64)):
+            _use({128: v} if v else {}, swap)
+            for _ in range(2):
+                cb._ours(c, 4096, 128, causal)
+            torch.cuda.synchronize()
+            with tprof(activities=[ProfilerActivity.CUDA]) as p:
+                for _ in range(5):
+                    cb._ours(c, 4096, 128, causal)
+                torch.cuda.synchronize()
+            tot = {}
+            for e in p.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    name = e.name.split("(")[0][-60:]
+                    tot[name] = tot.get(name, 0.0) + e.device_time / 5
+            print(f"causal={int(causal)} {'mma.sync' if v is None else 'wgmma' + str(v)}: " +
+                  "; ".join(f"{k} {t:.0f} us" for k, t in sorted(tot.items(), key=lambda x: -x[1])), flush=True)
+    _use(SHIPPED, swap)
 
 
 if __name__ == "__main__":
@@ -114,4 +153,6 @@ if __name__ == "__main__":
         check()
     elif step == "bench":
         bench()
+    elif step == "profile":
+        profile()
     print(f"[{step} done at {time.time() - t0:.0f} s]", flush=True)

@@ -53,6 +53,7 @@ for s in "$@"; do case $s in
   wg_probe) step wg_probe 150 python3 $G/check_bwd_wgmma.py probe ;;
   wg_probe_swap) [ -f $OUT/wgmma_reading.txt ] || step wg_probe_swap 150 python3 $G/check_bwd_wgmma.py probe swap ;;
   wg_check) step wg_check 240 python3 $G/check_bwd_wgmma.py check ;;
+  wg_profile) step wg_profile 150 python3 $G/check_bwd_wgmma.py profile ;;
   wg_bench) step wg_bench 300 python3 $G/check_bwd_wgmma.py bench ;;
   wgmma) step wgmma 90 python3 $G/probe_wgmma_run.py ;;
   dec_host) step dec_host 150 python3 $G/profile_decode_host.py ;;

@@ -52,12 +52,15 @@ TC_BWD_OPTS = {}
 TC_BWD_DQ_QREG = False
 TC_BWD_MAX_D = 128
 #: Hopper (compute capability 9.0): dK / dV on warpgroup MMA (``_flash_bwd_wgmma``), by padded head dim (the
-#: smallest key >= it):
-#: (warpgroups, query rows per tile); the deterministic dQ pass follows it. Empty: off (until timed on a GPU).
-#: In the simulator a non-empty table selects TC_BWD_WGMMA_SIM.
-TC_BWD_WGMMA = {}
-TC_BWD_WGMMA_SIM = (1, 16)
-#: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``)
+#: smallest key >= it): (warpgroups, query rows per tile), the deterministic dQ pass after it; None: the mma.sync
+#: kernels. H200 bf16 H16 (2026-12-04, benchmarks/results/gpu_h200_2026-12-04_bwd_wgmma*.txt), whole backward:
+#: D128 (2, 64) 163 / 197 / 204 TFLOP/s at S 1k / 4k / 16k against 138 / 183 / 189 with mma.sync (causal 131 / 180
+#: / 203 against 128 / 170 / 188); D64 stays on mma.sync with dQ by reductions (180 vs 151 at S4k)
+TC_BWD_WGMMA = {64: None, 128: (2, 64)}
+#: the simulator's wgmma tiles (tests set them; None: the simulator runs the mma.sync kernels)
+TC_BWD_WGMMA_SIM = None
+#: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``; the default
+#: reading is the one that matched on the H200)
 TC_BWD_WGMMA_SWAP = False
 
 
@@ -80,7 +83,7 @@ def tc_bwd_config(D, max_sk=None, masked=False):
 def wgmma_bwd_config(DP):
     """(warpgroups, query rows) of the wgmma dK/dV kernel for padded head dim DP, or None where it does not run."""
     if intr.SIM:
-        return TC_BWD_WGMMA_SIM if TC_BWD_WGMMA else None
+        return TC_BWD_WGMMA_SIM
     keys = [d for d in TC_BWD_WGMMA if d >= DP]
     return TC_BWD_WGMMA[min(keys)] if keys and wg.available() else None
 
