@@ -36,3 +36,54 @@ def test_flash_attention_backward_kernel_compiles_for_sm90(configs, idx):
             assert "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx and "red.global.add.v2.f32" in ptx
         if "_cap_alibi_drop" not in name:  # the plain / causal hot path keeps every fragment in registers
             assert not re.search(r"\.local\s", ptx), f"{name}: fragments or accumulators spilled to local memory"
+
+
+def _wgmma_configs():
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    return [(dp, cfg, bf16, flags) for dp, cfg in sorted(cfb.TC_BWD_WGMMA.items()) if cfg
+            for bf16, flags in ((True, (False, False, False)), (False, (False, False, False)),
+                                (True, (True, True, True)))]
+
+
+@pytest.mark.parametrize("dp,cfg,bf16,flags", _wgmma_configs(),
+                         ids=[f"D{c[0]}-{c[1][0]}wg-{c[1][1]}rows-{'bf16' if c[2] else 'f16'}"
+                              f"{'-cap-alibi-drop' if c[3][0] else ''}" for c in _wgmma_configs()])
+def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags):
+    """The shipped Hopper dK/dV configurations give sm_90a PTX with the warpgroup products of their tile shapes
+    (S^T / dP^T m64n{rows}k16 from two descriptors, dV / dK m64n{D}k16 with A in registers, B transposed), the
+    async-proxy fence after the cp.async loads, and (plain path) no local memory; where a ptxas is on PATH it
+    assembles for sm_90a."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from numba import types
+
+    from numba_kernels.cuda import _wgmma as wg
+    from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_bwd_kernel
+    from numba_kernels.cuda.flash_attention_backward import ptx_signatures
+
+    sig = next(s for n, f, s in ptx_signatures((64,)) if n.startswith("tc_dkdv_bf16"))
+    assert sig[0] == types.Array(types.uint32, 3, "C")
+    nwg, br = cfg
+    kern = make_wgmma_bwd_kernel(nwg, br, dp, bf16, *flags)[0]
+    ptx, name = wg.sm90a_ptx(kern.py_func, sig)
+    ty = "bf16" if bf16 else "f16"
+    assert ".target sm_90a" in ptx
+    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{br}k16\.f32\.{ty}\.{ty} \{{[^}}]*\}}, %rd", ptx)
+    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{dp}k16\.f32\.{ty}\.{ty} \{{[^}}]*\}}, \{{", ptx)
+    for instr in ("wgmma.fence.sync.aligned", "wgmma.commit_group.sync.aligned", "wgmma.wait_group.sync.aligned 0",
+                  "fence.proxy.async.shared::cta", "cp.async.cg.shared.global"):
+        assert instr in ptx, instr
+    if not flags[0]:
+        assert not re.search(r"\.local\s", ptx), "accumulators spilled to local memory"
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))
+            r = subprocess.run([ptxas, "-arch=sm_90a", src, "-o", os.path.join(d, "k.cubin")], capture_output=True,
+                               text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
