@@ -56,7 +56,7 @@ def test_support_kernels_compile_for_sm90():
 @pytest.mark.parametrize("cfg", [(4, 2, 16, False, False, True, True, 15), (4, 2, 32, False, False, True, False, 15)],
                          ids=["registers", "32-key-cp.async"])
 def test_decode_wide_merge_compiles_for_sm90(cfg):
-    """The wide in-kernel split merge (LEAN bit 8, not yet timed) compiles for cc 9.0 with its per-thread load
+    """The wide in-kernel split merge (LEAN bit 8, timed and off) compiles for cc 9.0 with its per-thread load
     buffer (2 items x WIDE_SPLITS splits x 2 values) in registers."""
     from numba import cuda
 

@@ -34,7 +34,8 @@ TC_ROWLOAD = True
 #: without), correct (fwd_check) but further from SDPA's output (rel 3e-3 vs 1.1e-3)
 TC_LAZY = False
 #: tensor-core forward masks its masked tiles with per-row 32-bit column bounds (``make_tc_kernel(ROWBOUNDS=True)``:
-#: the masked region of a tile's softmax 1.4-2.1x fewer SASS instructions, local ptxas); not yet timed, so off
+#: the masked region of a tile's softmax 1.4-2.1x fewer SASS instructions, local ptxas); off: no faster on the H200
+#: (2026-12-04, gpu_h200_2026-12-04_fwd_bench_rowbounds.txt: D64 causal S16k 263.5 vs 268.9 TFLOP/s, others +-4%)
 TC_ROWBOUNDS = False
 SIMT_TILES = {"gpu": (4, 4), "sim": (1, 2)}
 
