@@ -146,6 +146,11 @@ SWEEP_1K = {64: [((8, 64), (4, 32), True, {}), ((4, 64), (4, 32), True, {}), ((4
                  ((4, 64), (4, 32), False, {})]}
 
 
+#: the dQ pass's tiles at D128 (its dK/dV runs on the wgmma kernel on Hopper, so the first entry is not used there)
+SWEEP_DQ128 = {128: [((4, 32), (4, 32), False, {}), ((4, 32), (4, 64), False, {}), ((4, 32), (8, 32), False, {}),
+                     ((4, 32), (8, 64), False, {}), ((4, 32), (2, 64), False, {})]}
+
+
 def sweep(limit_s, S=4096, table=None):
     """Each candidate at S (causal and not), gradients checked against SDPA's; the fastest per head dim."""
     import torch
@@ -236,7 +241,9 @@ def bench(best=None):
 if __name__ == "__main__":
     best = None
     for step in sys.argv[1:] or ["check", "bench"]:  # in the order given
-        if step.startswith("sweep1k"):
+        if step == "sweep_dq128":
+            sweep(1e9, 4096, SWEEP_DQ128)
+        elif step.startswith("sweep1k"):
             sweep(1e9, 1024, SWEEP_1K)
         elif step.startswith("sweep"):  # sweep[=seconds]: later candidates are skipped past that many seconds
             best = sweep(float(step.split("=")[1]) if "=" in step else 1e9)

@@ -39,6 +39,7 @@ for s in "$@"; do case $s in
   bwd_bench_qreg) step bwd_bench_qreg 150 $P "import numba_kernels.cuda.flash_attention_backward as m; m.TC_BWD_DQ_QREG = True" $G/check_flash_attention_backward.py bench ;;
   bwd_sweep1k) step bwd_sweep1k 240 python3 $G/check_flash_attention_backward.py sweep1k ;;
   bwd_sweep) step bwd_sweep 400 python3 $G/check_flash_attention_backward.py sweep=330 ;;
+  bwd_sweep_dq128) step bwd_sweep_dq128 200 python3 $G/check_flash_attention_backward.py sweep_dq128 ;;
   bwd_sweep128) SWEEP_D=128 step bwd_sweep128 300 python3 $G/check_flash_attention_backward.py sweep=280 ;;
   conv1d) step conv1d 150 python3 $G/check_causal_conv1d.py ;;
   fft_host) OLD_FFT_FUSED=${OLD_FFT_FUSED:-} step fft_host 240 python3 $G/probe_fft_host.py ;;
