@@ -160,3 +160,16 @@ def test_sim_backward_wgmma_dkdv(rng, monkeypatch, name, dt, kw):
 
     monkeypatch.setattr(cfb, "TC_BWD_WGMMA_SIM", (1, 16))
     _run(rng, dt, kw, (1, 37, 70, 2, 1, 20), deterministic=True)
+
+
+@pytest.mark.parametrize("nwg", [1, 2], ids=["1-warpgroup", "2-warpgroups"])
+def test_sim_backward_wgmma_with_dq(rng, monkeypatch, nwg):
+    """The wgmma kernel computing dQ as well (TC_BWD_WGMMA_DQ, deterministic=False): dS^T through shared memory as the
+    transposed A operand of dQ = dS K, warpgroup w taking the dQ columns w D / NWG .., fp32 reductions into the dQ
+    buffer; 64 query rows per tile (Sq 70: a full and a ragged tile), Sk 150 over two or three key blocks (a hidden
+    warpgroup writes zeros to its dS^T rows), causal GQA, D 20 padded to 32."""
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA_SIM", (nwg, 64))
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA_DQ", True)
+    _run(rng, bfloat16, dict(causal=True), (1, 70, 150, 2, 1, 20), deterministic=False)

@@ -32,11 +32,13 @@ DEFAULT = {64: (1, 64), 128: (1, 64)}
 SHIPPED = dict(cfb.TC_BWD_WGMMA)
 
 
-def _use(cfg, swap):
-    """Only the head dims in cfg on the wgmma kernel (an empty cfg: the mma.sync kernels everywhere)."""
+def _use(cfg, swap, dq=None):
+    """Only the head dims in cfg on the wgmma kernel (an empty cfg: the mma.sync kernels everywhere); dq: dQ from
+    the wgmma kernel (TC_BWD_WGMMA_DQ; default: the WG_DQ environment variable)."""
     cfb.TC_BWD_WGMMA.clear()
     cfb.TC_BWD_WGMMA.update(cfg)
     cfb.TC_BWD_WGMMA_SWAP = swap
+    cfb.TC_BWD_WGMMA_DQ = bool(os.environ.get("WG_DQ")) if dq is None else dq
 
 
 def _reading():
@@ -85,8 +87,9 @@ def bench():
     print(rows[0], flush=True)
     H = 16
     variants = {64: [None, (1, 64), (1, 32)], 128: [None, (1, 64), (2, 64), (1, 32)]}
-    if os.environ.get("WG_VARIANTS"):  # e.g. "64:2x64,2x32;128:2x32": mma.sync first, then these
-        variants = {int(d): [None] + [tuple(int(x) for x in c.split("x")) for c in cs.split(",")]
+    if os.environ.get("WG_VARIANTS"):  # e.g. "64:2x64,2x32d;128:2x32": mma.sync first, then these (d: dQ fused)
+        variants = {int(d): [None] + [tuple(int(x) for x in c.rstrip("d").split("x")) + (("d",) if c[-1] == "d" else ())
+                                      for c in cs.split(",")]
                     for d, cs in (part.split(":") for part in os.environ["WG_VARIANTS"].split(";"))}
     lens = [int(x) for x in os.environ.get("BWD_BENCH_S", "1024,4096,16384").split(",")]
     for D in (64, 128):
@@ -100,7 +103,7 @@ def bench():
                 ref = torch.autograd.grad(o, ins, g)
                 parts = []
                 for v in variants[D]:
-                    _use({D: v} if v else {}, swap)
+                    _use({D: v[:2]} if v else {}, swap, bool(v) and len(v) > 2)
                     t = tbench(lambda: cb._ours(c, S, D, causal), 7)
                     es = cb._err_vs(cb._ours(c, S, D, causal), ref, (B, S, H, D))
                     parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f} "

@@ -54,11 +54,13 @@ def make_canon_loader(NR, DP, NTH):
 
 
 @functools.lru_cache(maxsize=None)
-def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_T=False):
+def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_T=False, HAS_DQ=False):
     """dK/dV kernel: NWG warpgroups (BC = 64 NWG keys), BR query rows per tile (a multiple of 16), head dim padded
     to DP (a multiple of 16). SWAP_T exchanges the two byte offsets of the transposed operands' descriptors (the
-    other reading of the PTX layout text; for the GPU check). Returns (Sm90aKernel, keys per block, threads,
-    dynamic shared bytes)."""
+    other reading of the PTX layout text; for the GPU check). HAS_DQ (BR = 64): also dQ += dS K into the fp32
+    buffer dq_acc by vector reductions, dS^T through shared memory (the canonical layout, read transposed as the
+    A operand), warpgroup w taking dQ columns w DP / NWG .. of all BC keys. Returns (Sm90aKernel, keys per block,
+    threads, dynamic shared bytes)."""
     BC = 64 * NWG
     NTH = 128 * NWG
     KS_D, NB2 = DP // 16, BR // 16
@@ -69,7 +71,12 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
     QT = BR * DP // 2              # words of a Q (and dO) tile
     V_OFF = KT
     Q_OFF = 2 * KT                 # stage s: Q at Q_OFF + 2 s QT, dO right after it
-    SMEM = 4 * (Q_OFF + 4 * QT) + 128  # + the alignment pad
+    DS_OFF = Q_OFF + 4 * QT        # dS^T (BC keys x BR query rows) when HAS_DQ
+    SMEM = 4 * (DS_OFF + (BC * BR // 2 if HAS_DQ else 0)) + 128  # + the alignment pad
+    assert not HAS_DQ or (BR == 64 and DP % (8 * NWG) == 0)
+    DQN = DP // NWG                # dQ columns per warpgroup
+    QA = DQN // 2 if HAS_DQ else 1
+    RG = BR * 4                    # words between 8-key row groups of the dS^T tile
     LS2 = 2 * BR
     kind = "bf16" if bf16 else "f16"
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
@@ -77,6 +84,10 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
     mma_s = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB)
     t_lbo, t_sbo = (128, ROWB) if SWAP_T else (ROWB, 128)   # MN-major B: K step (8 query rows), N step (8 columns)
     mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, t_lbo, t_sbo)
+    # dQ = dS K: A = dS^T tile read transposed (K step 8 keys = one row group, M step 8 query columns), B = K rows
+    mma_q = wg.make_wgmma(DQN, kind, False, True, *((128, BR * 16) if SWAP_T else (BR * 16, 128)), t_lbo, t_sbo,
+                          TRANS_A=True)
+    red2 = intr.red_add_v2_f32
     load_q = make_canon_loader(BR, DP, NTH)
     load_k = make_canon_loader(BC, DP, NTH)
     load_tile = make_tile_loader(load_q, BR, QT, HAS_DROP)
@@ -124,6 +135,10 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
         sacc = cuda.local.array(S_LEN, float32)
         pacc = cuda.local.array(S_LEN, float32)
         afr = cuda.local.array(AFR, uint32)
+        qacc = cuda.local.array(QA, float32)
+        ds_w = pad + DS_OFF + 2 * warp * RG + 4 * g + t  # this thread's dS^T words (rows ka / kb, columns 2 t ..)
+        H = q.shape[1]
+        DQW = dq_acc.shape[2]
         stage = 0
         ti = 0
         hh = 0
@@ -148,7 +163,15 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
             if HAS_ALIBI:
                 slope = float32(slopes[b, h]) * F32_LOG2E
             # the warpgroup's 64 keys hidden from every row of the tile (uniform over the warpgroup): P~ = dS = 0
-            if not (kg0 >= Sk or _tile_hidden(i0, i0 + BR, kg0, kg0 + 64, off, left, right)):
+            if kg0 >= Sk or _tile_hidden(i0, i0 + BR, kg0, kg0 + 64, off, left, right):
+                if HAS_DQ:
+                    for kk in range(NB2):
+                        w0 = ds_w + kk * 64
+                        smem[w0] = uint32(0)
+                        smem[w0 + RG] = uint32(0)
+                        smem[w0 + 32] = uint32(0)
+                        smem[w0 + RG + 32] = uint32(0)
+            else:
                 # ---- S^T = K_w Q^T, dP^T = V_w dO^T
                 for x in range(S_LEN):
                     sacc[x] = F32_ZERO
@@ -172,6 +195,13 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
                 for kk in range(NB2):
                     afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3] = pack_a(sacc, 8 * kk)
                     afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7] = pack_a(pacc, 8 * kk)
+                if HAS_DQ:  # dS^T to shared: rows ka / kb, query columns 16 kk + 2 t (+ 8) (before the batch reads afr)
+                    for kk in range(NB2):
+                        w0 = ds_w + kk * 64
+                        smem[w0] = afr[8 * kk + 4]
+                        smem[w0 + RG] = afr[8 * kk + 5]
+                        smem[w0 + 32] = afr[8 * kk + 6]
+                        smem[w0 + RG + 32] = afr[8 * kk + 7]
                 wg.wg_fence()
                 for kk in range(NB2):
                     mma_o(dvacc, 0, smem, afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3],
@@ -180,6 +210,26 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
                           q0 + kk * 8 * DP)
                 wg.wg_commit()
                 wg.wg_wait0()
+            if HAS_DQ:  # ---- dQ[:, wgi DQN ...] += dS K over the block's BC keys; fp32 reductions
+                wg.proxy_fence()
+                cuda.syncthreads()
+                for x in range(DQN // 2):
+                    qacc[x] = F32_ZERO
+                wg.wg_fence()
+                for kk in range(BC // 16):
+                    mma_q(qacc, 0, smem, pad + DS_OFF + kk * 8 * BR, pad + wgi * DQN * 4 + kk * 8 * DP)
+                wg.wg_commit()
+                wg.wg_wait0()
+                qrow = i0 + 16 * (warp & 3) + g
+                fa = ((qs + qrow) * H + h) * DQW  # flat index of dq_acc[qs + qrow, h, 0]; row + 8 is 8 H DQW on
+                fb = fa + 8 * H * DQW
+                for j in range(DQN // 8):
+                    col = wgi * DQN + 8 * j + 2 * t
+                    if col < DQW:
+                        if qrow < Sq:
+                            red2(dq_acc, fa + col, qacc[4 * j], qacc[4 * j + 1])
+                        if qrow + 8 < Sq:
+                            red2(dq_acc, fb + col, qacc[4 * j + 2], qacc[4 * j + 3])
             stage = 1 - stage
             ti = tn
             hh = hn

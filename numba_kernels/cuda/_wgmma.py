@@ -58,7 +58,7 @@ def _frag_rc(tid):
     return (r0, r0, r0 + 8, r0 + 8), (2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
 
 
-def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO):
+def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO, TRANS_A=False):
     """One ``wgmma.mma_async m64nNk16`` (fp32 accumulate) as a device function over the warpgroup:
 
     * ``A_REG=False``: ``mma(acc, x, smem, a_word, b_word)``, A (64 x 16) and B (N x 16) from the shared uint32
@@ -67,11 +67,12 @@ def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO):
       packed halves, the mma.sync A fragment of its warp's 16 rows).
 
     ``acc[x : x + N / 2]`` += A B^T (float32 local array; x constant after unrolling so it stays in registers).
-    TRANS_B: B is stored MN-major (the tile of a K x N operand with N along its rows' 16-byte runs). A_LBO/A_SBO,
+    TRANS_B: B is stored MN-major (the tile of a K x N operand with N along its rows' 16-byte runs); TRANS_A the same
+    for a shared-memory A (M along the 16-byte runs). A_LBO/A_SBO,
     B_LBO/B_SBO: descriptor byte offsets (module docstring). The caller brackets a batch of these with
     ``wg_fence()`` before and ``wg_commit(); wg_wait0()`` after."""
     NA = N // 2
-    assert N % 8 == 0 and 8 <= N <= 256
+    assert N % 8 == 0 and 8 <= N <= 256 and not (A_REG and TRANS_A)
     if SIM:
         def sim_mma(frags):
             f0 = frags[0]
@@ -86,7 +87,7 @@ def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO):
                         A[rr, cc], A[rr, cc + 1] = lo[0], hi[0]
                     b_word = f0[6]
             else:
-                A = _sim_tile(smem, f0[2], 64, 16, A_LBO, A_SBO, False, kind)
+                A = _sim_tile(smem, f0[2], 64, 16, A_LBO, A_SBO, TRANS_A, kind)
                 b_word = f0[3]
             Bm = _sim_tile(smem, b_word, N, 16, B_LBO, B_SBO, TRANS_B, kind)
             Dm = A @ Bm.T
@@ -123,7 +124,7 @@ def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO):
         cons = ",".join(["=f"] * NA + ["r"] * 4 + ["l"] + [str(i) for i in range(NA)]) + ",~{memory}"
     else:
         text = (f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{ty}.{ty} {{{dregs}}}, ${NA}, ${NA + 1}, "
-                f"1, 1, 1, 0, {int(TRANS_B)};")
+                f"1, 1, 1, {int(TRANS_A)}, {int(TRANS_B)};")
         cons = ",".join(["=f"] * NA + ["l", "l"] + [str(i) for i in range(NA)]) + ",~{memory}"
 
     def desc(context, builder, arrty, arr, idx, idxty, lbo, sbo):

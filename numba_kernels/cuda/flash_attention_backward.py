@@ -59,6 +59,9 @@ TC_BWD_MAX_D = 128
 TC_BWD_WGMMA = {64: None, 128: (2, 64)}
 #: the simulator's wgmma tiles (tests set them; None: the simulator runs the mma.sync kernels)
 TC_BWD_WGMMA_SIM = None
+#: the wgmma kernel also computes dQ (fp32 reductions, ``make_wgmma_bwd_kernel(HAS_DQ=True)``, 64 query rows) when
+#: deterministic=False, instead of the dQ pass; off until timed on a GPU (simulator- and PTX-tested)
+TC_BWD_WGMMA_DQ = False
 #: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``; the default
 #: reading is the one that matched on the H200)
 TC_BWD_WGMMA_SWAP = False
@@ -180,6 +183,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     dvw = out_array(vw.shape, np.uint32)
     B = len(cu_q) - 1
     tail = _args(np.float32, cu_q, cu_k, slopes, scale, softcap, dropout_p, left, right, lse_a, lse_c, seed)
+    user_deterministic = deterministic
     deterministic = deterministic or not atomic
     opts = dict(TC_BWD_OPTS)
     dq_opts = {"QREG": TC_BWD_DQ_QREG and DP <= 128}
@@ -188,9 +192,10 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
             dq_opts[name] = opts[name]
     opts.pop("QREG", None)
     wcfg = wgmma_bwd_config(DP)
-    if wcfg:  # dK / dV on warpgroup MMA, dQ by its own pass
-        deterministic = True
-        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP)
+    if wcfg:  # dK / dV on warpgroup MMA, dQ by its own pass or (TC_BWD_WGMMA_DQ) by reductions from the same kernel
+        fused = TC_BWD_WGMMA_DQ and not user_deterministic and wcfg[1] == 64
+        deterministic = not fused
+        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP, fused)
         run = kern.launch
     else:
         kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
