@@ -41,19 +41,21 @@ def test_flash_attention_backward_kernel_compiles_for_sm90(configs, idx):
 def _wgmma_configs():
     from numba_kernels.cuda import flash_attention_backward as cfb
 
-    return [(dp, cfg, bf16, flags) for dp, cfg in sorted(cfb.TC_BWD_WGMMA.items()) if cfg
-            for bf16, flags in ((True, (False, False, False)), (False, (False, False, False)),
-                                (True, (True, True, True)))]
+    dq = cfb.TC_BWD_WGMMA_DQ
+    return [(dp, cfg, bf16, flags, has_dq) for dp, cfg in sorted(cfb.TC_BWD_WGMMA.items()) if cfg
+            for bf16, flags, has_dq in ((True, (False, False, False), dq), (True, (False, False, False), False),
+                                        (False, (False, False, False), dq), (True, (True, True, True), dq))]
 
 
-@pytest.mark.parametrize("dp,cfg,bf16,flags", _wgmma_configs(),
+@pytest.mark.parametrize("dp,cfg,bf16,flags,has_dq", _wgmma_configs(),
                          ids=[f"D{c[0]}-{c[1][0]}wg-{c[1][1]}rows-{'bf16' if c[2] else 'f16'}"
-                              f"{'-cap-alibi-drop' if c[3][0] else ''}" for c in _wgmma_configs()])
-def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags):
-    """The shipped Hopper dK/dV configurations give sm_90a PTX with the warpgroup products of their tile shapes
-    (S^T / dP^T m64n{rows}k16 from two descriptors, dV / dK m64n{D}k16 with A in registers, B transposed), the
-    async-proxy fence after the cp.async loads, and (plain path) no local memory; where a ptxas is on PATH it
-    assembles for sm_90a."""
+                              f"{'-cap-alibi-drop' if c[3][0] else ''}{'-dq' if c[4] else ''}" for c in _wgmma_configs()])
+def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags, has_dq):
+    """The shipped Hopper backward configurations (dQ fused for deterministic=False, the dQ pass's dK/dV-only
+    kernel for deterministic=True) give sm_90a PTX with the warpgroup products of their tile shapes (S^T / dP^T
+    m64n{rows}k16 from two descriptors, dV / dK m64n{D}k16 with A in registers and B transposed, dQ m64n{D / wg}k16
+    with both operands transposed and its fp32 vector reductions), the async-proxy fence after the cp.async loads,
+    and (plain path) no local memory; where a ptxas is on PATH it assembles for sm_90a."""
     import os
     import shutil
     import subprocess
@@ -68,12 +70,15 @@ def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags):
     sig = next(s for n, f, s in ptx_signatures((64,)) if n.startswith("tc_dkdv_bf16"))
     assert sig[0] == types.Array(types.uint32, 3, "C")
     nwg, br = cfg
-    kern = make_wgmma_bwd_kernel(nwg, br, dp, bf16, *flags)[0]
+    kern = make_wgmma_bwd_kernel(nwg, br, dp, bf16, *flags, False, has_dq)[0]
     ptx, name = wg.sm90a_ptx(kern.py_func, sig)
     ty = "bf16" if bf16 else "f16"
+    op = rf"wgmma\.mma_async\.sync\.aligned\.m64n{{}}k16\.f32\.{ty}\.{ty} \{{{{[^}}}}]*\}}}}, "
     assert ".target sm_90a" in ptx
-    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{br}k16\.f32\.{ty}\.{ty} \{{[^}}]*\}}, %rd", ptx)
-    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{dp}k16\.f32\.{ty}\.{ty} \{{[^}}]*\}}, \{{", ptx)
+    assert re.search(op.format(br) + r"%rd\d+, %rd\d+, 1, 1, 1, 0, 0;", ptx)
+    assert re.search(op.format(dp) + r"\{", ptx)
+    dq_op = re.search(op.format(dp // nwg) + r"%rd\d+, %rd\d+, 1, 1, 1, 1, 1;", ptx)
+    assert bool(dq_op) == has_dq and (("red.global.add.v2.f32" in ptx) == has_dq)
     for instr in ("wgmma.fence.sync.aligned", "wgmma.commit_group.sync.aligned", "wgmma.wait_group.sync.aligned 0",
                   "fence.proxy.async.shared::cta", "cp.async.cg.shared.global"):
         assert instr in ptx, instr

@@ -210,7 +210,8 @@ def bench(best=None):
             cfb.TC_BWD_TILES[D] = best[D][:3]
             cfb.TC_BWD_OPTS.clear()
             cfb.TC_BWD_OPTS.update(best[D][3])
-        rows.append(f"D{D}: (dK/dV tiles, dQ tiles, dQ by reductions) = {cfb.TC_BWD_TILES[D]} opts {cfb.TC_BWD_OPTS}")
+        rows.append(f"D{D}: (dK/dV tiles, dQ tiles, dQ by reductions) = {cfb.TC_BWD_TILES[D]} opts {cfb.TC_BWD_OPTS}; "
+                    f"Hopper wgmma (warpgroups, rows) {cfb.TC_BWD_WGMMA.get(D)} dQ fused {cfb.TC_BWD_WGMMA_DQ}")
         for S in lens:
             B = 16384 // S
             for causal in (False, True):

@@ -12,8 +12,10 @@ varlen (H, Tq): (1, Tq)). Steps:
    reproducible, at the price of recomputing S and dP once more (7 tile products instead of 5; on the H100,
    bf16: from equal speed to 20% slower than the atomics).
 
-float32 / float64 run on CUDA cores (``_flash_bwd_simt``); float16 / bfloat16 run on tensor cores
-(``_flash_bwd_tc``) up to head dim 128 and are widened to float32 for the CUDA-core kernels above that.
+float32 / float64 run on CUDA cores (``_flash_bwd_simt``); float16 / bfloat16 run on tensor cores up to head dim
+128 (Hopper: warpgroup MMA, ``_flash_bwd_wgmma``, dK / dV and dQ by reductions in one kernel, or the dQ pass when
+deterministic; elsewhere mma.sync, ``_flash_bwd_tc``) and are widened to float32 for the CUDA-core kernels above
+that.
 """
 import numpy as np
 from numba import cuda
@@ -52,16 +54,17 @@ TC_BWD_OPTS = {}
 TC_BWD_DQ_QREG = False
 TC_BWD_MAX_D = 128
 #: Hopper (compute capability 9.0): dK / dV on warpgroup MMA (``_flash_bwd_wgmma``), by padded head dim (the
-#: smallest key >= it): (warpgroups, query rows per tile), the deterministic dQ pass after it; None: the mma.sync
-#: kernels. H200 bf16 H16 (2026-12-04, benchmarks/results/gpu_h200_2026-12-04_bwd_wgmma*.txt), whole backward:
-#: D128 (2, 64) 163 / 197 / 204 TFLOP/s at S 1k / 4k / 16k against 138 / 183 / 189 with mma.sync (causal 131 / 180
-#: / 203 against 128 / 170 / 188); D64 stays on mma.sync with dQ by reductions (180 vs 151 at S4k)
-TC_BWD_WGMMA = {64: None, 128: (2, 64)}
+#: smallest key >= it): (warpgroups, query rows per tile); None: the mma.sync kernels. H200 bf16 H16, whole backward
+#: (2026-12-04, benchmarks/results/gpu_h200_2026-12-04_bwd_wgmma_bench_dq.txt), S 1k / 4k / 16k with dQ from the
+#: same kernel: D128 161 / 226 / 247 TFLOP/s (causal 134 / 198 / 251) against mma.sync 144 / 182 / 185 (127 / 166 /
+#: 183); D64 139 / 197 / 225 (101 / 172 / 221) against 133 / 177 / 197 (104 / 153 / 194)
+TC_BWD_WGMMA = {64: (2, 64), 128: (2, 64)}
 #: the simulator's wgmma tiles (tests set them; None: the simulator runs the mma.sync kernels)
 TC_BWD_WGMMA_SIM = None
-#: the wgmma kernel also computes dQ (fp32 reductions, ``make_wgmma_bwd_kernel(HAS_DQ=True)``, 64 query rows) when
-#: deterministic=False, instead of the dQ pass; off until timed on a GPU (simulator- and PTX-tested)
-TC_BWD_WGMMA_DQ = False
+#: dQ from the wgmma kernel too (fp32 reductions, ``make_wgmma_bwd_kernel(HAS_DQ=True)``, 64 query rows per tile)
+#: when deterministic=False; deterministic=True keeps the separate dQ pass (same run, D128: 192 / 204 TFLOP/s at S
+#: 4k / 16k against 226 / 247 fused)
+TC_BWD_WGMMA_DQ = True
 #: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``; the default
 #: reading is the one that matched on the H200)
 TC_BWD_WGMMA_SWAP = False
