@@ -173,3 +173,19 @@ def test_sim_backward_wgmma_with_dq(rng, monkeypatch, nwg):
     monkeypatch.setattr(cfb, "TC_BWD_WGMMA_SIM", (nwg, 64))
     monkeypatch.setattr(cfb, "TC_BWD_WGMMA_DQ", True)
     _run(rng, bfloat16, dict(causal=True), (1, 70, 150, 2, 1, 20), deterministic=False)
+
+
+PIPE_CASES = [("causal-alibi-dq", dict(causal=True, alibi_slopes=np.array([0.3, 0.7])), False),
+              ("window-deterministic", dict(window_size=(40, 7)), True)]
+
+
+@pytest.mark.parametrize("name,kw,det", PIPE_CASES, ids=[c[0] for c in PIPE_CASES])
+def test_sim_backward_wgmma_pipelined(rng, monkeypatch, name, kw, det):
+    """The wgmma kernel with its products overlapping the elementwise work (TC_BWD_WGMMA_PIPE: S^T and dP^T in two
+    commit groups, P from S^T, dV issued before dS): 2 warpgroups, 64 query rows, with dQ fused (causal ALiBi GQA)
+    and with the dQ pass (window); Sq 70, Sk 150, D 20 padded to 32."""
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA_SIM", (2, 64))
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA_PIPE", True)
+    _run(rng, bfloat16, kw, (1, 70, 150, 2, 1, 20), deterministic=det)

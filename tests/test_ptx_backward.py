@@ -92,3 +92,35 @@ def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags, has_dq):
             r = subprocess.run([ptxas, "-arch=sm_90a", src, "-o", os.path.join(d, "k.cubin")], capture_output=True,
                                text=True)
             assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dp", [64, 128])
+def test_wgmma_pipelined_kernel_compiles_for_sm90a(dp):
+    """The pipelined option (TC_BWD_WGMMA_PIPE, off until timed): two commit groups waited one at a time, the first
+    k-step of S^T / dP^T without accumulator input (scale-d 0, so no register writes between the batches); where a
+    ptxas is on PATH, it assembles for sm_90a without a compiler-injected warpgroup wait (C7517), which would
+    serialize the overlap."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from numba_kernels.cuda import _wgmma as wg
+    from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_bwd_kernel
+    from numba_kernels.cuda.flash_attention_backward import ptx_signatures
+
+    sig = next(s for n, f, s in ptx_signatures((64,)) if n.startswith("tc_dkdv_bf16"))
+    kern = make_wgmma_bwd_kernel(2, 64, dp, True, False, False, False, False, True, True)[0]
+    ptx, _ = wg.sm90a_ptx(kern.py_func, sig)
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, 0, 1, 1, "
+                     r"0, 0;", ptx)
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert "C7517" not in r.stderr, "ptxas injected a warpgroup wait"

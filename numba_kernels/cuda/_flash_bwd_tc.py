@@ -146,11 +146,13 @@ def make_tile_loader(load_q, BR, QT, HAS_DROP):
 
 
 @functools.lru_cache(maxsize=None)
-def make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP):
+def make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP, P_ONLY=False):
     """elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, mask, lo, hi, slope, scale_log2, softcap,
     cap_in, thresh, inv_keep): P~ -> sacc, dS -> pacc over one warp's BR / 2 accumulators of S^T / dP^T (mma
     fragment rows are keys ka / kb, columns query rows i0 + cl of the tile whose row stats start at sb); rel0 =
-    ka - i0 - 2 t - off as float32."""
+    ka - i0 - 2 t - off as float32. P_ONLY (no softcap, no dropout: then P~ = P): only P -> sacc, pacc not read or
+    written (dS = P (dP - D_i) follows once dP is there)."""
+    assert not (P_ONLY and (HAS_CAP or HAS_DROP))
     S_LEN = BR // 2
     grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
 
@@ -162,10 +164,15 @@ def make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP):
             top = (y & 2) == 0
             rk = uint64(rk_s[sb + cl]) if HAS_DROP else uint64(0)
             rel = rel0 + float32((0 if top else 8) - (y >> 2) * 8 - (y & 1))
-            pd, ds = grad_elem(sacc[y], pacc[y], rel, ka if top else kb, lse_s[sb + cl], di_s[sb + cl], rk, mask, lo,
-                               hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
-            sacc[y] = pd
-            pacc[y] = ds
+            if P_ONLY:
+                pd, _ = grad_elem(sacc[y], F32_ZERO, rel, ka if top else kb, lse_s[sb + cl], F32_ZERO, rk, mask, lo,
+                                  hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
+                sacc[y] = pd
+            else:
+                pd, ds = grad_elem(sacc[y], pacc[y], rel, ka if top else kb, lse_s[sb + cl], di_s[sb + cl], rk, mask,
+                                   lo, hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep)
+                sacc[y] = pd
+                pacc[y] = ds
 
     return elementwise
 

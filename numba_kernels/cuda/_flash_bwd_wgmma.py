@@ -54,13 +54,15 @@ def make_canon_loader(NR, DP, NTH):
 
 
 @functools.lru_cache(maxsize=None)
-def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_T=False, HAS_DQ=False):
+def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_T=False, HAS_DQ=False, PIPE=False):
     """dK/dV kernel: NWG warpgroups (BC = 64 NWG keys), BR query rows per tile (a multiple of 16), head dim padded
     to DP (a multiple of 16). SWAP_T exchanges the two byte offsets of the transposed operands' descriptors (the
     other reading of the PTX layout text; for the GPU check). HAS_DQ (BR = 64): also dQ += dS K into the fp32
     buffer dq_acc by vector reductions, dS^T through shared memory (the canonical layout, read transposed as the
-    A operand), warpgroup w taking dQ columns w DP / NWG .. of all BC keys. Returns (Sm90aKernel, keys per block,
-    threads, dynamic shared bytes)."""
+    A operand), warpgroup w taking dQ columns w DP / NWG .. of all BC keys. PIPE (without softcap and dropout;
+    ignored with them): the products overlap the elementwise work: S^T and dP^T in two commit groups, P from S^T
+    while dP^T runs, dV issued before dS is computed, dK after it. Returns (Sm90aKernel, keys per block, threads,
+    dynamic shared bytes)."""
     BC = 64 * NWG
     NTH = 128 * NWG
     KS_D, NB2 = DP // 16, BR // 16
@@ -82,6 +84,7 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     pack_a = _pack_a(bf16)
     mma_s = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB)
+    mma_s0 = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB, SCALE_D=False)  # the first k-step (PIPE)
     t_lbo, t_sbo = (128, ROWB) if SWAP_T else (ROWB, 128)   # MN-major B: K step (8 query rows), N step (8 columns)
     mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, t_lbo, t_sbo)
     # dQ = dS K: A = dS^T tile read transposed (K step 8 keys = one row group, M step 8 query columns), B = K rows
@@ -92,6 +95,64 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
     load_k = make_canon_loader(BC, DP, NTH)
     load_tile = make_tile_loader(load_q, BR, QT, HAS_DROP)
     elementwise = make_elementwise(BR, HAS_CAP, HAS_ALIBI, HAS_DROP)
+    PIPE = PIPE and not (HAS_CAP or HAS_DROP)
+    elem_p = make_elementwise(BR, False, HAS_ALIBI, False, True)
+
+    @dev
+    def elem_ds(sacc, pacc, di_s, sb, t):
+        """dS = P (dP - D_i) -> pacc (P in sacc; masked entries have P = 0)."""
+        for y in range(S_LEN):
+            pacc[y] = sacc[y] * (pacc[y] - di_s[sb + (y >> 2) * 8 + 2 * t + (y & 1)])
+
+    @dev
+    def store_ds(smem, afr, ds_w):
+        """This thread's dS^T words (packed in afr) into the shared dS^T tile."""
+        for kk in range(NB2):
+            w0 = ds_w + kk * 64
+            smem[w0] = afr[8 * kk + 4]
+            smem[w0 + RG] = afr[8 * kk + 5]
+            smem[w0 + 32] = afr[8 * kk + 6]
+            smem[w0 + RG + 32] = afr[8 * kk + 7]
+
+    @dev
+    def tile_pipe(smem, sacc, pacc, afr, dvacc, dkacc, lse_s, di_s, rk_s, ka_w, q0, ds_w, i0, ka, kb, kw0, t, stage,
+                  off, left, right, lo, hi, slope, scale_log2, softcap, cap_in, thresh, inv_keep):
+        """One query tile's products and elementwise work with the products overlapping it (PIPE)."""
+        wg.wg_fence()
+        mma_s0(sacc, 0, smem, ka_w, q0)  # (no zeroing: nothing writes the accumulators between the two batches)
+        for kk in range(1, KS_D):
+            mma_s(sacc, 0, smem, ka_w + kk * 64, q0 + kk * 64)
+        wg.wg_commit()
+        mma_s0(pacc, 0, smem, ka_w + V_OFF, q0 + QT)
+        for kk in range(1, KS_D):
+            mma_s(pacc, 0, smem, ka_w + V_OFF + kk * 64, q0 + QT + kk * 64)
+        wg.wg_commit()
+        sb = stage * BR
+        rel0 = float32(ka - i0 - 2 * t - off)
+        wg.wg_wait1()  # S^T is there, dP^T may still run
+        if _tile_needs_mask(i0, i0 + BR, kw0, kw0 + 16, off, left, right):
+            elem_p(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, True, lo, hi, slope, scale_log2, softcap,
+                   cap_in, thresh, inv_keep)
+        else:
+            elem_p(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, False, lo, hi, slope, scale_log2, softcap,
+                   cap_in, thresh, inv_keep)
+        for kk in range(NB2):
+            afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3] = pack_a(sacc, 8 * kk)
+        wg.wg_fence()
+        for kk in range(NB2):  # dV += P^T dO while dS is computed
+            mma_o(dvacc, 0, smem, afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3], q0 + QT + kk * 8 * DP)
+        wg.wg_commit()
+        wg.wg_wait1()  # dP^T is there, dV may still run
+        elem_ds(sacc, pacc, di_s, sb, t)
+        for kk in range(NB2):
+            afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7] = pack_a(pacc, 8 * kk)
+        if HAS_DQ:
+            store_ds(smem, afr, ds_w)
+        wg.wg_fence()
+        for kk in range(NB2):
+            mma_o(dkacc, 0, smem, afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7], q0 + kk * 8 * DP)
+        wg.wg_commit()
+        wg.wg_wait0()
 
     def kernel(q, k, v, dout, lse, di, dq_acc, dk, dv, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):
@@ -172,44 +233,44 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
                         smem[w0 + 32] = uint32(0)
                         smem[w0 + RG + 32] = uint32(0)
             else:
-                # ---- S^T = K_w Q^T, dP^T = V_w dO^T
-                for x in range(S_LEN):
-                    sacc[x] = F32_ZERO
-                    pacc[x] = F32_ZERO
-                wg.wg_fence()
-                for kk in range(KS_D):
-                    mma_s(sacc, 0, smem, ka_w + kk * 64, q0 + kk * 64)
-                    mma_s(pacc, 0, smem, ka_w + V_OFF + kk * 64, q0 + QT + kk * 64)
-                wg.wg_commit()
-                wg.wg_wait0()
-                sb = stage * BR
-                rel0 = float32(ka - i0 - 2 * t - off)
-                if _tile_needs_mask(i0, i0 + BR, kw0, kw0 + 16, off, left, right):
-                    elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, True, lo, hi, slope, scale_log2,
-                                softcap, cap_in, thresh, inv_keep)
+                if PIPE:
+                    tile_pipe(smem, sacc, pacc, afr, dvacc, dkacc, lse_s, di_s, rk_s, ka_w, q0, ds_w, i0, ka, kb, kw0,
+                              t, stage, off, left, right, lo, hi, slope, scale_log2, softcap, cap_in, thresh,
+                              inv_keep)
                 else:
-                    elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, False, lo, hi, slope, scale_log2,
-                                softcap, cap_in, thresh, inv_keep)
-                # ---- dV += P~^T dO, dK += dS^T Q (16 query rows = two 8-row groups = 8 DP words per step)
-                # (all A fragments packed before the batch: no register writes between its wgmma)
-                for kk in range(NB2):
-                    afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3] = pack_a(sacc, 8 * kk)
-                    afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7] = pack_a(pacc, 8 * kk)
-                if HAS_DQ:  # dS^T to shared: rows ka / kb, query columns 16 kk + 2 t (+ 8) (before the batch reads afr)
+                    # ---- S^T = K_w Q^T, dP^T = V_w dO^T
+                    for x in range(S_LEN):
+                        sacc[x] = F32_ZERO
+                        pacc[x] = F32_ZERO
+                    wg.wg_fence()
+                    for kk in range(KS_D):
+                        mma_s(sacc, 0, smem, ka_w + kk * 64, q0 + kk * 64)
+                        mma_s(pacc, 0, smem, ka_w + V_OFF + kk * 64, q0 + QT + kk * 64)
+                    wg.wg_commit()
+                    wg.wg_wait0()
+                    sb = stage * BR
+                    rel0 = float32(ka - i0 - 2 * t - off)
+                    if _tile_needs_mask(i0, i0 + BR, kw0, kw0 + 16, off, left, right):
+                        elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, True, lo, hi, slope,
+                                    scale_log2, softcap, cap_in, thresh, inv_keep)
+                    else:
+                        elementwise(sacc, pacc, lse_s, di_s, rk_s, sb, rel0, ka, kb, t, False, lo, hi, slope,
+                                    scale_log2, softcap, cap_in, thresh, inv_keep)
+                    # ---- dV += P~^T dO, dK += dS^T Q (16 query rows = two 8-row groups = 8 DP words per step)
+                    # (all A fragments packed before the batch: no register writes between its wgmma)
                     for kk in range(NB2):
-                        w0 = ds_w + kk * 64
-                        smem[w0] = afr[8 * kk + 4]
-                        smem[w0 + RG] = afr[8 * kk + 5]
-                        smem[w0 + 32] = afr[8 * kk + 6]
-                        smem[w0 + RG + 32] = afr[8 * kk + 7]
-                wg.wg_fence()
-                for kk in range(NB2):
-                    mma_o(dvacc, 0, smem, afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3],
-                          q0 + QT + kk * 8 * DP)
-                    mma_o(dkacc, 0, smem, afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7],
-                          q0 + kk * 8 * DP)
-                wg.wg_commit()
-                wg.wg_wait0()
+                        afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3] = pack_a(sacc, 8 * kk)
+                        afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7] = pack_a(pacc, 8 * kk)
+                    if HAS_DQ:  # dS^T to shared: rows ka / kb, query columns 16 kk + 2 t (+ 8) (before the batch)
+                        store_ds(smem, afr, ds_w)
+                    wg.wg_fence()
+                    for kk in range(NB2):
+                        mma_o(dvacc, 0, smem, afr[8 * kk], afr[8 * kk + 1], afr[8 * kk + 2], afr[8 * kk + 3],
+                              q0 + QT + kk * 8 * DP)
+                        mma_o(dkacc, 0, smem, afr[8 * kk + 4], afr[8 * kk + 5], afr[8 * kk + 6], afr[8 * kk + 7],
+                              q0 + kk * 8 * DP)
+                    wg.wg_commit()
+                    wg.wg_wait0()
             if HAS_DQ:  # ---- dQ[:, wgi DQN ...] += dS K over the block's BC keys; fp32 reductions
                 wg.proxy_fence()
                 cuda.syncthreads()

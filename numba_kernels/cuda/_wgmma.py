@@ -58,7 +58,7 @@ def _frag_rc(tid):
     return (r0, r0, r0 + 8, r0 + 8), (2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
 
 
-def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO, TRANS_A=False):
+def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO, TRANS_A=False, SCALE_D=True):
     """One ``wgmma.mma_async m64nNk16`` (fp32 accumulate) as a device function over the warpgroup:
 
     * ``A_REG=False``: ``mma(acc, x, smem, a_word, b_word)``, A (64 x 16) and B (N x 16) from the shared uint32
@@ -69,7 +69,9 @@ def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO, TRANS_A=Fals
     ``acc[x : x + N / 2]`` += A B^T (float32 local array; x constant after unrolling so it stays in registers).
     TRANS_B: B is stored MN-major (the tile of a K x N operand with N along its rows' 16-byte runs); TRANS_A the same
     for a shared-memory A (M along the 16-byte runs). A_LBO/A_SBO,
-    B_LBO/B_SBO: descriptor byte offsets (module docstring). The caller brackets a batch of these with
+    B_LBO/B_SBO: descriptor byte offsets (module docstring). SCALE_D=False: acc = A B^T, the old values ignored (the
+    first product of a batch without zeroing the accumulators: no register writes between the batch's wgmma, which
+    ptxas would otherwise order with a wait on the previous batch). The caller brackets a batch of these with
     ``wg_fence()`` before and ``wg_commit(); wg_wait0()`` after."""
     NA = N // 2
     assert N % 8 == 0 and 8 <= N <= 256 and not (A_REG and TRANS_A)
@@ -94,7 +96,7 @@ def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO, TRANS_A=Fals
             out = []
             for tid, f in enumerate(frags):
                 rows, cols = _frag_rc(tid)
-                acc = np.asarray(f[1], dtype=np.float64).copy()
+                acc = np.asarray(f[1], dtype=np.float64).copy() if SCALE_D else np.zeros(NA)
                 for j in range(N // 8):
                     for i in range(4):
                         acc[4 * j + i] += Dm[rows[i], 8 * j + cols[i]]
@@ -120,11 +122,11 @@ def make_wgmma(N, kind, A_REG, TRANS_B, A_LBO, A_SBO, B_LBO, B_SBO, TRANS_A=Fals
     dregs = ", ".join(f"${i}" for i in range(NA))
     if A_REG:
         text = (f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{ty}.{ty} {{{dregs}}}, "
-                f"{{${NA}, ${NA + 1}, ${NA + 2}, ${NA + 3}}}, ${NA + 4}, 1, 1, 1, {int(TRANS_B)};")
+                f"{{${NA}, ${NA + 1}, ${NA + 2}, ${NA + 3}}}, ${NA + 4}, {int(SCALE_D)}, 1, 1, {int(TRANS_B)};")
         cons = ",".join(["=f"] * NA + ["r"] * 4 + ["l"] + [str(i) for i in range(NA)]) + ",~{memory}"
     else:
         text = (f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{ty}.{ty} {{{dregs}}}, ${NA}, ${NA + 1}, "
-                f"1, 1, 1, {int(TRANS_A)}, {int(TRANS_B)};")
+                f"{int(SCALE_D)}, 1, 1, {int(TRANS_A)}, {int(TRANS_B)};")
         cons = ",".join(["=f"] * NA + ["l", "l"] + [str(i) for i in range(NA)]) + ",~{memory}"
 
     def desc(context, builder, arrty, arr, idx, idxty, lbo, sbo):
@@ -179,6 +181,9 @@ if SIM:
     def wg_wait0():
         pass
 
+    def wg_wait1():
+        pass
+
     def proxy_fence():
         pass
 
@@ -206,6 +211,8 @@ else:
     wg_fence = _void("wgmma.fence.sync.aligned;")
     wg_commit = _void("wgmma.commit_group.sync.aligned;")
     wg_wait0 = _void("wgmma.wait_group.sync.aligned 0;")
+    #: all but the most recent commit group complete
+    wg_wait1 = _void("wgmma.wait_group.sync.aligned 1;")
     #: generic-proxy shared-memory writes (st.shared, cp.async) made visible to the async proxy (wgmma operands)
     proxy_fence = _void("fence.proxy.async.shared::cta;")
 

@@ -65,6 +65,9 @@ TC_BWD_WGMMA_SIM = None
 #: when deterministic=False; deterministic=True keeps the separate dQ pass (same run, D128: 192 / 204 TFLOP/s at S
 #: 4k / 16k against 226 / 247 fused)
 TC_BWD_WGMMA_DQ = True
+#: the wgmma kernel overlaps its products with the elementwise work (``make_wgmma_bwd_kernel(PIPE=True)``; without
+#: softcap and dropout); off until timed on a GPU (simulator- and PTX-tested)
+TC_BWD_WGMMA_PIPE = False
 #: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``; the default
 #: reading is the one that matched on the H200)
 TC_BWD_WGMMA_SWAP = False
@@ -198,7 +201,8 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     if wcfg:  # dK / dV on warpgroup MMA, dQ by its own pass or (TC_BWD_WGMMA_DQ) by reductions from the same kernel
         fused = TC_BWD_WGMMA_DQ and not user_deterministic and wcfg[1] == 64
         deterministic = not fused
-        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP, fused)
+        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP, fused,
+                                                    TC_BWD_WGMMA_PIPE)
         run = kern.launch
     else:
         kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
