@@ -189,3 +189,22 @@ def test_sim_backward_wgmma_pipelined(rng, monkeypatch, name, kw, det):
     monkeypatch.setattr(cfb, "TC_BWD_WGMMA_SIM", (2, 64))
     monkeypatch.setattr(cfb, "TC_BWD_WGMMA_PIPE", True)
     _run(rng, bfloat16, kw, (1, 70, 150, 2, 1, 20), deterministic=det)
+
+
+DQPASS_CASES = [("bf16-causal", bfloat16, dict(causal=True)),
+                ("f16-window-softcap-alibi-dropout", np.float16,
+                 dict(window_size=(20, 3), softcap=3.0, alibi_slopes=np.array([0.3, 0.7]), dropout_p=0.2, seed=11))]
+
+
+@pytest.mark.parametrize("name,dt,kw", DQPASS_CASES, ids=[c[0] for c in DQPASS_CASES])
+def test_sim_backward_wgmma_dq_pass(rng, monkeypatch, name, dt, kw):
+    """The deterministic dQ pass on warpgroup MMA (TC_BWD_WGMMA_DQPASS): 64 query rows per warpgroup (Sq 70: a full
+    and a ragged query tile), 16-key tiles over Sk 37 (three, the last ragged), GQA, D 20 padded to 32; run twice,
+    bitwise equal."""
+    from numba_kernels.cuda import flash_attention_backward as cfb
+
+    monkeypatch.setattr(cfb, "TC_BWD_WGMMA_DQPASS_SIM", (1, 16))
+    args, lse, got = _run(rng, dt, kw, (1, 70, 37, 2, 1, 20), deterministic=True)
+    again = nk.flash_attention_backward(*args, lse.astype(np.float32), backend="cuda", deterministic=True, **kw)
+    for x, y in zip(got, again):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))

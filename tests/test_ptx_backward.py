@@ -124,3 +124,36 @@ def test_wgmma_pipelined_kernel_compiles_for_sm90a(dp):
                                capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-2000:]
             assert "C7517" not in r.stderr, "ptxas injected a warpgroup wait"
+
+
+@pytest.mark.parametrize("dp,cfg", [(64, (2, 64)), (128, (2, 64)), (128, (1, 64))],
+                         ids=["D64-2wg-64keys", "D128-2wg-64keys", "D128-1wg-64keys"])
+def test_wgmma_dq_pass_compiles_for_sm90a(dp, cfg):
+    """The deterministic dQ pass on warpgroup MMA (TC_BWD_WGMMA_DQPASS, off until timed): S / dP m64n{keys}k16 from
+    two descriptors (the first k-step with scale-d 0), dQ m64n{D}k16 with A in registers and K read transposed; no
+    local memory; where a ptxas is on PATH it assembles for sm_90a without an injected warpgroup wait."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from numba_kernels.cuda import _wgmma as wg
+    from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_dq_kernel
+    from numba_kernels.cuda.flash_attention_backward import ptx_signatures
+
+    sig = next(s for n, f, s in ptx_signatures((64,)) if n.startswith("tc_dq_bf16"))
+    nwg, bc = cfg
+    ptx, _ = wg.sm90a_ptx(make_wgmma_dq_kernel(nwg, bc, dp, True, False, False, False)[0].py_func, sig)
+    op = r"wgmma\.mma_async\.sync\.aligned\.m64n{}k16\.f32\.bf16\.bf16 \{{[^}}]*\}}, "
+    assert re.search(op.format(bc) + r"%rd\d+, %rd\d+, 0, 1, 1, 0, 0;", ptx)
+    assert re.search(op.format(dp) + r"\{[^}]*\}, %rd\d+, 1, 1, 1, 1;", ptx)
+    assert not re.search(r"\.local\s", ptx)
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert "C7517" not in r.stderr, "ptxas injected a warpgroup wait"

@@ -6,6 +6,8 @@
                                                             # check_flash_attention_backward.py on the wgmma kernel
     python benchmarks/gpu/check_bwd_wgmma.py bench           # wgmma configurations next to the mma.sync kernel
                                                             # and torch SDPA's flash backward, same run
+    python benchmarks/gpu/check_bwd_wgmma.py dqpass          # the wgmma deterministic dQ pass: checks, timings
+    python benchmarks/gpu/check_bwd_wgmma.py profile         # per-kernel device time of one call
 
 ``check`` and ``bench`` use the reading the probe wrote (default: not swapped). Each is its own process: a wrong
 descriptor reading can fault and take the CUDA context with it.
@@ -118,6 +120,46 @@ def bench():
         f.write("\n".join(rows) + "\n")
 
 
+def dqpass(check_only=False):
+    """The deterministic dQ pass on warpgroup MMA (TC_BWD_WGMMA_DQPASS): checks (deterministic cases, twice equal),
+    then the whole deterministic backward with the mma.sync dQ pass and wgmma candidates, same run."""
+    import torch
+
+    cand = [(2, 64), (1, 64), (1, 128), (2, 32)]
+    cfb.TC_BWD_WGMMA_DQPASS.update({64: cand[0], 128: cand[0]})
+    combo = dict(softcap=5.0, alibi_slopes=cb.rng.random(4).astype(np.float32), dropout_p=0.2, seed=123)
+    cb.check("dq pass causal D64", bfloat16, 2, 97, 113, 4, 2, 64, deterministic=True, causal=True)
+    cb.check("dq pass window+softcap+alibi+dropout D64", bfloat16, 2, 97, 113, 4, 2, 64, deterministic=True,
+             window_size=(17, 5), **combo)
+    cb.check("dq pass causal Sq>Sk D128", bfloat16, 1, 130, 61, 4, 1, 128, deterministic=True, causal=True)
+    cb.check("dq pass long causal GQA D128", bfloat16, 1, 1025, 1025, 8, 2, 128, deterministic=True, causal=True)
+    cb.check("dq pass f16 plain D128", np.float16, 1, 97, 113, 4, 2, 128, deterministic=True)
+    cb.check("dq pass D40", bfloat16, 1, 97, 113, 4, 2, 40, deterministic=True)
+    print("FAILURES:", cb.chk.fails if cb.chk.fails else "none", flush=True)
+    if check_only or cb.chk.fails:
+        return
+    H = 16
+    for D in (64, 128):
+        for S in (1024, 4096, 16384):
+            B = 16384 // S
+            for causal in (False, True):
+                c = cb._torch_case(B, S, H, D, causal)
+                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+                o, ins, g = cb._sdpa_grads(c, causal)
+                t_sdpa = tbench(lambda: torch.autograd.grad(o, ins, g, retain_graph=True), 7)
+                parts = []
+                for v in [None] + cand:
+                    cfb.TC_BWD_WGMMA_DQPASS.clear()
+                    if v:
+                        cfb.TC_BWD_WGMMA_DQPASS[D] = v
+                    t = tbench(lambda: cb._ours(c, S, D, causal, True), 7)
+                    parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f}")
+                print(f"det bwd D{D:3d} S{S:5d} causal={int(causal)} sdpa {fl / t_sdpa / 1e12:6.1f} | " +
+                      " | ".join(parts), flush=True)
+                del c, o, ins, g
+    cfb.TC_BWD_WGMMA_DQPASS.clear()
+
+
 def profile():
     """Per-kernel device time of one backward call (torch profiler / CUPTI sees numba's and the driver's launches):
     D128 S4096 B4 H16, mma.sync and wgmma (2, 64), causal and not."""
@@ -158,4 +200,6 @@ if __name__ == "__main__":
         bench()
     elif step == "profile":
         profile()
+    elif step == "dqpass":
+        dqpass()
     print(f"[{step} done at {time.time() - t0:.0f} s]", flush=True)

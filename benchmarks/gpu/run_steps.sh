@@ -57,6 +57,7 @@ for s in "$@"; do case $s in
   wg_profile) step wg_profile 150 python3 $G/check_bwd_wgmma.py profile ;;
   bwd_check_pipe) step bwd_check_pipe 240 $P "import numba_kernels.cuda.flash_attention_backward as m; m.TC_BWD_WGMMA_PIPE = True" $G/check_flash_attention_backward.py check=quick ;;
   bwd_bench_pipe) step bwd_bench_pipe 300 $P "import numba_kernels.cuda.flash_attention_backward as m; m.TC_BWD_WGMMA_PIPE = True" $G/check_flash_attention_backward.py bench ;;
+  wg_dqpass) step wg_dqpass 300 python3 $G/check_bwd_wgmma.py dqpass ;;
   wg_bench) step wg_bench 300 python3 $G/check_bwd_wgmma.py bench ;;
   wgmma) step wgmma 90 python3 $G/probe_wgmma_run.py ;;
   dec_host) step dec_host 150 python3 $G/profile_decode_host.py ;;

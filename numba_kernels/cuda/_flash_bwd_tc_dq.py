@@ -14,6 +14,30 @@ from numba_kernels.cuda._flash_bwd_tc import (_lanes, _rel_bounds, _row_stats, _
 
 
 @functools.lru_cache(maxsize=None)
+def make_dq_elementwise(BC, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, mask, lo, hi, slope, scale_log2, softcap,
+    cap_in, thresh, inv_keep) of the dQ kernels: dS -> pacc over one warp's BC / 2 accumulators of S / dP (rows
+    are query rows ra / rb, columns keys j0 + ...)."""
+    S_LEN = BC // 2
+    grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    @dev
+    def elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, mask, lo, hi, slope, scale_log2, softcap,
+                    cap_in, thresh, inv_keep):
+        """dS -> pacc (accumulator rows are query rows ra / rb, columns keys j0 + ...); rel0 = j0 + 2 t - ra - off
+        as float32."""
+        for y in range(S_LEN):
+            top = (y & 2) == 0
+            rel = rel0 + float32((y >> 2) * 8 + (y & 1) - (0 if top else 8))
+            pd, ds = grad_elem(sacc[y], pacc[y], rel, j0 + (y >> 2) * 8 + 2 * t + (y & 1), l2a if top else l2b,
+                               dia if top else dib, rka if top else rkb, mask, lo, hi, slope, scale_log2, softcap,
+                               cap_in, thresh, inv_keep)
+            pacc[y] = ds
+
+    return elementwise
+
+
+@functools.lru_cache(maxsize=None)
 def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, WSKIP=True, QREG=False):
     """Deterministic dQ kernel: NW warps x 16 query rows, BC keys per tile (K / V double-buffered); QREG: the
     warp's Q and dO fragments (the A operands of S and dP, the same for every key tile) are read from shared memory
@@ -33,20 +57,7 @@ def make_tc_dq_kernel(NW, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, WSKIP=True
     mma_acc, _, pack_a = make_tc_helpers(bf16, STR, CH, NTH)
     load_q = make_row_loader(BRQ, STR, CH, NTH)
     load_k = make_row_loader(BC, STR, CH, NTH)
-    grad_elem = make_grad_elem(HAS_CAP, HAS_ALIBI, HAS_DROP)
-
-    @dev
-    def elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, mask, lo, hi, slope, scale_log2, softcap,
-                    cap_in, thresh, inv_keep):
-        """dS -> pacc (accumulator rows are query rows ra / rb, columns keys j0 + ...); rel0 = j0 + 2 t - ra - off
-        as float32."""
-        for y in range(S_LEN):
-            top = (y & 2) == 0
-            rel = rel0 + float32((y >> 2) * 8 + (y & 1) - (0 if top else 8))
-            pd, ds = grad_elem(sacc[y], pacc[y], rel, j0 + (y >> 2) * 8 + 2 * t + (y & 1), l2a if top else l2b,
-                               dia if top else dib, rka if top else rkb, mask, lo, hi, slope, scale_log2, softcap,
-                               cap_in, thresh, inv_keep)
-            pacc[y] = ds
+    elementwise = make_dq_elementwise(BC, HAS_CAP, HAS_ALIBI, HAS_DROP)
 
     def kernel(q, k, v, dout, lse, di, dq, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
                left, right, lse_a, lse_c, seed, thresh, inv_keep):

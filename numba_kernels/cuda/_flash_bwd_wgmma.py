@@ -16,13 +16,15 @@ Shared tiles use the no-swizzle canonical layout of ``_wgmma`` (cp.async chunk c
 """
 import functools
 
-from numba import cuda, float32, uint32
+from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _wgmma as wg
-from numba_kernels.cuda._attn_common import F32_LOG2E, F32_ZERO, dev, lane_ids, query_range, seq_bounds
-from numba_kernels.cuda._flash_bwd_tc import (_rel_bounds, _tile_hidden, _tile_needs_mask, make_elementwise,
+from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, dev, key_range, lane_ids, query_range, row_key,
+                                             seq_bounds)
+from numba_kernels.cuda._flash_bwd_tc import (_rel_bounds, _row_stats, _tile_hidden, _tile_needs_mask, make_elementwise,
                                               make_tile_loader)
+from numba_kernels.cuda._flash_bwd_tc_dq import make_dq_elementwise
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,3 +317,127 @@ def _pack_a(bf16):
     from numba_kernels.cuda._attn_common import make_tc_helpers
 
     return make_tc_helpers(bf16, 4, 1, 32)[2]
+
+
+@functools.lru_cache(maxsize=None)
+def make_wgmma_dq_kernel(NWG, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
+    """Deterministic dQ pass on warpgroup MMA (the ``_flash_bwd_tc_dq.make_tc_dq_kernel`` arguments): one block per
+    (query tile of BRQ = 64 NWG rows, head, sequence), warpgroup w owning rows 64 w .., K / V tiles of BC keys
+    double-buffered; per key tile S = Q_w K^T and dP = dO_w V^T (m64nBCk16, both operands from shared memory),
+    dS elementwise, dQ += dS K (m64nDPk16, A from registers, K read transposed). Returns (Sm90aKernel, query rows
+    per block, threads, dynamic shared bytes)."""
+    BRQ = 64 * NWG
+    NTH = 128 * NWG
+    KS_D, NB2 = DP // 16, BC // 16
+    AFQ = 4 * NB2                  # words of the packed dS fragments of one key tile
+    S_LEN, O_LEN = BC // 2, DP // 2
+    ROWB = DP * 16
+    QT = BRQ * DP // 2             # words of the Q (and dO) tile
+    KT = BC * DP // 2              # words of a K (and V) tile
+    KV_OFF = 2 * QT                # stage s: K at KV_OFF + 2 s KT, V right after it
+    SMEM = 4 * (KV_OFF + 4 * KT) + 128
+    kind = "bf16" if bf16 else "f16"
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+    pack_a = _pack_a(bf16)
+    mma_s = wg.make_wgmma(BC, kind, False, False, 128, ROWB, 128, ROWB)
+    mma_s0 = wg.make_wgmma(BC, kind, False, False, 128, ROWB, 128, ROWB, SCALE_D=False)
+    mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, ROWB, 128)
+    load_q = make_canon_loader(BRQ, DP, NTH)
+    load_k = make_canon_loader(BC, DP, NTH)
+    elementwise = make_dq_elementwise(BC, HAS_CAP, HAS_ALIBI, HAS_DROP)
+
+    def kernel(q, k, v, dout, lse, di, dq, cu_q, cu_k, slopes, scale_log2, softcap, cap_in, scale,
+               left, right, lse_a, lse_c, seed, thresh, inv_keep):
+        tid = cuda.threadIdx.x
+        warp, lane, g, t = lane_ids(tid)
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        qs, Sq, ks, Sk = seq_bounds(cu_q, cu_k, b)
+        qb = (Sq + BRQ - 1) // BRQ - 1 - cuda.blockIdx.x  # last (heaviest when causal) blocks first
+        if qb < 0:
+            return
+        i0 = qb * BRQ
+        hk = h // (q.shape[1] // k.shape[1])
+        off = Sk - Sq
+        smem = cuda.shared.array(0, uint32)
+        pad = wg.align_pad(smem, 128)
+        lo, hi = key_range(i0, i0 + BRQ, Sq, Sk, left, right)
+        lo = (lo // BC) * BC
+        load_q(smem, pad, q, qs + i0, Sq - i0, h, tid)
+        load_q(smem, pad + QT, dout, qs + i0, Sq - i0, h, tid)
+        if lo < hi:
+            load_k(smem, pad + KV_OFF, k, ks + lo, Sk - lo, hk, tid)
+            load_k(smem, pad + KV_OFF + KT, v, ks + lo, Sk - lo, hk, tid)
+        intr.cp_async_commit()
+        wgi = warp >> 2
+        rg0 = i0 + wgi * 64            # this warpgroup's first query row
+        qa_w = pad + wgi * (QT // NWG)  # its Q rows (dO at + QT)
+        ra = i0 + warp * 16 + g
+        rb = ra + 8
+        l2a, dia = _row_stats(lse, di, qs, ra, Sq, h, lse_a, lse_c)
+        l2b, dib = _row_stats(lse, di, qs, rb, Sq, h, lse_a, lse_c)
+        rka = row_key(seed, b, h, ra) if HAS_DROP else uint64(0)
+        rkb = row_key(seed, b, h, rb) if HAS_DROP else uint64(0)
+        slope = F32_ZERO
+        if HAS_ALIBI:
+            slope = float32(slopes[b, h]) * F32_LOG2E
+        qacc = cuda.local.array(O_LEN, float32)
+        for x in range(O_LEN):
+            qacc[x] = F32_ZERO
+        sacc = cuda.local.array(S_LEN, float32)
+        pacc = cuda.local.array(S_LEN, float32)
+        afr = cuda.local.array(AFQ, uint32)
+        stage = 0
+        flo, fhi = _rel_bounds(left, right)
+        rw0 = i0 + warp * 16
+        for j0 in range(lo, hi, BC):
+            kv0 = pad + KV_OFF + stage * 2 * KT
+            if j0 + BC < hi:  # prefetch the next K / V tile into the other stage
+                nxt = pad + KV_OFF + (1 - stage) * 2 * KT
+                load_k(smem, nxt, k, ks + j0 + BC, Sk - j0 - BC, hk, tid)
+                load_k(smem, nxt + KT, v, ks + j0 + BC, Sk - j0 - BC, hk, tid)
+                intr.cp_async_commit()
+                intr.cp_async_wait1()
+            else:
+                intr.cp_async_wait0()
+            wg.proxy_fence()
+            cuda.syncthreads()
+            # the warpgroup's 64 rows past the end or hidden from the whole tile (uniform over it): dS = 0
+            if not (rg0 >= Sq or _tile_hidden(rg0, rg0 + 64, j0, j0 + BC, off, left, right)):
+                wg.wg_fence()  # (first k-step without accumulator input: no zeroing between the batch's wgmma)
+                mma_s0(sacc, 0, smem, qa_w, kv0)
+                mma_s0(pacc, 0, smem, qa_w + QT, kv0 + KT)
+                for kk in range(1, KS_D):
+                    mma_s(sacc, 0, smem, qa_w + kk * 64, kv0 + kk * 64)
+                    mma_s(pacc, 0, smem, qa_w + QT + kk * 64, kv0 + KT + kk * 64)
+                wg.wg_commit()
+                wg.wg_wait0()
+                rel0 = float32(j0 + 2 * t - ra - off)
+                if _tile_needs_mask(rw0, rw0 + 16, j0, j0 + BC, off, left, right):
+                    elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, True, flo, fhi, slope,
+                                scale_log2, softcap, cap_in, thresh, inv_keep)
+                else:
+                    elementwise(sacc, pacc, rel0, l2a, l2b, dia, dib, rka, rkb, j0, t, False, flo, fhi, slope,
+                                scale_log2, softcap, cap_in, thresh, inv_keep)
+                # ---- dQ += dS K (16 keys = two 8-row groups of the K tile = 8 DP words per step)
+                for kk in range(NB2):
+                    afr[4 * kk], afr[4 * kk + 1], afr[4 * kk + 2], afr[4 * kk + 3] = pack_a(pacc, 8 * kk)
+                wg.wg_fence()
+                for kk in range(NB2):
+                    mma_o(qacc, 0, smem, afr[4 * kk], afr[4 * kk + 1], afr[4 * kk + 2], afr[4 * kk + 3],
+                          kv0 + kk * 8 * DP)
+                wg.wg_commit()
+                wg.wg_wait0()
+            stage = 1 - stage
+            cuda.syncthreads()
+        intr.cp_async_wait0()
+        DW = dq.shape[2]
+        for nt in range(O_LEN // 4):
+            w = nt * 4 + t
+            if w < DW:
+                if ra < Sq:
+                    dq[qs + ra, h, w] = pack(qacc[nt * 4] * scale, qacc[nt * 4 + 1] * scale)
+                if rb < Sq:
+                    dq[qs + rb, h, w] = pack(qacc[nt * 4 + 2] * scale, qacc[nt * 4 + 3] * scale)
+
+    return wg.Sm90aKernel(kernel), BRQ, NTH, SMEM

@@ -27,7 +27,7 @@ from numba_kernels.cuda import _wgmma as wg
 from numba_kernels.cuda._flash_bwd_simt import make_row_dot, make_simt_bwd_kernels
 from numba_kernels.cuda._flash_bwd_tc import make_tc_bwd_kernel
 from numba_kernels.cuda._flash_bwd_tc_dq import make_tc_dq_kernel, make_word_kernels
-from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_bwd_kernel
+from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_bwd_kernel, make_wgmma_dq_kernel
 from numba_kernels.cuda._pool import out_array
 from numba_kernels.cuda.flash_attention import _as_words, _cached, _from_words, _scalars
 
@@ -65,6 +65,11 @@ TC_BWD_WGMMA_SIM = None
 #: when deterministic=False; deterministic=True keeps the separate dQ pass (same run, D128: 192 / 204 TFLOP/s at S
 #: 4k / 16k against 226 / 247 fused)
 TC_BWD_WGMMA_DQ = True
+#: the deterministic dQ pass on warpgroup MMA (``make_wgmma_dq_kernel``), by padded head dim (the smallest key >=
+#: it): (warpgroups = query tile / 64, keys per tile); empty: the mma.sync dQ pass. Off until timed on a GPU
+#: (simulator- and PTX-tested); the simulator uses TC_BWD_WGMMA_DQPASS_SIM where tests set it
+TC_BWD_WGMMA_DQPASS = {}
+TC_BWD_WGMMA_DQPASS_SIM = None
 #: the wgmma kernel overlaps its products with the elementwise work (``make_wgmma_bwd_kernel(PIPE=True)``; without
 #: softcap and dropout); off until timed on a GPU (simulator- and PTX-tested)
 TC_BWD_WGMMA_PIPE = False
@@ -95,6 +100,14 @@ def wgmma_bwd_config(DP):
         return TC_BWD_WGMMA_SIM
     keys = [d for d in TC_BWD_WGMMA if d >= DP]
     return TC_BWD_WGMMA[min(keys)] if keys and wg.available() else None
+
+
+def wgmma_dq_config(DP):
+    """(warpgroups, keys per tile) of the wgmma dQ pass for padded head dim DP, or None."""
+    if intr.SIM:
+        return TC_BWD_WGMMA_DQPASS_SIM
+    keys = [d for d in TC_BWD_WGMMA_DQPASS if d >= DP]
+    return TC_BWD_WGMMA_DQPASS[min(keys)] if keys and wg.available() else None
 
 
 def simt_bwd_config(D):
@@ -212,9 +225,14 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     grid = (max(1, -(-max_sk // BC)), kw.shape[1], B)
     if deterministic:
         run(grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
-        dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **dq_opts)
+        qcfg = wgmma_dq_config(DP)
         dqw = out_array(qw.shape, np.uint32)
-        fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+        if qcfg:
+            dqk, BRQ, NTHQ, SMEMQ = make_wgmma_dq_kernel(*qcfg, DP, bool(bf16), *flags)
+            dqk.launch((max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+        else:
+            dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **dq_opts)
+            fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
     else:
         acc = _zeros((Tq, H, 2 * W), np.float32)
         run(grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
