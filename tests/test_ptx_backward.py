@@ -38,6 +38,27 @@ def test_flash_attention_backward_kernel_compiles_for_sm90(configs, idx):
             assert not re.search(r"\.local\s", ptx), f"{name}: fragments or accumulators spilled to local memory"
 
 
+def _assemble_sm90a(ptx):
+    """ptxas -arch=sm_90a -v of the PTX where a ptxas is on PATH: its info / warning text ('' without one); the
+    assembly must succeed."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    ptxas = shutil.which("ptxas")
+    if not ptxas:
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))  # the local ptxas may be older than NVVM
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True,
+                           text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stderr
+
+
 def _wgmma_configs():
     from numba_kernels.cuda import flash_attention_backward as cfb
 
@@ -56,11 +77,6 @@ def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags, has_dq):
     m64n{rows}k16 from two descriptors, dV / dK m64n{D}k16 with A in registers and B transposed, dQ m64n{D / wg}k16
     with both operands transposed and its fp32 vector reductions), the async-proxy fence after the cp.async loads,
     and (plain path) no local memory; where a ptxas is on PATH it assembles for sm_90a."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
     from numba import types
 
     from numba_kernels.cuda import _wgmma as wg
@@ -84,14 +100,7 @@ def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags, has_dq):
         assert instr in ptx, instr
     if not flags[0]:
         assert not re.search(r"\.local\s", ptx), "accumulators spilled to local memory"
-    ptxas = shutil.which("ptxas")
-    if ptxas:
-        with tempfile.TemporaryDirectory() as d:
-            src = os.path.join(d, "k.ptx")
-            open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))
-            r = subprocess.run([ptxas, "-arch=sm_90a", src, "-o", os.path.join(d, "k.cubin")], capture_output=True,
-                               text=True)
-            assert r.returncode == 0, r.stderr[-2000:]
+    _assemble_sm90a(ptx)
 
 
 @pytest.mark.parametrize("dp", [64, 128])
@@ -100,11 +109,6 @@ def test_wgmma_pipelined_kernel_compiles_for_sm90a(dp):
     k-step of S^T / dP^T without accumulator input (scale-d 0, so no register writes between the batches); where a
     ptxas is on PATH, it assembles for sm_90a without a compiler-injected warpgroup wait (C7517), which would
     serialize the overlap."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
     from numba_kernels.cuda import _wgmma as wg
     from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_bwd_kernel
     from numba_kernels.cuda.flash_attention_backward import ptx_signatures
@@ -115,15 +119,7 @@ def test_wgmma_pipelined_kernel_compiles_for_sm90a(dp):
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, 0, 1, 1, "
                      r"0, 0;", ptx)
-    ptxas = shutil.which("ptxas")
-    if ptxas:
-        with tempfile.TemporaryDirectory() as d:
-            src = os.path.join(d, "k.ptx")
-            open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
-                               capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-2000:]
-            assert "C7517" not in r.stderr, "ptxas injected a warpgroup wait"
+    assert "C7517" not in _assemble_sm90a(ptx), "ptxas injected a warpgroup wait"
 
 
 @pytest.mark.parametrize("dp,cfg", [(64, (2, 64)), (128, (2, 64)), (128, (1, 64))],
@@ -132,11 +128,6 @@ def test_wgmma_dq_pass_compiles_for_sm90a(dp, cfg):
     """The deterministic dQ pass on warpgroup MMA (TC_BWD_WGMMA_DQPASS, off until timed): S / dP m64n{keys}k16 from
     two descriptors (the first k-step with scale-d 0), dQ m64n{D}k16 with A in registers and K read transposed; no
     local memory; where a ptxas is on PATH it assembles for sm_90a without an injected warpgroup wait."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
     from numba_kernels.cuda import _wgmma as wg
     from numba_kernels.cuda._flash_bwd_wgmma import make_wgmma_dq_kernel
     from numba_kernels.cuda.flash_attention_backward import ptx_signatures
@@ -148,12 +139,4 @@ def test_wgmma_dq_pass_compiles_for_sm90a(dp, cfg):
     assert re.search(op.format(bc) + r"%rd\d+, %rd\d+, 0, 1, 1, 0, 0;", ptx)
     assert re.search(op.format(dp) + r"\{[^}]*\}, %rd\d+, 1, 1, 1, 1;", ptx)
     assert not re.search(r"\.local\s", ptx)
-    ptxas = shutil.which("ptxas")
-    if ptxas:
-        with tempfile.TemporaryDirectory() as d:
-            src = os.path.join(d, "k.ptx")
-            open(src, "w").write(re.sub(r"\.version \d+\.\d+", ".version 8.5", ptx))
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
-                               capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-2000:]
-            assert "C7517" not in r.stderr, "ptxas injected a warpgroup wait"
+    assert "C7517" not in _assemble_sm90a(ptx), "ptxas injected a warpgroup wait"
