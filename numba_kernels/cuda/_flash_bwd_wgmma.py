@@ -1,14 +1,19 @@
-"""FlashAttention-2 dK / dV on Hopper warpgroup MMA (``wgmma``, sm_90a; float16 / bfloat16, fp32 accumulate).
+"""FlashAttention-2 backward on Hopper warpgroup MMA (``wgmma``, sm_90a; float16 / bfloat16, fp32 accumulate).
 
-The same algorithm and arguments as ``_flash_bwd_tc.make_tc_bwd_kernel`` without dQ (the deterministic dQ pass
-follows it): one block per (key tile of BC = 64 NWG keys, k/v head, sequence), warpgroup w owning keys
-64 w .. 64 w + 63, K / V in shared memory, dK / dV in registers, the query heads of the GQA group and their query
-tiles of BR rows walked with Q / dO double-buffered by cp.async. Per query tile and warpgroup:
+``make_wgmma_bwd_kernel`` has the arguments of ``_flash_bwd_tc.make_tc_bwd_kernel``: one block per (key tile of
+BC = 64 NWG keys, k/v head, sequence), warpgroup w owning keys 64 w .. 64 w + 63, K / V in shared memory, dK / dV
+in registers, the query heads of the GQA group and their query tiles of BR rows walked with Q / dO
+double-buffered by cp.async. Per query tile and warpgroup:
 
   S^T = K_w Q^T, dP^T = V_w dO^T   wgmma m64nBRk16, A and B from shared memory (K-major)
   P~, dS                            ``make_elementwise`` on the accumulators (the mma.sync fragment layout)
   dV += P~^T dO, dK += dS^T Q       wgmma m64nDPk16, A from registers (packed accumulators), B = dO / Q
                                     from shared memory read transposed (MN-major)
+  dQ += dS K (HAS_DQ)               dS^T to shared memory, wgmma m64n(DP/NWG)k16 with both operands read
+                                    transposed, warpgroup w taking dQ columns w DP / NWG ..; fp32 reductions
+
+PIPE overlaps the products with the elementwise work (two commit groups waited one at a time).
+``make_wgmma_dq_kernel`` is the deterministic dQ pass on the same products (one block per query tile).
 
 Against the mma.sync kernel, a warpgroup reads each Q / dO element of the tile from shared memory once per
 product instead of once per warp (there, ldmatrix traffic was as large as the mma time: BENCHMARKS.md).
