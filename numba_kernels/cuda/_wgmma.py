@@ -252,6 +252,10 @@ def _cuda_lib():
 _AVAILABLE = {}
 
 
+class Sm90aUnavailable(RuntimeError):
+    """The driver could not load or configure an sm_90a kernel (for example a driver older than the PTX)."""
+
+
 def available():
     """True on a real device of compute capability 9.0 with a driver library we can call (sm_90a code runs on 9.0
     only); False in the simulator."""
@@ -302,7 +306,7 @@ class Sm90aKernel:
         if rc == 0 and smem > 48 * 1024:
             rc = lib.cuFuncSetAttribute(fn, 8, ctypes.c_int(smem))  # MAX_DYNAMIC_SHARED_SIZE_BYTES
         if rc:
-            raise RuntimeError(f"loading the sm_90a kernel failed with CUresult {rc}")
+            raise Sm90aUnavailable(f"loading the sm_90a kernel failed with CUresult {rc}")
         fmt, _ = fl.param_format(argtypes)
         n = fmt.size // 8
         buf = ctypes.create_string_buffer(max(fmt.size, 8))
@@ -310,6 +314,24 @@ class Sm90aKernel:
         ent = (fn, fmt, buf, ptrs, mod)
         self._fns[key] = ent
         return ent
+
+    def ready(self, smem, args):
+        """Compile and load the kernel for these arguments' types now; False (and ``available()`` False for this
+        context from then on) when the driver cannot load it, so the caller takes another kernel. True in the
+        simulator."""
+        from numba_kernels.cuda import _launch as fl
+
+        if SIM:
+            return True
+        key = fl._key_values(self, smem, args)[0] + (fl.context_key(),)
+        if key in self._fns:
+            return True
+        try:
+            self._function(key, args, smem)
+        except Sm90aUnavailable:
+            _AVAILABLE[fl.context_key()] = False
+            return False
+        return True
 
     def launch(self, grid, block, smem, args):
         from numba_kernels.cuda import _launch as fl

@@ -213,11 +213,14 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     wcfg = wgmma_bwd_config(DP)
     if wcfg:  # dK / dV on warpgroup MMA, dQ by its own pass or (TC_BWD_WGMMA_DQ) by reductions from the same kernel
         fused = TC_BWD_WGMMA_DQ and not user_deterministic and wcfg[1] == 64
-        deterministic = not fused
         kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP, fused,
                                                     TC_BWD_WGMMA_PIPE)
-        run = kern.launch
-    else:
+        if kern.ready(SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail):
+            deterministic = not fused
+            run = kern.launch
+        else:  # the driver cannot load sm_90a code: the mma.sync kernels
+            wcfg = None
+    if not wcfg:
         kern, BC, NTH, SMEM = make_tc_bwd_kernel(nw, br, DP, bool(bf16), *flags, not deterministic, **opts)
 
         def run(grid, block, smem, args):
@@ -227,12 +230,15 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
         run(grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail)
         qcfg = wgmma_dq_config(DP)
         dqw = out_array(qw.shape, np.uint32)
+        dq_args = (qw, kw, vw, dow, lse, di, dqw) + tail
         if qcfg:
             dqk, BRQ, NTHQ, SMEMQ = make_wgmma_dq_kernel(*qcfg, DP, bool(bf16), *flags)
-            dqk.launch((max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+            qcfg = dqk.ready(SMEMQ, dq_args)
+        if qcfg:
+            dqk.launch((max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, dq_args)
         else:
             dqk, BRQ, NTHQ, SMEMQ = make_tc_dq_kernel(nwq, bcq, DP, bool(bf16), *flags, **dq_opts)
-            fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, (qw, kw, vw, dow, lse, di, dqw) + tail)
+            fl.launch(dqk, (max(1, -(-max_sq // BRQ)), H, B), NTHQ, SMEMQ, dq_args)
     else:
         acc = _zeros((Tq, H, 2 * W), np.float32)
         run(grid, NTH, SMEM, (qw, kw, vw, dow, lse, di, acc, dkw, dvw) + tail)
