@@ -86,7 +86,7 @@ def test_wgmma_dkdv_kernel_compiles_for_sm90a(dp, cfg, bf16, flags, has_dq):
     sig = next(s for n, f, s in ptx_signatures((64,)) if n.startswith("tc_dkdv_bf16"))
     assert sig[0] == types.Array(types.uint32, 3, "C")
     nwg, br = cfg
-    kern = make_wgmma_bwd_kernel(nwg, br, dp, bf16, *flags, False, has_dq)[0]
+    kern = make_wgmma_bwd_kernel(nwg, br, dp, bf16, *flags, has_dq)[0]
     ptx, name = wg.sm90a_ptx(kern.py_func, sig)
     ty = "bf16" if bf16 else "f16"
     op = rf"wgmma\.mma_async\.sync\.aligned\.m64n{{}}k16\.f32\.{ty}\.{ty} \{{{{[^}}}}]*\}}}}, "
@@ -114,7 +114,7 @@ def test_wgmma_pipelined_kernel_compiles_for_sm90a(dp):
     from numba_kernels.cuda.flash_attention_backward import ptx_signatures
 
     sig = next(s for n, f, s in ptx_signatures((64,)) if n.startswith("tc_dkdv_bf16"))
-    kern = make_wgmma_bwd_kernel(2, 64, dp, True, False, False, False, False, True, True)[0]
+    kern = make_wgmma_bwd_kernel(2, 64, dp, True, False, False, False, True, True)[0]
     ptx, _ = wg.sm90a_ptx(kern.py_func, sig)
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+, 0, 1, 1, "

@@ -1,7 +1,7 @@
 """On the GPU machine (H100 / H200): the Hopper wgmma dK/dV kernel of the flash_attention backward.
 
-    python benchmarks/gpu/check_bwd_wgmma.py probe [swap]   # two small cases with one descriptor reading; writes
-                                                            # $OUT/wgmma_reading.txt when they pass
+    python benchmarks/gpu/check_bwd_wgmma.py probe           # two small cases (the first run settled the reading
+                                                            # of the transposed operands' descriptor offsets)
     python benchmarks/gpu/check_bwd_wgmma.py check           # the quick correctness set of
                                                             # check_flash_attention_backward.py on the wgmma kernel
     python benchmarks/gpu/check_bwd_wgmma.py bench           # wgmma configurations next to the mma.sync kernel
@@ -9,8 +9,7 @@
     python benchmarks/gpu/check_bwd_wgmma.py dqpass          # the wgmma deterministic dQ pass: checks, timings
     python benchmarks/gpu/check_bwd_wgmma.py profile         # per-kernel device time of one call
 
-``check`` and ``bench`` use the reading the probe wrote (default: not swapped). Each is its own process: a wrong
-descriptor reading can fault and take the CUDA context with it.
+Each step is its own process: a faulting kernel takes the CUDA context with it.
 """
 import os
 import sys
@@ -27,51 +26,41 @@ from numba_kernels.cuda import _wgmma as wg  # noqa: E402
 from numba_kernels.cuda import flash_attention_backward as cfb  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
-READING = os.path.join(OUT, "wgmma_reading.txt")
 DEFAULT = {64: (1, 64), 128: (1, 64)}
 
 
 SHIPPED = dict(cfb.TC_BWD_WGMMA)
 
 
-def _use(cfg, swap, dq=None):
+def _use(cfg, dq=None):
     """Only the head dims in cfg on the wgmma kernel (an empty cfg: the mma.sync kernels everywhere); dq: dQ from
     the wgmma kernel (TC_BWD_WGMMA_DQ; default: the WG_DQ environment variable)."""
     cfb.TC_BWD_WGMMA.clear()
     cfb.TC_BWD_WGMMA.update(cfg)
-    cfb.TC_BWD_WGMMA_SWAP = swap
     cfb.TC_BWD_WGMMA_DQ = bool(os.environ.get("WG_DQ")) if dq is None else dq
 
 
-def _reading():
-    return os.path.exists(READING) and open(READING).read().strip() == "swap"
-
-
-def probe(swap):
+def probe():
     from numba import cuda
 
     print("device", cuda.get_current_device().name, "cc", cuda.get_current_device().compute_capability,
           "wgmma available:", wg.available(), flush=True)
-    _use(DEFAULT, swap)
+    _use(DEFAULT)
     n0 = len(cb.chk.fails)
     cb.check("wgmma plain", bfloat16, 2, 97, 113, 4, 2, 64)
     cb.check("wgmma causal GQA D128", bfloat16, 1, 200, 200, 4, 2, 128, causal=True)
-    ok = len(cb.chk.fails) == n0
-    print(f"reading {'swap' if swap else 'default'}: {'PASS' if ok else 'FAIL'}", flush=True)
-    if ok:
-        with open(READING, "w") as f:
-            f.write("swap\n" if swap else "default\n")
+    print("probe:", "PASS" if len(cb.chk.fails) == n0 else "FAIL", flush=True)
 
 
 def check():
     cfg = dict(DEFAULT)
     if os.environ.get("WG_CHECK_2WG"):
         cfg[128] = (2, 64)
-    _use(cfg, _reading())
+    _use(cfg)
     cb.correctness(quick=True)
     cb.check("wgmma f16 plain D128", np.float16, 1, 97, 113, 4, 2, 128)
     cb.check("wgmma D40 (padded to 48)", bfloat16, 1, 97, 113, 4, 2, 40, causal=True)
-    _use({128: (2, 64)}, _reading())
+    _use({128: (2, 64)})
     cb.check("wgmma 2 warpgroups causal D128", bfloat16, 1, 300, 300, 4, 2, 128, causal=True)
     cb.check("wgmma 2 warpgroups window+softcap+alibi+dropout D128", bfloat16, 1, 300, 300, 4, 2, 128,
              window_size=(70, 9), softcap=5.0, alibi_slopes=cb.rng.random(4).astype(np.float32), dropout_p=0.2,
@@ -82,10 +71,9 @@ def check():
 def bench():
     import torch
 
-    swap = _reading()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = 2 * 8192 ** 3 / tbench(lambda: a @ a, 10) / 1e12
-    rows = [f"peak bf16 matmul (torch 8192^3) {mm:.0f} TFLOP/s; wgmma reading {'swap' if swap else 'default'}"]
+    rows = [f"peak bf16 matmul (torch 8192^3) {mm:.0f} TFLOP/s"]
     print(rows[0], flush=True)
     H = 16
     variants = {64: [None, (1, 64), (1, 32)], 128: [None, (1, 64), (2, 64), (1, 32)]}
@@ -105,7 +93,7 @@ def bench():
                 ref = torch.autograd.grad(o, ins, g)
                 parts = []
                 for v in variants[D]:
-                    _use({D: v[:2]} if v else {}, swap, bool(v) and len(v) > 2)
+                    _use({D: v[:2]} if v else {}, bool(v) and len(v) > 2)
                     t = tbench(lambda: cb._ours(c, S, D, causal), 7)
                     es = cb._err_vs(cb._ours(c, S, D, causal), ref, (B, S, H, D))
                     parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f} "
@@ -115,7 +103,7 @@ def bench():
                 print(r, flush=True)
                 rows.append(r)
                 del c, o, ins, g, ref
-    _use(SHIPPED, swap)
+    _use(SHIPPED)
     with open(os.path.join(OUT, "bench_bwd_wgmma.txt"), "w") as f:
         f.write("\n".join(rows) + "\n")
 
@@ -167,11 +155,10 @@ def profile():
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprof
 
-    swap = _reading()
     for causal in (False, True):
         c = cb._torch_case(4, 4096, 16, 128, causal)
         for v in (None, (2, 64)):
-            _use({128: v} if v else {}, swap)
+            _use({128: v} if v else {})
             for _ in range(2):
                 cb._ours(c, 4096, 128, causal)
             torch.cuda.synchronize()
@@ -186,14 +173,14 @@ def profile():
                     tot[name] = tot.get(name, 0.0) + e.device_time / 5
             print(f"causal={int(causal)} {'mma.sync' if v is None else 'wgmma' + str(v)}: " +
                   "; ".join(f"{k} {t:.0f} us" for k, t in sorted(tot.items(), key=lambda x: -x[1])), flush=True)
-    _use(SHIPPED, swap)
+    _use(SHIPPED)
 
 
 if __name__ == "__main__":
     t0 = time.time()
     step = sys.argv[1] if len(sys.argv) > 1 else "probe"
     if step == "probe":
-        probe("swap" in sys.argv[2:])
+        probe()
     elif step == "check":
         check()
     elif step == "bench":

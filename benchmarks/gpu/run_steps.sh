@@ -52,7 +52,6 @@ for s in "$@"; do case $s in
   dec_small_merge15) step dec_small_merge15 200 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 4; m.TC_TILES['gpu'] = m.TC_TILES['gpu'][:7] + (15,); m.TC_TILES_SMALL['gpu'] = m.TC_TILES_SMALL['gpu'][:7] + (15,)" $G/probe_decode_small.py ;;
   dec_check_merge15) step dec_check_merge15 240 $P "import numba_kernels.cuda.decode_attention as m; m.FUSED_MERGE_MAX = 16; m.TC_TILES['gpu'] = m.TC_TILES['gpu'][:7] + (15,); m.TC_TILES_SMALL['gpu'] = m.TC_TILES_SMALL['gpu'][:7] + (15,)" $G/check_decode_attention.py check --quick ;;
   wg_probe) step wg_probe 150 python3 $G/check_bwd_wgmma.py probe ;;
-  wg_probe_swap) [ -f $OUT/wgmma_reading.txt ] || step wg_probe_swap 150 python3 $G/check_bwd_wgmma.py probe swap ;;
   wg_check) step wg_check 240 python3 $G/check_bwd_wgmma.py check ;;
   wg_profile) step wg_profile 150 python3 $G/check_bwd_wgmma.py profile ;;
   bwd_check_pipe) step bwd_check_pipe 240 $P "import numba_kernels.cuda.flash_attention_backward as m; m.TC_BWD_WGMMA_PIPE = True" $G/check_flash_attention_backward.py check=quick ;;

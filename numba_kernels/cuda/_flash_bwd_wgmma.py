@@ -61,10 +61,9 @@ def make_canon_loader(NR, DP, NTH):
 
 
 @functools.lru_cache(maxsize=None)
-def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_T=False, HAS_DQ=False, PIPE=False):
+def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_DQ=False, PIPE=False):
     """dK/dV kernel: NWG warpgroups (BC = 64 NWG keys), BR query rows per tile (a multiple of 16), head dim padded
-    to DP (a multiple of 16). SWAP_T exchanges the two byte offsets of the transposed operands' descriptors (the
-    other reading of the PTX layout text; for the GPU check). HAS_DQ (BR = 64): also dQ += dS K into the fp32
+    to DP (a multiple of 16). HAS_DQ (BR = 64): also dQ += dS K into the fp32
     buffer dq_acc by vector reductions, dS^T through shared memory (the canonical layout, read transposed as the
     A operand), warpgroup w taking dQ columns w DP / NWG .. of all BC keys. PIPE (without softcap and dropout;
     ignored with them): the products overlap the elementwise work: S^T and dP^T in two commit groups, P from S^T
@@ -92,10 +91,10 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, SWAP_
     pack_a = _pack_a(bf16)
     mma_s = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB)
     mma_s0 = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB, SCALE_D=False)  # the first k-step (PIPE)
-    t_lbo, t_sbo = (128, ROWB) if SWAP_T else (ROWB, 128)   # MN-major B: K step (8 query rows), N step (8 columns)
+    t_lbo, t_sbo = ROWB, 128       # MN-major B: LBO = K step (8 query rows), SBO = N step (8 columns); H200-checked
     mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, t_lbo, t_sbo)
     # dQ = dS K: A = dS^T tile read transposed (K step 8 keys = one row group, M step 8 query columns), B = K rows
-    mma_q = wg.make_wgmma(DQN, kind, False, True, *((128, BR * 16) if SWAP_T else (BR * 16, 128)), t_lbo, t_sbo,
+    mma_q = wg.make_wgmma(DQN, kind, False, True, BR * 16, 128, t_lbo, t_sbo,
                           TRANS_A=True)
     red2 = intr.red_add_v2_f32
     load_q = make_canon_loader(BR, DP, NTH)

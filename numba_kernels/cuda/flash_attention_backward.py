@@ -73,9 +73,6 @@ TC_BWD_WGMMA_DQPASS_SIM = None
 #: the wgmma kernel overlaps its products with the elementwise work (``make_wgmma_bwd_kernel(PIPE=True)``; without
 #: softcap and dropout); off until timed on a GPU (simulator- and PTX-tested)
 TC_BWD_WGMMA_PIPE = False
-#: the other reading of the transposed-operand descriptor offsets (``make_wgmma_bwd_kernel(SWAP_T=)``; the default
-#: reading is the one that matched on the H200)
-TC_BWD_WGMMA_SWAP = False
 
 
 def tc_bwd_config(D, max_sk=None, masked=False):
@@ -213,8 +210,7 @@ def flash_bwd_tc_words(dow, qw, kw, vw, ow, lse, cu_q, cu_k, max_sq, max_sk, bf1
     wcfg = wgmma_bwd_config(DP)
     if wcfg:  # dK / dV on warpgroup MMA, dQ by its own pass or (TC_BWD_WGMMA_DQ) by reductions from the same kernel
         fused = TC_BWD_WGMMA_DQ and not user_deterministic and wcfg[1] == 64
-        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, TC_BWD_WGMMA_SWAP, fused,
-                                                    TC_BWD_WGMMA_PIPE)
+        kern, BC, NTH, SMEM = make_wgmma_bwd_kernel(*wcfg, DP, bool(bf16), *flags, fused, TC_BWD_WGMMA_PIPE)
         if kern.ready(SMEM, (qw, kw, vw, dow, lse, di, _dummy_acc(), dkw, dvw) + tail):
             deterministic = not fused
             run = kern.launch
