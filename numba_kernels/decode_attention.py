@@ -148,18 +148,20 @@ def _plan(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cach
     if rotary:
         if rotary_cos is None or rotary_sin is None:
             raise ValueError("rotary_cos and rotary_sin must be given together")
-        cos, sin = np.asarray(dsp.to_host(rotary_cos)), np.asarray(dsp.to_host(rotary_sin))
-        if cos.ndim != 2 or cos.shape != sin.shape:
+        # shapes and dtypes only: device tables are not copied to the host here
+        cshape, sshape = (tuple(int(n) for n in np.shape(x)) for x in (rotary_cos, rotary_sin))
+        if len(cshape) != 2 or cshape != sshape:
             raise ValueError(f"rotary_cos and rotary_sin must both have shape (seqlen_ro, rotary_dim / 2), "
-                             f"got {cos.shape} and {sin.shape}")
-        if cos.dtype.kind != "f" and cos.dtype != dsp.bfloat16:
-            raise TypeError(f"rotary_cos must be a float array, got {cos.dtype}")
-        rd = 2 * cos.shape[1]
+                             f"got {cshape} and {sshape}")
+        ct = dsp.array_dtype(rotary_cos)
+        if ct.kind != "f" and ct != dsp.bfloat16:
+            raise TypeError(f"rotary_cos must be a float array, got {ct}")
+        rd = 2 * cshape[1]
         if not 0 < rd <= D:
             raise ValueError(f"rotary_dim = 2 * rotary_cos.shape[1] must be in [2, {D}], got {rd}")
         need = int((end.max() if (causal or tuple(window_size) != (-1, -1)) else max(seqlens.max() + 1, end.max())))
-        if cos.shape[0] < need:
-            raise ValueError(f"rotary_cos must cover positions up to {need - 1}, got {cos.shape[0]} rows")
+        if cshape[0] < need:
+            raise ValueError(f"rotary_cos must cover positions up to {need - 1}, got {cshape[0]} rows")
     scale, left, right, softcap, _, slopes = _check_options(D, H, B, softmax_scale, window_size, softcap,
                                                             alibi_slopes, 0.0, causal)
     if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or not 0 <= num_splits <= 256:
@@ -296,7 +298,9 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, rotary_
     rotary_cos, rotary_sin : ndarray, shape (seqlen_ro, rotary_dim / 2), optional
         Rotary embedding tables. The new k is rotated at positions ``cache_seqlens[b] + t``; q at
         ``cache_seqlens[b] + i`` when causal or windowed, else every query token at ``cache_seqlens[b]``
-        (flash-attn's rule). Only the first rotary_dim features rotate.
+        (flash-attn's rule). Only the first rotary_dim features rotate. On CUDA, C-contiguous device tables
+        in the compute dtype (float64 for float64 caches, float32 otherwise) are read in place; other tables
+        are uploaded on every call, so keep them on the device in a decode loop.
     rotary_interleaved : bool
         True: rotate pairs (0, 1), (2, 3), ... (GPT-J); False: (i, i + rotary_dim / 2) (GPT-NeoX).
     cache_seqlens : int or ndarray, shape (B,), int32, optional

@@ -332,3 +332,29 @@ def test_sim_decode_wide_split_merge(rng, monkeypatch, ns, D):
                                                  return_lse=True)
     assert max_err(_host(out, bfloat16), ref) < TOL[np.dtype(bfloat16)]
     np.testing.assert_allclose(lse.copy_to_host(), rlse, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float64], ids=["device-float32-as-is", "device-float64"])
+def test_sim_decode_rotary_tables_on_the_device(rng, table_dtype):
+    """Rotary tables passed as device arrays (a float32 one used as it is, a float64 one converted) give the same
+    appended caches and output as the same tables on the host; paged float16 caches, NeoX halves, causal."""
+    from numba import cuda
+
+    B, Sq, H, Hk, D, page = 2, 2, 4, 2, 16, 4
+    seqlens = np.array([5, 9], np.int32)
+    q = rng.standard_normal((B, Sq, H, D)).astype(np.float16)
+    kc, vc = (rng.standard_normal((8, page, Hk, D)).astype(np.float16) for _ in range(2))
+    k, v = (rng.standard_normal((B, 2, Hk, D)).astype(np.float16) for _ in range(2))
+    cos, sin = rng.standard_normal((16, D // 4)), rng.standard_normal((16, D // 4))
+    table = rng.permutation(8).reshape(B, 4).astype(np.int32)
+    kw = dict(cache_seqlens=seqlens, block_table=table, causal=True, rotary_interleaved=False, backend="cuda")
+    results = []
+    for c, s in ((cos, sin), (cuda.to_device(cos.astype(table_dtype)), cuda.to_device(sin.astype(table_dtype)))):
+        kd, vd = _dev(kc), _dev(vc)
+        out = nk.flash_attention_with_kvcache(q, kd, vd, k, v, rotary_cos=c, rotary_sin=s, **kw)
+        results.append([out.copy_to_host(), kd.copy_to_host(), vd.copy_to_host()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    ref = flash_attention_with_kvcache_ref(q, kc.copy(), vc.copy(), k, v, rotary_cos=cos, rotary_sin=sin,
+                                           **{n: x for n, x in kw.items() if n != "backend"})
+    assert max_err(results[1][0], ref) < TOL[np.dtype(np.float16)]

@@ -144,6 +144,16 @@ def _u32(x):
 _uploads = fl.Uploader()
 
 
+def _rotary_table(x, ft):
+    """A rotary table on the device in the compute dtype ft: a C-contiguous device array of that dtype as it is
+    (no copy, no host round trip); anything else through the host."""
+    if dsp.is_device_array(x):
+        d = dsp.to_device(x)
+        if np.dtype(d.dtype) == np.dtype(ft) and d.is_c_contiguous():
+            return d
+    return cuda.to_device(np.ascontiguousarray(dsp.to_host(x), dtype=ft))
+
+
 def _i32(x, role=None):
     """Small int32 metadata on the device. With a ``role``: one device buffer per role and shape, refreshed
     by an asynchronous upload from pinned memory when the values change (no host stall); without: cached by
@@ -262,8 +272,7 @@ def decode_cuda(plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_
     kc, vc = _elems(k_cache, kind), _elems(v_cache, kind)
     cos = sin = None
     if plan.rotary:
-        cos = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_cos), dtype=ft))
-        sin = cuda.to_device(np.ascontiguousarray(dsp.to_host(rotary_sin), dtype=ft))
+        cos, sin = _rotary_table(rotary_cos, ft), _rotary_table(rotary_sin, ft)
     if plan.snew and dev_caches:
         kn, vn = _elems(k, kind), _elems(v, kind)
         pos0 = _i32(plan.seqlens, "seqlens")
