@@ -68,6 +68,23 @@ def check():
     print("FAILURES:", cb.chk.fails if cb.chk.fails else "none", flush=True)
 
 
+def _cases(lens, H=16):
+    """For D 64 / 128, S in lens (B = 16384 / S), causal or not: (D, S, B, causal, case, FLOPs, SDPA output,
+    inputs, output gradient, SDPA backward seconds), torch SDPA's flash backward timed in this run."""
+    import torch
+
+    for D in (64, 128):
+        for S in lens:
+            B = 16384 // S
+            for causal in (False, True):
+                c = cb._torch_case(B, S, H, D, causal)
+                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
+                o, ins, g = cb._sdpa_grads(c, causal)
+                t_sdpa = tbench(lambda: torch.autograd.grad(o, ins, g, retain_graph=True), 7)
+                yield D, S, B, causal, c, fl, o, ins, g, t_sdpa
+                del c, o, ins, g
+
+
 def bench():
     import torch
 
@@ -82,27 +99,20 @@ def bench():
                                       for c in cs.split(",")]
                     for d, cs in (part.split(":") for part in os.environ["WG_VARIANTS"].split(";"))}
     lens = [int(x) for x in os.environ.get("BWD_BENCH_S", "1024,4096,16384").split(",")]
-    for D in (64, 128):
-        for S in lens:
-            B = 16384 // S
-            for causal in (False, True):
-                c = cb._torch_case(B, S, H, D, causal)
-                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
-                o, ins, g = cb._sdpa_grads(c, causal)
-                t_sdpa = tbench(lambda: torch.autograd.grad(o, ins, g, retain_graph=True), 7)
-                ref = torch.autograd.grad(o, ins, g)
-                parts = []
-                for v in variants[D]:
-                    _use({D: v[:2]} if v else {}, bool(v) and len(v) > 2)
-                    t = tbench(lambda: cb._ours(c, S, D, causal), 7)
-                    es = cb._err_vs(cb._ours(c, S, D, causal), ref, (B, S, H, D))
-                    parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f} "
-                                 f"({t_sdpa / t:4.2f}x, err {max(es):.1e})")
-                r = (f"bwd D{D:3d} S{S:5d} B{B:2d} H{H} causal={int(causal)}  sdpa-flash {fl / t_sdpa / 1e12:6.1f} "
-                     f"TFLOP/s | " + " | ".join(parts))
-                print(r, flush=True)
-                rows.append(r)
-                del c, o, ins, g, ref
+    for D, S, B, causal, c, fl, o, ins, g, t_sdpa in _cases(lens, H):
+        ref = torch.autograd.grad(o, ins, g)
+        parts = []
+        for v in variants[D]:
+            _use({D: v[:2]} if v else {}, bool(v) and len(v) > 2)
+            t = tbench(lambda: cb._ours(c, S, D, causal), 7)
+            es = cb._err_vs(cb._ours(c, S, D, causal), ref, (B, S, H, D))
+            parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f} "
+                         f"({t_sdpa / t:4.2f}x, err {max(es):.1e})")
+        r = (f"bwd D{D:3d} S{S:5d} B{B:2d} H{H} causal={int(causal)}  sdpa-flash {fl / t_sdpa / 1e12:6.1f} "
+             f"TFLOP/s | " + " | ".join(parts))
+        print(r, flush=True)
+        rows.append(r)
+        del ref
     _use(SHIPPED)
     with open(os.path.join(OUT, "bench_bwd_wgmma.txt"), "w") as f:
         f.write("\n".join(rows) + "\n")
@@ -111,8 +121,6 @@ def bench():
 def dqpass(check_only=False):
     """The deterministic dQ pass on warpgroup MMA (TC_BWD_WGMMA_DQPASS): checks (deterministic cases, twice equal),
     then the whole deterministic backward with the mma.sync dQ pass and wgmma candidates, same run."""
-    import torch
-
     cand = [(2, 64), (1, 64), (1, 128), (2, 32)]
     cfb.TC_BWD_WGMMA_DQPASS.update({64: cand[0], 128: cand[0]})
     combo = dict(softcap=5.0, alibi_slopes=cb.rng.random(4).astype(np.float32), dropout_p=0.2, seed=123)
@@ -126,25 +134,16 @@ def dqpass(check_only=False):
     print("FAILURES:", cb.chk.fails if cb.chk.fails else "none", flush=True)
     if check_only or cb.chk.fails:
         return
-    H = 16
-    for D in (64, 128):
-        for S in (1024, 4096, 16384):
-            B = 16384 // S
-            for causal in (False, True):
-                c = cb._torch_case(B, S, H, D, causal)
-                fl = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
-                o, ins, g = cb._sdpa_grads(c, causal)
-                t_sdpa = tbench(lambda: torch.autograd.grad(o, ins, g, retain_graph=True), 7)
-                parts = []
-                for v in [None] + cand:
-                    cfb.TC_BWD_WGMMA_DQPASS.clear()
-                    if v:
-                        cfb.TC_BWD_WGMMA_DQPASS[D] = v
-                    t = tbench(lambda: cb._ours(c, S, D, causal, True), 7)
-                    parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f}")
-                print(f"det bwd D{D:3d} S{S:5d} causal={int(causal)} sdpa {fl / t_sdpa / 1e12:6.1f} | " +
-                      " | ".join(parts), flush=True)
-                del c, o, ins, g
+    for D, S, B, causal, c, fl, o, ins, g, t_sdpa in _cases((1024, 4096, 16384)):
+        parts = []
+        for v in [None] + cand:
+            cfb.TC_BWD_WGMMA_DQPASS.clear()
+            if v:
+                cfb.TC_BWD_WGMMA_DQPASS[D] = v
+            t = tbench(lambda: cb._ours(c, S, D, causal, True), 7)
+            parts.append(f"{'mma.sync' if v is None else 'wgmma' + str(v)} {fl / t / 1e12:6.1f}")
+        print(f"det bwd D{D:3d} S{S:5d} causal={int(causal)} sdpa {fl / t_sdpa / 1e12:6.1f} | " + " | ".join(parts),
+              flush=True)
     cfb.TC_BWD_WGMMA_DQPASS.clear()
 
 

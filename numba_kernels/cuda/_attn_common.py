@@ -56,7 +56,6 @@ def make_tc_helpers(bf16, STR, CH, NTH):
     """(mma_acc, load_rows, pack_a) of the tensor-core kernels: shared rows of STR uint32 words,
     CH 16-byte chunks per row, NTH threads per block."""
     mma = intr.mma_bf16 if bf16 else intr.mma_f16
-    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
     cp16 = intr.cp_async16
 
     @dev
@@ -80,14 +79,22 @@ def make_tc_helpers(bf16, STR, CH, NTH):
             src_idx = ((row0 + r) * HS + head) * W + ch * 4 if ok else 0
             cp16(smem, dst0 + r * STR + ch * 4, src, src_idx, 16 if ok else 0)
 
+    return mma_acc, load_rows, make_pack_a(bf16)
+
+
+@functools.lru_cache(maxsize=None)
+def make_pack_a(bf16):
+    """pack_a(acc, x): the A fragment (4 words of packed halves) of the 16 x 16 tile held by two n-tiles of
+    accumulators acc[x:x+8]: the accumulator layout of mma (and of wgmma per warp) is the A layout of the next
+    product."""
+    pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
+
     @dev
     def pack_a(acc, x):
-        """A fragment (4 words of packed halves) of the 16 x 16 tile held by two n-tiles of accumulators
-        acc[x:x+8]: the accumulator layout of mma is the A layout of the next product."""
         return (pack(acc[x], acc[x + 1]), pack(acc[x + 2], acc[x + 3]), pack(acc[x + 4], acc[x + 5]),
                 pack(acc[x + 6], acc[x + 7]))
 
-    return mma_acc, load_rows, pack_a
+    return pack_a
 
 
 @functools.lru_cache(maxsize=None)

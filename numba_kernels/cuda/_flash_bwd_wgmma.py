@@ -25,8 +25,8 @@ from numba import cuda, float32, uint32, uint64
 
 from numba_kernels.cuda import _intrinsics as intr
 from numba_kernels.cuda import _wgmma as wg
-from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, dev, key_range, lane_ids, query_range, row_key,
-                                             seq_bounds)
+from numba_kernels.cuda._attn_common import (F32_LOG2E, F32_ZERO, dev, key_range, lane_ids, make_pack_a, query_range,
+                                             row_key, seq_bounds)
 from numba_kernels.cuda._flash_bwd_tc import (_rel_bounds, _row_stats, _tile_hidden, _tile_needs_mask, make_elementwise,
                                               make_tile_loader)
 from numba_kernels.cuda._flash_bwd_tc_dq import make_dq_elementwise
@@ -88,14 +88,13 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_D
     LS2 = 2 * BR
     kind = "bf16" if bf16 else "f16"
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    pack_a = _pack_a(bf16)
+    pack_a = make_pack_a(bf16)
     mma_s = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB)
     mma_s0 = wg.make_wgmma(BR, kind, False, False, 128, ROWB, 128, ROWB, SCALE_D=False)  # the first k-step (PIPE)
     t_lbo, t_sbo = ROWB, 128       # MN-major B: LBO = K step (8 query rows), SBO = N step (8 columns); H200-checked
     mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, t_lbo, t_sbo)
     # dQ = dS K: A = dS^T tile read transposed (K step 8 keys = one row group, M step 8 query columns), B = K rows
-    mma_q = wg.make_wgmma(DQN, kind, False, True, BR * 16, 128, t_lbo, t_sbo,
-                          TRANS_A=True)
+    mma_q = wg.make_wgmma(DQN, kind, False, True, BR * 16, 128, t_lbo, t_sbo, TRANS_A=True)
     red2 = intr.red_add_v2_f32
     load_q = make_canon_loader(BR, DP, NTH)
     load_k = make_canon_loader(BC, DP, NTH)
@@ -316,12 +315,6 @@ def make_wgmma_bwd_kernel(NWG, BR, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP, HAS_D
     return wg.Sm90aKernel(kernel), BC, NTH, SMEM
 
 
-@functools.lru_cache(maxsize=None)
-def _pack_a(bf16):
-    from numba_kernels.cuda._attn_common import make_tc_helpers
-
-    return make_tc_helpers(bf16, 4, 1, 32)[2]
-
 
 @functools.lru_cache(maxsize=None)
 def make_wgmma_dq_kernel(NWG, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
@@ -342,7 +335,7 @@ def make_wgmma_dq_kernel(NWG, BC, DP, bf16, HAS_CAP, HAS_ALIBI, HAS_DROP):
     SMEM = 4 * (KV_OFF + 4 * KT) + 128
     kind = "bf16" if bf16 else "f16"
     pack = intr.pack_bf16x2 if bf16 else intr.pack_f16x2
-    pack_a = _pack_a(bf16)
+    pack_a = make_pack_a(bf16)
     mma_s = wg.make_wgmma(BC, kind, False, False, 128, ROWB, 128, ROWB)
     mma_s0 = wg.make_wgmma(BC, kind, False, False, 128, ROWB, 128, ROWB, SCALE_D=False)
     mma_o = wg.make_wgmma(DP, kind, True, True, 0, 0, ROWB, 128)

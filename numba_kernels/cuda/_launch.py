@@ -121,17 +121,17 @@ def param_format(argtypes):
 
 
 class _Fast:
-    """Packed launcher of one compiled overload: ``struct`` format over 8-byte slots, a pointer array."""
+    """Packed launcher of one kernel handle (a CUfunction, or a CUkernel cast to one) for numba argument types:
+    ``struct`` format over 8-byte slots, a pointer array. Needs ``_driver()`` to have found cuLaunchKernel."""
 
-    def __init__(self, overload, argtypes):
+    def __init__(self, func, argtypes):
         self.fmt, self.kinds = param_format(argtypes)
         n = self.fmt.size // _SLOT
         self.buf = ctypes.create_string_buffer(max(self.fmt.size, _SLOT))
         base = ctypes.addressof(self.buf)
         self.ptrs = (ctypes.c_void_p * max(n, 1))(*[base + _SLOT * i for i in range(n)])
         self.ptrs_addr = ctypes.addressof(self.ptrs)
-        cufunc = overload._codelibrary.get_cufunc()
-        self.func = int(cufunc.handle)  # a CUkernel: cuLaunchKernel takes it cast to CUfunction
+        self.func = int(func)
 
     def values(self, args):
         return _key_values(None, 0, args)[1]
@@ -203,7 +203,7 @@ def _build(kernel, args):
     try:
         argtypes = tuple(kernel.typeof_pyval(a) for a in args)
         overload = kernel.overloads[argtypes]
-        fast = _Fast(overload, argtypes)
+        fast = _Fast(overload._codelibrary.get_cufunc().handle, argtypes)  # a CUkernel, cast to CUfunction
         return fast if fast.matches_numba(overload, argtypes, args) else None
     except Exception:  # an ABI or API this packer does not know: keep numba's launch for this key
         return None

@@ -195,17 +195,7 @@ else:
     from numba import types as _types
     from numba.cuda.extending import intrinsic as _intrinsic
 
-    def _void(text):
-        @_intrinsic
-        def fn(typingctx):
-            def codegen(context, builder, sig, args):
-                fnty = _ir.FunctionType(_ir.VoidType(), [])
-                builder.call(_ir.InlineAsm(fnty, text, "~{memory}", side_effect=True), [])
-                return context.get_dummy_value()
-
-            return _types.void(), codegen
-
-        return fn
+    _void = intr._make_void_asm
 
     #: before a batch of wgmma whose accumulator or A registers other instructions wrote
     wg_fence = _void("wgmma.fence.sync.aligned;")
@@ -237,13 +227,13 @@ _CUDA = None
 
 
 def _cuda_lib():
+    """The driver library (module loading), or False; cuLaunchKernel goes through ``_launch``."""
     global _CUDA
     if _CUDA is None:
+        from numba_kernels.cuda import _launch as fl
+
         try:
-            lib = ctypes.CDLL("libcuda.so.1")
-            lib.cuLaunchKernel.restype = ctypes.c_int
-            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-            _CUDA = lib
+            _CUDA = ctypes.CDLL("libcuda.so.1") if fl._driver() else False
         except OSError:
             _CUDA = False
     return _CUDA
@@ -307,29 +297,30 @@ class Sm90aKernel:
             rc = lib.cuFuncSetAttribute(fn, 8, ctypes.c_int(smem))  # MAX_DYNAMIC_SHARED_SIZE_BYTES
         if rc:
             raise Sm90aUnavailable(f"loading the sm_90a kernel failed with CUresult {rc}")
-        fmt, _ = fl.param_format(argtypes)
-        n = fmt.size // 8
-        buf = ctypes.create_string_buffer(max(fmt.size, 8))
-        ptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(buf) + 8 * i for i in range(n)])
-        ent = (fn, fmt, buf, ptrs, mod)
-        self._fns[key] = ent
-        return ent
+        fast = self._fns[key] = fl._Fast(fn.value, argtypes)
+        fast.module = mod  # (the module is never unloaded; its handle stays with the function)
+        return fast
+
+    def _key(self, smem, args):
+        """(cache key: argument types, smem, context; flattened parameter values) of a launch."""
+        from numba_kernels.cuda import _launch as fl
+
+        key, vals = fl._key_values(self, smem, args)
+        return key + (fl.context_key(),), vals
 
     def ready(self, smem, args):
         """Compile and load the kernel for these arguments' types now; False (and ``available()`` False for this
         context from then on) when the driver cannot load it, so the caller takes another kernel. True in the
         simulator."""
-        from numba_kernels.cuda import _launch as fl
-
         if SIM:
             return True
-        key = fl._key_values(self, smem, args)[0] + (fl.context_key(),)
+        key = self._key(smem, args)[0]
         if key in self._fns:
             return True
         try:
             self._function(key, args, smem)
         except Sm90aUnavailable:
-            _AVAILABLE[fl.context_key()] = False
+            _AVAILABLE[key[-1]] = False
             return False
         return True
 
@@ -339,13 +330,6 @@ class Sm90aKernel:
         if SIM:
             fl.launch(self.dispatcher, grid, block, smem, args)
             return
-        key, vals = fl._key_values(self, smem, args)
-        key = key + (fl.context_key(),)
-        ent = self._fns.get(key) or self._function(key, args, smem)
-        fn, fmt, buf, ptrs, _ = ent
-        fmt.pack_into(buf, 0, *vals)
-        gx, gy, gz = fl._dims(grid)
-        bx, by, bz = fl._dims(block)
-        rc = _cuda_lib().cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, smem, None, ptrs, None)
-        if rc:
-            raise RuntimeError(f"cuLaunchKernel failed with CUresult {rc}")
+        key, vals = self._key(smem, args)
+        fast = self._fns.get(key) or self._function(key, args, smem)
+        fast(fl._dims(grid), fl._dims(block), smem, vals)

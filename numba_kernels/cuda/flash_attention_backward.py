@@ -91,20 +91,23 @@ def tc_bwd_config(D, max_sk=None, masked=False):
     return (nw, br), dq, atomic, DP
 
 
+def _wgmma_entry(table, sim, DP):
+    """The entry of a wgmma tile table for padded head dim DP (the smallest key >= DP), or None where it does not
+    run (no entry, not a compute capability 9.0 device); ``sim`` in the simulator."""
+    if intr.SIM:
+        return sim
+    keys = [d for d in table if d >= DP]
+    return table[min(keys)] if keys and wg.available() else None
+
+
 def wgmma_bwd_config(DP):
     """(warpgroups, query rows) of the wgmma dK/dV kernel for padded head dim DP, or None where it does not run."""
-    if intr.SIM:
-        return TC_BWD_WGMMA_SIM
-    keys = [d for d in TC_BWD_WGMMA if d >= DP]
-    return TC_BWD_WGMMA[min(keys)] if keys and wg.available() else None
+    return _wgmma_entry(TC_BWD_WGMMA, TC_BWD_WGMMA_SIM, DP)
 
 
 def wgmma_dq_config(DP):
     """(warpgroups, keys per tile) of the wgmma dQ pass for padded head dim DP, or None."""
-    if intr.SIM:
-        return TC_BWD_WGMMA_DQPASS_SIM
-    keys = [d for d in TC_BWD_WGMMA_DQPASS if d >= DP]
-    return TC_BWD_WGMMA_DQPASS[min(keys)] if keys and wg.available() else None
+    return _wgmma_entry(TC_BWD_WGMMA_DQPASS, TC_BWD_WGMMA_DQPASS_SIM, DP)
 
 
 def simt_bwd_config(D):
